@@ -1,0 +1,1 @@
+"""tpp — Trainability Preserving Pruning (Wang & Fu, ICLR 2023) for PyTorch."""
