@@ -1,0 +1,140 @@
+"""Measurements of a model: FLOPs, parameters, input–output Jacobian spectrum (trainability) and latency.
+
+* ``count_flops``: 2 × multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` call in one forward pass
+  (biases, BN, activations, pooling and additions are not counted). A conv producing ``out`` (all elements, batch
+  included) costs ``out.numel() · (C_in / groups) · kh · kw`` MACs; a Linear ``out.numel() · in_features``.
+* ``jacobian_singular_values``: per sample, ``J(x) = ∂f(x)/∂x ∈ R^{classes × inputs}`` and its singular values
+  (tpp-method.md §7), measured in eval mode so that samples do not interact through BN batch statistics.
+
+Every function runs the model in eval mode and restores each submodule's train/eval flag afterwards.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Iterator, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ["count_flops", "count_params", "jacobian_singular_values", "jsv_summary", "measure_latency"]
+
+Inputs = Union[Tensor, tuple]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode, then restore every submodule's own ``training`` flag."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _as_args(example_input: Inputs) -> tuple:
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def count_flops(model: nn.Module, example_input: Inputs) -> int:
+    """FLOPs (2 × MACs of Conv2d and Linear) of ``model(example_input)`` for the whole batch given.
+
+    Pass a batch of one for per-image FLOPs; a tuple is unpacked as positional arguments.
+    """
+    macs = 0
+
+    def conv_hook(m: nn.Conv2d, _inputs, out: Tensor) -> None:
+        nonlocal macs
+        macs += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    def linear_hook(m: nn.Linear, _inputs, out: Tensor) -> None:
+        nonlocal macs
+        macs += out.numel() * m.in_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    try:
+        with _eval_mode(model), torch.no_grad():
+            model(*_as_args(example_input))
+    finally:
+        for h in handles:
+            h.remove()
+    return 2 * macs
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def jacobian_singular_values(model: nn.Module, inputs: Tensor) -> Tensor:
+    """Singular values of each sample's input–output Jacobian, shape ``[batch, min(classes, input_dim)]``.
+
+    ``model`` maps ``inputs [batch, ...]`` to logits ``[batch, classes]``; ``input_dim`` is the number of elements
+    of one sample. Computed in eval mode with one backward pass per class (the gradient of the class-``c`` logits
+    summed over the batch is each sample's row ``c`` of ``J``, as samples are independent in eval mode).
+    Values are in descending order, in the model's dtype; for a linear network they are those of ``W_L … W_1``.
+    """
+    with _eval_mode(model), torch.enable_grad():
+        x = inputs.detach().requires_grad_(True)
+        out = model(x)
+        if out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"jacobian_singular_values: expected logits of shape [batch, classes], got {tuple(out.shape)}")
+        classes = out.shape[1]
+        rows = [
+            torch.autograd.grad(out[:, c].sum(), x, retain_graph=c < classes - 1)[0].flatten(1) for c in range(classes)
+        ]
+    return torch.linalg.svdvals(torch.stack(rows, dim=1))
+
+
+def jsv_summary(sv: Tensor) -> dict[str, float]:
+    """Summary of ``jacobian_singular_values`` output ``[batch, k]``.
+
+    ``mean``/``std`` (population) / ``max``/``min`` over all values, and ``condition_number``: the mean over samples
+    of each sample's ``max / min`` (``inf`` when a sample has a zero singular value).
+    """
+    if sv.dim() != 2 or sv.numel() == 0:
+        raise ValueError(f"jsv_summary: expected a non-empty [batch, k] tensor, got shape {tuple(sv.shape)}")
+    sv = sv.detach().double()
+    return {
+        "mean": sv.mean().item(),
+        "std": sv.std(correction=0).item(),
+        "max": sv.max().item(),
+        "min": sv.min().item(),
+        "condition_number": (sv.max(dim=1).values / sv.min(dim=1).values).mean().item(),
+    }
+
+
+def measure_latency(model: nn.Module, example_input: Inputs, warmup: int = 10, iters: int = 50) -> float:
+    """Median wall-clock seconds of one ``model(example_input)`` call, in eval mode under ``no_grad``.
+
+    Runs ``warmup`` untimed calls first; on CUDA the device is synchronized around every timed call.
+    """
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"measure_latency: need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
+    args = _as_args(example_input)
+    devices = {a.device for a in args if isinstance(a, Tensor) and a.is_cuda}
+
+    def sync() -> None:
+        for device in devices:
+            torch.cuda.synchronize(device)
+
+    times = []
+    with _eval_mode(model), torch.no_grad():
+        for i in range(warmup + iters):
+            sync()
+            start = time.perf_counter()
+            model(*args)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
