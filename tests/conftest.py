@@ -1,8 +1,36 @@
-"""Test-wide setup: without a GPU, Triton kernels run in the interpreter (must be set before they are imported)."""
-import os
+"""Test-wide setup.
 
+* Without a GPU, Triton kernels run in the interpreter (set before they are imported) with one pinned config.
+* Random inputs use fresh seeds on every run; the header prints the base seed and ``TPP_TEST_SEED`` replays it.
+"""
+import os
+import random
+import zlib
+
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TPP_AUTOTUNE", "0")
+
+BASE_SEED = int(os.environ.get("TPP_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"tpp test seed: {BASE_SEED} (TPP_TEST_SEED={BASE_SEED} reproduces this run)"
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed fresh per run and distinct per test; failures print it."""
+    value = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+def pytest_runtest_makereport(item, call):
+    if call.excinfo is not None:
+        seeds = [v for k, v in item.user_properties if k == "seed"]
+        if seeds:
+            item.add_report_section(call.when, "seed", f"seed={seeds[0]} base TPP_TEST_SEED={BASE_SEED}")

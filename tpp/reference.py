@@ -27,6 +27,8 @@ __all__ = [
     "check_pruned_indices",
     "gram_penalty",
     "gram_penalty_grad",
+    "gram_penalty_grad_fp32",
+    "accumulation_dtype",
     "decorrelation_penalty",
     "decorrelation_penalty_full",
     "decorrelation_penalty_reference_run",
@@ -57,14 +59,19 @@ def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _as_rows(weight: Tensor) -> Tensor:
-    """``weight`` as ``[N, D]`` with at least float32 precision (fp32 accumulation for fp16/bf16)."""
+    """``weight`` as ``[N, D]`` in its accumulation dtype."""
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', type(weight))}")
     if weight.dim() < 2:
         raise ValueError(f"weight must have at least 2 dims [N, ...], got shape {tuple(weight.shape)}")
     w = weight.reshape(weight.shape[0], -1)
-    return w if w.dtype == torch.float64 else w.float()
+    return w.to(accumulation_dtype(w.dtype))
 
 
 def _scale(n: int, reduction: str) -> float:
@@ -117,10 +124,16 @@ def gram_penalty(weight: Tensor, pruned: Tensor, variant: str = "decorrelate", r
     return diagonal_penalty(weight, pruned, reduction)
 
 
-@torch.no_grad()
 def gram_penalty_grad(weight: Tensor, pruned: Tensor, variant: str = "decorrelate",
                       reduction: str = "mean") -> Tensor:
     """Closed-form ``∂ gram_penalty / ∂ weight`` without autograd, shaped and typed like ``weight``."""
+    return gram_penalty_grad_fp32(weight, pruned, variant, reduction).to(weight.dtype).reshape(weight.shape)
+
+
+@torch.no_grad()
+def gram_penalty_grad_fp32(weight: Tensor, pruned: Tensor, variant: str = "decorrelate",
+                           reduction: str = "mean") -> Tensor:
+    """``∂ gram_penalty / ∂ weight`` as ``[N, D]`` rows in the accumulation dtype (before the final cast)."""
     _check_choice(variant, VARIANTS, "variant")
     _check_choice(reduction, REDUCTIONS, "reduction")
     w = _as_rows(weight)
@@ -136,7 +149,7 @@ def gram_penalty_grad(weight: Tensor, pruned: Tensor, variant: str = "decorrelat
         g.diagonal().sub_(1)
         g[pruned, pruned] += 1
         grad = (g @ w).mul_(scale)
-    return grad.to(weight.dtype).reshape(weight.shape)
+    return grad
 
 
 def bn_penalty(gamma: Tensor | None, beta: Tensor | None, pruned: Tensor) -> Tensor:
@@ -147,7 +160,7 @@ def bn_penalty(gamma: Tensor | None, beta: Tensor | None, pruned: Tensor) -> Ten
     total = None
     for t in present:
         v = t.index_select(0, pruned.to(t.device))
-        v = v if v.dtype == torch.float64 else v.float()
+        v = v.to(accumulation_dtype(v.dtype))
         term = v.square().sum()
         total = term if total is None else total + term
     return total

@@ -1,0 +1,27 @@
+# The README's commands. `make test` and `make demo` install what they need into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests -q
+
+lint: setup
+	$(PY) -m compileall -q tpp tpp_kernels tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_gram_forms.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
