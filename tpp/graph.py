@@ -1,0 +1,494 @@
+"""torch.fx analysis of a model: which Conv2d/Linear layers TPP may prune on their own.
+
+``analyze_model(model)`` traces the model symbolically (no example input, the model is not modified) and, for every
+Conv2d/Linear, follows its output channels forward through steps that keep them aligned:
+
+* elementwise activations (modules, ``F.*``, ``torch.*`` and ``Tensor.*`` forms), dropout, identity;
+* pooling (incl. adaptive), upsampling, mean over the spatial dims;
+* BatchNorm (role ``"bn"``) and depthwise convs (role ``"depthwise"``), which carry the channels on;
+* flatten (``nn.Flatten``, ``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``, ``reshape``) into a
+  Linear, where each channel becomes ``in_features // C`` consecutive features.
+
+The walk stops at a Conv2d/Linear consuming the channels (role ``"input"``). A layer is *independently prunable*
+(``LayerInfo.coupling is None``) only if every path ends that way. Anything else gives a human-readable reason:
+a join with another branch (add/sub/mul/div/cat), the model output, a grouped conv, a shared module, or an op the
+walk does not understand (conservative: unknown means not prunable). Joins are followed further (``uses`` then lists
+the consumers of the joined tensor too) and put the joined layers into one ``group``.
+
+If fx cannot trace the model, ``analyze_model`` raises ``ValueError`` naming the submodule that failed; pass
+``bn_map`` to describe the layers by hand instead. When ``bn_map`` is given it is always used and no tracing happens
+(an explicit description beats a guess), see ``analyze_model``.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "analyze_model"]
+
+
+@dataclass(frozen=True)
+class ChannelUse:
+    """Something whose channels follow a layer's output channels.
+
+    ``role``: ``"bn"`` (a BatchNorm normalizing them), ``"depthwise"`` (a depthwise conv carrying them on) or
+    ``"input"`` (a Conv2d/Linear consuming them). ``block``: for a Linear after flatten, each channel is ``block``
+    consecutive in_features.
+    """
+
+    module: str
+    role: str
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One Conv2d/Linear of the model; ``coupling is None`` iff it can be pruned on its own."""
+
+    name: str
+    kind: str  # "conv" | "linear"
+    index: int  # execution order among all Conv2d/Linear modules (0-based)
+    out_channels: int
+    bn: str | None  # the BatchNorm directly normalizing this layer's output
+    uses: tuple[ChannelUse, ...]  # BNs, depthwise carriers and input consumers, in execution order
+    coupling: str | None  # why it is not independently prunable; None if it is
+    group: tuple[str, ...]  # layers whose outputs are joined with this one's (incl. itself), by index
+    is_output: bool  # its output reaches the model output
+
+    @property
+    def independent(self) -> bool:
+        return self.coupling is None
+
+
+@dataclass(frozen=True)
+class ModelGraph:
+    """Every Conv2d/Linear of a model, in execution order; ``traced`` is False when built from ``bn_map``."""
+
+    layers: dict[str, LayerInfo]
+    traced: bool
+
+    def independent(self) -> list[str]:
+        """Names of the independently prunable layers, in execution order."""
+        return [name for name, info in self.layers.items() if info.independent]
+
+    def classifier(self) -> str | None:
+        """The (last, in execution order) layer whose output is the model output, None if none."""
+        outputs = [name for name, info in self.layers.items() if info.is_output]
+        return outputs[-1] if outputs else None
+
+
+def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = None) -> ModelGraph:
+    """Analyse ``model`` with torch.fx (``traced=True``), or describe it from ``bn_map`` (``traced=False``).
+
+    ``bn_map`` maps Conv2d/Linear names to the BatchNorm normalizing their output (or None). When given, fx is not
+    used: the listed layers are independent with that BN and no other known use (consumers unknown), the others are
+    coupled with reason ``"not in bn_map"``, and ``index`` is the registration order. Raises ``TypeError`` for a
+    non-module, ``ValueError`` for a bad ``bn_map`` entry or a model fx cannot trace.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"analyze_model expects an nn.Module, got {type(model).__name__}")
+    if bn_map is not None:
+        return _from_bn_map(model, bn_map)
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:
+        failed = tracer.failed_in[1] if tracer.failed_in and tracer.failed_in[0] is err else None
+        where = (
+            f"module '{failed}' ({type(model.get_submodule(failed)).__name__})"
+            if failed
+            else f"the forward of {type(model).__name__} itself"
+        )
+        raise ValueError(
+            f"torch.fx cannot trace {type(model).__name__}: tracing failed in {where}: {type(err).__name__}: {err}. "
+            "Make that code traceable, or pass the layer -> BatchNorm mapping explicitly, e.g. "
+            "analyze_model(model, bn_map={'conv1': 'bn1', 'fc': None}); the layers listed there are then treated "
+            "as independently prunable."
+        ) from err
+    return _Analysis(model, graph).model_graph()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tracing
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps every Conv2d/Linear/BatchNorm a leaf and records the innermost module a failure came from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []  # qualified names of the modules being traced, outermost first
+        self.failed_in: tuple[BaseException, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _LAYERS + _BNS) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as err:
+            if self.failed_in is None or self.failed_in[0] is not err:  # the innermost module sees it first
+                self.failed_in = (err, self.stack[-1])
+            raise
+        finally:
+            self.stack.pop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the walk understands
+
+_LAYERS = (nn.Conv2d, nn.Linear)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+_NCHW, _FLAT, _LAST = "nchw", "flat", "last"  # channels in dim 1 of a 4-D tensor / flattened blocks / last dim
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.AlphaDropout,
+)  # fmt: skip
+_SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+_ELEMENTWISE_FUNCTIONS = frozenset({
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid,
+    torch.tanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
+    F.dropout2d, F.alpha_dropout,
+})  # fmt: skip
+_SPATIAL_FUNCTIONS = frozenset({F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate})
+_ELEMENTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"})
+_ADD, _MUL = "added to", "multiplied with"
+_JOIN_FUNCTIONS = {
+    operator.add: _ADD, operator.iadd: _ADD, operator.sub: _ADD, operator.isub: _ADD, torch.add: _ADD,
+    torch.sub: _ADD, operator.mul: _MUL, operator.imul: _MUL, operator.truediv: _MUL, operator.itruediv: _MUL,
+    torch.mul: _MUL, torch.div: _MUL,
+}  # fmt: skip
+_JOIN_METHODS = {"add": _ADD, "add_": _ADD, "sub": _ADD, "sub_": _ADD, "mul": _MUL, "mul_": _MUL, "div": _MUL, "div_": _MUL}
+_CAT_FUNCTIONS = frozenset({torch.cat, torch.concat, torch.concatenate})
+_META_METHODS = frozenset({"size", "dim", "numel"})
+_META_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _is_batch_size(a) -> bool:
+    """``x.size(0)`` or ``x.shape[0]``."""
+    if not isinstance(a, fx.Node):
+        return False
+    if a.op == "call_method" and a.target == "size":
+        return _arg(a, 1, "dim") == 0
+    return (
+        a.op == "call_function"
+        and a.target is operator.getitem
+        and a.args[1] == 0
+        and isinstance(a.args[0], fx.Node)
+        and a.args[0].target is getattr
+        and a.args[0].args[1] == "shape"
+    )
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]:
+    """What ``node`` does to channels, as ``(kind, detail)``.
+
+    kinds: layer/depthwise/grouped/bn (detail: the module), carry (elementwise), spatial (NCHW only), flatten,
+    mean (detail: keepdim), join (detail: verb), cat, meta (shape queries), unknown.
+    """
+    op, target = node.op, node.target
+    if op == "call_module":
+        m = modules[target]
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            return ("depthwise" if m.groups == m.in_channels == m.out_channels else "grouped"), m
+        if isinstance(m, _LAYERS):
+            return "layer", m
+        if isinstance(m, _BNS):
+            return "bn", m
+        if isinstance(m, _ELEMENTWISE_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
+            return "carry", None
+        if isinstance(m, _SPATIAL_MODULES):
+            return "spatial", None
+        if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1):
+            return "flatten", None
+    elif op == "call_function":
+        if target in _ELEMENTWISE_FUNCTIONS:
+            return "carry", None
+        if target in _SPATIAL_FUNCTIONS:
+            return "spatial", None
+        if target in _JOIN_FUNCTIONS:
+            return "join", _JOIN_FUNCTIONS[target]
+        if target in _CAT_FUNCTIONS:
+            return "cat", None
+        if target is torch.flatten and _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1:
+            return "flatten", None
+        if target is getattr and node.args[1] in _META_ATTRIBUTES:
+            return "meta", None
+    elif op == "call_method":
+        if target in _ELEMENTWISE_METHODS:
+            return "carry", None
+        if target in _JOIN_METHODS:
+            return "join", _JOIN_METHODS[target]
+        if target in _META_METHODS:
+            return "meta", None
+        if target == "flatten" and _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1:
+            return "flatten", None
+        if target in ("view", "reshape"):
+            shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            if len(shape) == 2 and _is_batch_size(shape[0]) and shape[1] == -1:
+                return "flatten", None
+        if target == "mean":
+            dims = _arg(node, 1, "dim")
+            if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims) and sorted(d % 4 for d in dims) == [2, 3]:
+                return "mean", bool(_arg(node, 2, "keepdim", False))
+    return "unknown", None
+
+
+_UNARY = frozenset({"layer", "depthwise", "grouped", "bn", "carry", "spatial", "flatten", "mean"})
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Analysis of a traced graph
+
+
+class _Analysis:
+    """Per-node classification, value origins and join groups of one traced graph."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+        self.modules = dict(model.named_modules())
+        self.nodes = list(graph.nodes)
+        self.pos = {node: i for i, node in enumerate(self.nodes)}
+        self.kinds = {node: _classify(node, self.modules) for node in self.nodes}
+        self.calls: dict[str, list[fx.Node]] = {}
+        for node in self.nodes:
+            if node.op == "call_module":
+                self.calls.setdefault(node.target, []).append(node)
+        registered = [name for name, m in self.modules.items() if isinstance(m, _LAYERS)]
+        called = [name for name in self.calls if isinstance(self.modules[name], _LAYERS)]
+        self.order = called + [name for name in registered if name not in self.calls]
+        self.index = {name: i for i, name in enumerate(self.order)}
+        self.origins = self._origins()
+        self.parent = {name: name for name in self.order}  # union-find over joined layers
+        for node in self.nodes:
+            if self.kinds[node][0] in ("join", "cat"):
+                joined = sorted(set().union(*(self.origins[a][0] for a in node.all_input_nodes)), key=self.index.get)
+                for name in joined[1:]:
+                    self.parent[self._root(name)] = self._root(joined[0])
+
+    def _origins(self) -> dict[fx.Node, tuple[frozenset[str], tuple[str, ...]]]:
+        """For every node: the layers whose output channels it carries, and the non-layer values mixed in."""
+        origins = {}
+        for node in self.nodes:
+            kind = self.kinds[node][0]
+            if kind in ("layer", "grouped"):
+                origins[node] = (frozenset({node.target}), ())
+            elif kind in _UNARY and node.args and isinstance(node.args[0], fx.Node):
+                origins[node] = origins[node.args[0]]
+            elif kind == "join":
+                parts = [origins[a] for a in node.all_input_nodes]
+                origins[node] = (frozenset().union(*(p[0] for p in parts)), tuple(v for p in parts for v in p[1]))
+            else:
+                origins[node] = (frozenset(), (self._value(node),))
+        return origins
+
+    def _root(self, name: str) -> str:
+        while self.parent[name] != name:
+            name = self.parent[name]
+        return name
+
+    def model_graph(self) -> ModelGraph:
+        return ModelGraph(layers={name: self._layer(name) for name in self.order}, traced=True)
+
+    def _layer(self, name: str) -> LayerInfo:
+        m = self.modules[name]
+        channels = _out_channels(m)
+        uses, reasons, bn, is_output = self._walk(name, channels)
+        structural = self._structural(name, m)
+        coupling = "output is the model output" if is_output else structural or (reasons[0] if reasons else None)
+        group = tuple(sorted((n for n in self.order if self._root(n) == self._root(name)), key=self.index.get))
+        return LayerInfo(
+            name=name,
+            kind="conv" if isinstance(m, nn.Conv2d) else "linear",
+            index=self.index[name],
+            out_channels=channels,
+            bn=bn,
+            uses=uses,
+            coupling=coupling,
+            group=group,
+            is_output=is_output,
+        )
+
+    def _structural(self, name: str, m: nn.Module) -> str | None:
+        """A reason not to prune ``name`` that does not depend on its consumers."""
+        calls = self.calls.get(name, [])
+        if not calls:
+            return "never called as a module in forward"
+        if len(calls) > 1:
+            return f"module is called {len(calls)} times in forward (shared module)"
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            if m.groups == m.in_channels == m.out_channels:
+                return "depthwise conv: its channels follow the layer feeding it"
+            return f"grouped conv (groups={m.groups}): its filters are tied to groups of input channels"
+        for node in self.nodes:
+            if node.op == "get_attr" and node.target.rpartition(".")[0] == name:
+                return f"its parameter {node.target} is read directly in forward (node {node.name})"
+        own = {id(p) for p in m.parameters()}
+        for other, mod in self.modules.items():
+            if other != name and mod is not m and any(id(p) in own for p in mod.parameters(recurse=False)):
+                return f"shares parameters with {other}"
+        return None
+
+    def _walk(self, name: str, channels: int):
+        """Follow ``name``'s output channels forward.
+
+        Returns ``(uses, reasons, bn, is_output)``: uses and coupling reasons in execution order, the BatchNorm
+        applied directly to the layer's output, and whether the channels reach the model output.
+        """
+        starts = self.calls.get(name, [])
+        layout = _NCHW if isinstance(self.modules[name], nn.Conv2d) else _LAST
+        todo = [(node, layout) for node in starts]
+        seen = set(starts)
+        uses, reasons, bn, is_output = [], [], None, False
+        while todo:
+            src, layout = todo.pop()
+            for node in src.users:
+                if node.op == "output":
+                    is_output = True
+                    continue
+                if node in seen:
+                    continue
+                seen.add(node)
+                nxt, use, reason = self._step(name, channels, src, node, layout)
+                if use is not None:
+                    uses.append((self.pos[node], use))
+                    if use.role == "bn" and src in starts and bn is None:
+                        bn = use.module
+                if reason is not None:
+                    reasons.append((self.pos[node], reason))
+                if nxt is not None:
+                    todo.append((node, nxt))
+        ordered = tuple(dict.fromkeys(use for _, use in sorted(uses, key=lambda t: t[0])))
+        return ordered, [r for _, r in sorted(reasons, key=lambda t: t[0])], bn, is_output
+
+    def _step(self, name: str, channels: int, src: fx.Node, node: fx.Node, layout: str):
+        """One step of ``name``'s channels (``layout``, carried by ``src``) into ``node``.
+
+        Returns ``(layout after node or None to stop, ChannelUse or None, coupling reason or None)``.
+        """
+        kind, m = self.kinds[node]
+        if kind == "meta":
+            return None, None, None
+        if kind in ("join", "cat"):
+            return self._join(name, src, node, layout, kind, m)
+        if kind == "grouped":
+            return None, None, f"output is consumed by grouped conv {node.target} (groups={m.groups})"
+        cannot = f"output reaches {self._describe(node)} (node {node.name}), which tpp cannot follow"
+        if kind == "unknown" or node.args[:1] != (src,) or src in node.args[1:] or src in node.kwargs.values():
+            return None, None, cannot
+        if node.op == "call_module" and kind in ("bn", "depthwise", "layer") and len(self.calls[node.target]) > 1:
+            return None, None, f"output reaches {node.target}, which is called {len(self.calls[node.target])} times"
+        if kind == "carry":
+            return layout, None, None
+        if kind == "spatial" and layout == _NCHW:
+            return _NCHW, None, None
+        if kind == "flatten" and layout in (_NCHW, _FLAT):
+            return _FLAT, None, None
+        if kind == "mean" and layout == _NCHW:
+            return (_NCHW if m else _FLAT), None, None
+        if kind == "bn" and m.num_features == channels:
+            if (isinstance(m, nn.BatchNorm2d) and layout == _NCHW) or (
+                isinstance(m, nn.BatchNorm1d) and layout in (_FLAT, _LAST)
+            ):
+                return layout, ChannelUse(node.target, "bn"), None
+        if kind == "depthwise" and layout == _NCHW and m.in_channels == channels:
+            return _NCHW, ChannelUse(node.target, "depthwise"), None
+        if kind == "layer" and isinstance(m, nn.Conv2d) and layout == _NCHW and m.in_channels == channels:
+            return None, ChannelUse(node.target, "input"), None
+        if kind == "layer" and isinstance(m, nn.Linear):
+            if layout == _LAST and m.in_features == channels:
+                return None, ChannelUse(node.target, "input"), None
+            if layout == _FLAT and m.in_features % channels == 0:
+                return None, ChannelUse(node.target, "input", m.in_features // channels), None
+        return None, None, f"{cannot} with its {channels} channels laid out as '{layout}'"
+
+    def _join(self, name: str, src: fx.Node, node: fx.Node, layout: str, kind: str, verb: str | None):
+        """``src`` meets other values at an add/mul/cat ``node``: coupled unless they only carry ``name``'s channels."""
+        layers, values = set(), []
+        for other in node.all_input_nodes:
+            if other is not src:
+                layers |= self.origins[other][0]
+                values += self.origins[other][1]
+        layers.discard(name)
+        if kind == "join" and not layers and not values:  # e.g. x * sigmoid(x), x + 3
+            return layout, None, None
+        what = ", ".join(sorted(layers, key=self.index.get) + list(dict.fromkeys(values))) or "itself"
+        reason = f"output is {verb or 'concatenated with'} {what} (node {node.name})"
+        return (layout if kind == "join" else None), None, reason
+
+    def _value(self, node: fx.Node) -> str:
+        if node.op == "placeholder":
+            return f"the model input '{node.name}'"
+        if node.op == "get_attr":
+            return f"parameter '{node.target}'"
+        return f"node '{node.name}'"
+
+    def _describe(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{node.target} ({type(self.modules[node.target]).__name__})"
+        if node.op == "call_method":
+            return f"Tensor.{node.target}"
+        return getattr(node.target, "__name__", str(node.target))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without fx
+
+
+def _from_bn_map(model: nn.Module, bn_map: Mapping[str, str | None]) -> ModelGraph:
+    """The ``traced=False`` graph of ``analyze_model``: layers in ``bn_map`` independent, the rest not."""
+    if not isinstance(bn_map, Mapping):
+        raise TypeError(f"bn_map must map layer names to BatchNorm names (or None), got {type(bn_map).__name__}")
+    modules = dict(model.named_modules())
+    for key, bn in bn_map.items():
+        layer = modules.get(key) if isinstance(key, str) else None
+        if not isinstance(layer, _LAYERS):
+            found = "no such module" if layer is None else type(layer).__name__
+            raise ValueError(f"bn_map key {key!r}: expected the name of a Conv2d/Linear of the model, got {found}")
+        if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+            raise ValueError(f"bn_map key {key!r}: a grouped conv (groups={layer.groups}) cannot be pruned on its own")
+        if bn is None:
+            continue
+        norm = modules.get(bn) if isinstance(bn, str) else None
+        if not isinstance(norm, _BNS):
+            found = "no such module" if norm is None else type(norm).__name__
+            raise ValueError(f"bn_map[{key!r}] = {bn!r}: expected None or the name of a BatchNorm1d/2d, got {found}")
+        if norm.num_features != _out_channels(layer):
+            raise ValueError(
+                f"bn_map[{key!r}] = {bn!r}: BatchNorm has {norm.num_features} features, "
+                f"layer has {_out_channels(layer)} output channels"
+            )
+    names = [name for name, m in modules.items() if isinstance(m, _LAYERS)]
+    layers = {}
+    for index, name in enumerate(names):
+        m = modules[name]
+        listed = name in bn_map
+        bn = bn_map.get(name)
+        layers[name] = LayerInfo(
+            name=name,
+            kind="conv" if isinstance(m, nn.Conv2d) else "linear",
+            index=index,
+            out_channels=_out_channels(m),
+            bn=bn,
+            uses=(ChannelUse(bn, "bn"),) if bn is not None else (),
+            coupling=None if listed else "not in bn_map",
+            group=(name,),
+            is_output=False,
+        )
+    return ModelGraph(layers=layers, traced=False)
