@@ -1,4 +1,4 @@
-"""tpp.data: the embedded digits split, ImageFolder on generated JPEGs, loaders, and missing-data errors."""
+"""tpp.data: the embedded digits split, MNIST/ImageFolder on generated files, loaders, and missing-data errors."""
 import sys
 
 import numpy as np
@@ -69,6 +69,26 @@ def test_imagefolder(image_root, train):
     images, labels = next(iter(build_loader(dataset, batch_size=4, train=train, seed=0)))
     assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32
     assert sorted(labels.tolist()) == [0, 0, 1, 1]
+
+
+def _write_idx(path, array):
+    """An MNIST idx file: magic (0, 0, 0x08 = ubyte, ndim), big-endian int32 dims, then the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("image_size", [28, 32])
+def test_mnist_from_local_files(tmp_path, image_size):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 3), ("t10k", 2)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n))
+    dataset = build_dataset("mnist", tmp_path, train=False, image_size=image_size)
+    image, label = dataset[1]
+    assert len(dataset) == 2 and label == 1
+    assert image.shape == (1, image_size, image_size) and image.dtype == torch.float32
 
 
 def test_loader_shuffles_reproducibly():

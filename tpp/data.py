@@ -10,6 +10,8 @@
 * ``cifar10``/``cifar100``: 3×32×32; training split augmented with 4-pixel-padded random crops and flips.
 * ``imagefolder``: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` with the standard ImageNet
   transforms (train: RandomResizedCrop 224 + flip; val: Resize 256 + CenterCrop 224).
+
+torchvision is imported on first use of a file-based dataset, so the digits path stays quick to import.
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ def _torchvision_dataset(
 
 
 def _mnist(root: Optional[PathLike], train: bool, download: bool, image_size: int = 28) -> Dataset:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     steps = [] if image_size == 28 else [T.Resize(image_size)]
     transform = T.Compose(steps + [T.ToTensor(), T.Normalize(*_MNIST_STATS)])
@@ -103,7 +106,8 @@ def _mnist(root: Optional[PathLike], train: bool, download: bool, image_size: in
 
 
 def _cifar(name: str, root: Optional[PathLike], train: bool, download: bool) -> Dataset:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     cls_name, stats = _CIFAR[name]
     augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
@@ -112,7 +116,8 @@ def _cifar(name: str, root: Optional[PathLike], train: bool, download: bool) -> 
 
 
 def _imagefolder(root: Optional[PathLike], train: bool, download: bool) -> Dataset:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     layout = "expected root/train/<class>/<image> and root/val/<class>/<image> (the ImageNet layout)"
     if download:

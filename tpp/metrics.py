@@ -88,7 +88,7 @@ def jacobian_singular_values(model: nn.Module, inputs: Tensor) -> Tensor:
         x = inputs.detach().requires_grad_(True)
         out = model(x)
         if out.dim() != 2 or out.shape[0] != x.shape[0]:
-            raise ValueError(f"jacobian_singular_values: expected logits of shape [batch, classes], got {tuple(out.shape)}")
+            raise ValueError(f"jacobian_singular_values: expected logits [batch, classes], got {tuple(out.shape)}")
         classes = out.shape[1]
         rows = [
             torch.autograd.grad(out[:, c].sum(), x, retain_graph=c < classes - 1)[0].flatten(1) for c in range(classes)

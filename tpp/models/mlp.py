@@ -1,8 +1,8 @@
-"""Linear MLPs: MLP-7-Linear of the paper (tpp-method.md §8) and its smaller variants for the demo.
+"""Linear MLPs: MLP-7-Linear of the paper (tpp-method.md §8) and smaller variants for the demo.
 
-``depth`` Linear layers with biases, no activation and no normalization:
-``in_features → width``, ``depth − 2`` × ``width → width``, ``width → num_classes``. The input is flattened first,
-so images can be fed directly. Being linear, the input–output Jacobian is exactly ``W_depth … W_1``.
+``depth`` Linear layers with biases, no activation and no normalization: ``in_features → width``,
+``depth − 2`` × ``width → width``, ``width → num_classes``. The input is flattened first, so images can be fed
+directly. Being linear, the input–output Jacobian is exactly ``W_depth … W_1``.
 Qualified names: ``layers.0`` … ``layers.{depth-1}`` (the last one is the classifier).
 """
 from __future__ import annotations
