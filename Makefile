@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest tests -q
 
 lint: setup
-	$(PY) -m compileall -q tpp tpp_kernels tests benchmarks
+	$(VENV)/bin/ruff check --select E,F,W,I --line-length 120 tpp tpp_kernels tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/bench_gram_forms.py

@@ -1,9 +1,9 @@
 """The reference penalties: forms agree with each other and with the paper's code, gradients are exact."""
 import pytest
 import torch
+from tolerances import assert_close_to_reference
 
 from tpp import reference
-from tolerances import assert_close_to_reference
 
 SHAPES = [(1, 3), (2, 1), (7, 5), (13, 3, 3, 3), (33, 17), (64, 2, 1, 1)]
 

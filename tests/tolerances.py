@@ -17,6 +17,6 @@ TOLERANCES = {
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
     """``actual`` (computed for ``dtype`` inputs) against a float64 ``expected``, within ``TOLERANCES[dtype]``."""
     rtol, atol_rel = TOLERANCES[dtype]
-    expected = expected.double()
+    actual, expected = actual.detach(), expected.detach().double()
     atol = atol_rel * float(expected.abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")

@@ -1,0 +1,117 @@
+"""select_filters: ratio forms, wildcard semantics (last match wins), L1 order, counts, ties, errors."""
+import pytest
+import torch
+import torchvision
+from test_regularizer import make_net
+from torch import nn
+
+from tpp import select_filters
+from tpp.selection import num_pruned, parse_ratio_spec
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    return torchvision.models.resnet50(weights=None)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return torchvision.models.resnet18(weights=None)
+
+
+def test_float_ratio_prunes_every_independent_layer_but_the_classifier(resnet18):
+    pruned = select_filters(resnet18, 0.5)
+    expected = [f"layer{s}.{b}.conv1" for s in range(1, 5) for b in range(2)]
+    assert list(pruned) == expected  # conv1, conv2 of blocks, downsample and fc are coupled or the output
+    for name, idx in pruned.items():
+        n = resnet18.get_submodule(name).out_channels
+        assert idx.dtype == torch.int64 and idx.numel() == n // 2
+        assert torch.equal(idx, idx.sort().values)
+
+
+def test_resnet50_2_31x_setting(resnet50):
+    """tpp-method §5: 32 layers, 3,346 filters (layer1 6×39, layer2 8×77, layer3 12×154, layer4 6×108)."""
+    pruned = select_filters(resnet50, "*layer[1-3]*conv[1-2]:0.6,*layer4*conv[1-2]:0.21")
+    assert len(pruned) == 32
+    assert sum(v.numel() for v in pruned.values()) == 3346
+    per_stage = {}
+    for name, idx in pruned.items():
+        per_stage.setdefault(name.split(".")[0], set()).add(idx.numel())
+    assert per_stage == {"layer1": {39}, "layer2": {77}, "layer3": {154}, "layer4": {108}}
+    assert sum(1 for n in pruned if n.startswith("layer3")) == 12
+
+
+def test_smallest_l1_filters_are_pruned(seed):
+    net = make_net(seed)
+    pruned = select_filters(net, {"conv2": 0.3})
+    scores = net.conv2.weight.detach().abs().mean(dim=(1, 2, 3))
+    assert pruned["conv2"].tolist() == sorted(torch.argsort(scores)[:4].tolist())  # ⌈0.3·11⌉ = 4
+
+
+def test_last_matching_pattern_wins_and_skip_forces_zero():
+    net = make_net(0)
+
+    def counts(spec, **kw):
+        return {k: v.numel() for k, v in select_filters(net, spec, **kw).items()}
+
+    assert counts("conv*:0.5,conv2:0.25") == {"conv1": 4, "conv2": 3, "conv3": 4}
+    assert counts("conv2:0.25,conv*:0.5") == {"conv1": 4, "conv2": 6, "conv3": 4}
+    assert counts({"conv*": 0.5, "conv3": 0.0}) == {"conv1": 4, "conv2": 6}
+    assert counts(0.5, skip=("conv1",)) == {"conv2": 6, "conv3": 4}
+    assert counts(0.5, skip="conv1,conv3") == {"conv2": 6}
+    assert counts(" conv1 : 0.5 , ") == {"conv1": 4}
+
+
+def test_counts_exact_ceil_and_cap():
+    assert num_pruned(0.3, 10) == 3           # float 0.3*10 = 3.0000000000000004 would give 4
+    assert num_pruned(0.6, 64) == 39
+    assert num_pruned(0.21, 512) == 108
+    assert num_pruned(0.99, 10) == 9          # capped at ⌊0.995·N⌋
+    assert num_pruned(0.999, 200) == 199
+    assert num_pruned(0.999, 1000) == 995
+    assert num_pruned(0.5, 1) == 0
+    assert num_pruned(0.0, 64) == 0
+
+
+def test_ties_break_toward_lower_index():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0] * 4, [0.5] * 4, [1.0] * 4, [0.5] * 4, [1.0] * 4, [2.0] * 4]))
+    assert select_filters(net, 0.5)["0"].tolist() == [0, 1, 3]
+    assert select_filters(net, 0.5)["0"].tolist() == [0, 1, 3]  # deterministic
+
+
+def test_errors(resnet18):
+    net = make_net(0)
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            select_filters(net, bad)
+    with pytest.raises(ValueError, match=r"pattern 'conv2'.*\[0, 1\)"):
+        select_filters(net, "conv2:1")
+    with pytest.raises(TypeError, match="got bool"):
+        select_filters(net, True)  # a bool is not a ratio
+    with pytest.raises(TypeError, match="pruning_ratio"):
+        select_filters(net, [0.5])
+    with pytest.raises(ValueError, match="'conv2:half'.*not a number"):
+        select_filters(net, "conv2:half")
+    with pytest.raises(ValueError, match="'conv2' is not of the form"):
+        select_filters(net, "conv2")
+    with pytest.raises(ValueError, match="names no"):
+        select_filters(net, " , ")
+    with pytest.raises(ValueError, match=r"pattern 'layer\*' matches no Conv2d/Linear layer.*conv1, conv2"):
+        select_filters(net, "layer*:0.5")
+    with pytest.raises(ValueError, match="skip pattern 'bn1' matches no"):
+        select_filters(net, 0.5, skip=["bn1"])
+    with pytest.raises(ValueError, match="'fc'.*model output"):
+        select_filters(net, "fc:0.5")
+    with pytest.raises(ValueError, match=r"'layer1.0.conv2'.*cannot be pruned on its own.*add"):
+        select_filters(resnet18, "layer1.0.conv*:0.5")
+    with pytest.raises(TypeError, match="nn.Module"):
+        select_filters("resnet18", 0.5)
+    assert list(select_filters(resnet18, "layer1.0.conv*:0.5", skip="*conv2")) == ["layer1.0.conv1"]
+
+
+def test_parse_ratio_spec():
+    assert parse_ratio_spec("*layer[1-3]*conv[1-2]:0.3,*layer4*conv[1-2]:0.14") == [
+        ("*layer[1-3]*conv[1-2]", 0.3), ("*layer4*conv[1-2]", 0.14)]
+    assert parse_ratio_spec({"a": 0, "b": 0.5}) == [("a", 0.0), ("b", 0.5)]
