@@ -1,0 +1,115 @@
+"""Argument checks run before any launch: they read only metadata (no device sync), so they also run under
+``torch.compile``. Index *values* (range, duplicates) are checked once per pruned set, when the launch tables are
+built (``tpp.reference.check_pruned_indices``, which synchronizes)."""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from tpp.reference import REDUCTIONS, VARIANTS
+
+from .config import INPUT_PRECISIONS
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def options(variant: str, reduction: str, input_precision: Optional[str]) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if input_precision is not None and input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be None or one of {INPUT_PRECISIONS}, got {input_precision!r}")
+
+
+def tensor_list(values, name: str) -> List[Tensor]:
+    if isinstance(values, Tensor) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(values).__name__}")
+    for i, t in enumerate(values):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+    return list(values)
+
+
+def same_length(a: Sequence, b: Sequence, name_a: str, name_b: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} and {name_b} must have the same length, got {len(a)} and {len(b)}")
+
+
+def floating(t: Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}"
+                        " (use tpp.reference for other dtypes)")
+
+
+def same_device(t: Tensor, device: torch.device, name: str) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (all tensors of one call share a device)")
+
+
+def pruned_indices(idx: Tensor, n: int, device: torch.device, name: str) -> None:
+    """Metadata half of ``check_pruned_indices``: integer dtype, 1-D, at most ``n`` entries, on ``device``."""
+    if idx.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of filter indices, got dtype {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of filter indices, got shape {tuple(idx.shape)}")
+    if idx.numel() > n:
+        raise ValueError(f"{name} has {idx.numel()} indices for a layer of {n} filters")
+    same_device(idx, device, name)
+
+
+def rows_dense(t: Tensor) -> bool:
+    """Whether each of the ``t.shape[0]`` rows occupies its own contiguous ``D`` elements, row ``i`` at ``i·D``
+    (true for contiguous and channels-last weights). Kernels read a row in memory order: the gram penalty is
+    invariant to one permutation of ``D`` shared by all rows, and gradients are written back in that same order."""
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape[1:], t.stride()[1:]) if s != 1),
+                               key=lambda size_stride: size_stride[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return t.shape[0] <= 1 or t.stride(0) == expected
+
+
+def layers(weights, pruned, weights_name: str, pruned_name: str, min_dim: int) -> Tuple[List[Tensor], List[Tensor]]:
+    """Check a list of per-layer tensors ``[N, ...]`` (at least ``min_dim`` dims) and their pruned index tensors."""
+    weights = tensor_list(weights, weights_name)
+    pruned = tensor_list(pruned, pruned_name)
+    same_length(weights, pruned, weights_name, pruned_name)
+    for i, (w, idx) in enumerate(zip(weights, pruned)):
+        floating(w, f"{weights_name}[{i}]")
+        if w.dim() < min_dim:
+            raise ValueError(f"{weights_name}[{i}] must have at least {min_dim} dims, got shape {tuple(w.shape)}")
+        same_device(w, weights[0].device, f"{weights_name}[{i}]")
+        pruned_indices(idx, w.shape[0], weights[0].device, f"{pruned_name}[{i}]")
+    return weights, pruned
+
+
+def like(tensors, reference: Sequence[Tensor], name: str, reference_name: str) -> List[Tensor]:
+    """Check gradient buffers: one per reference tensor, same shape, dtype and device, rows dense."""
+    tensors = tensor_list(tensors, name)
+    same_length(tensors, reference, name, reference_name)
+    for i, (t, ref) in enumerate(zip(tensors, reference)):
+        if t.shape != ref.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, {reference_name}[{i}] {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}, {reference_name}[{i}] {ref.dtype}")
+        same_device(t, ref.device, f"{name}[{i}]")
+        if not rows_dense(t):
+            raise ValueError(f"{name}[{i}] must be dense (contiguous or channels-last) to be updated in place")
+    return tensors
+
+
+def scale(value: Union[float, Tensor], device: torch.device) -> Tuple[float, Optional[Tensor]]:
+    """A python number, or a 0-d floating tensor on ``device`` (read by the kernel: no host sync)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(f"scale must be a python float or a 0-d floating tensor, got {value.dtype} "
+                             f"of shape {tuple(value.shape)}")
+        same_device(value, device, "scale")
+        return 1.0, value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"scale must be a finite python float or a 0-d tensor, got {value!r}")
+    return float(value), None

@@ -1,0 +1,87 @@
+"""Launch configurations: interpreter detection, dot input precision, block sizes, and the lazy autotuner.
+
+Every multi-layer kernel tiles a 2-D output with a reduction loop, so one :class:`Config` (rows × cols tile,
+reduction chunk, warps, pipeline stages) describes a launch. The tile tables the kernels read are built on the host
+from the block sizes, so tuning happens here, once per (kernel, layer-set signature), by timing each candidate —
+never at import. ``TPP_AUTOTUNE=0`` (tests, CI) pins :func:`default_config`; so does the Triton interpreter, where
+timings mean nothing, and CUDA-graph capture, where timing cannot run.
+"""
+import os
+from typing import Callable, Dict, Hashable, NamedTuple, Optional
+
+import torch
+
+# ``@triton.jit`` reads this variable when the kernels are decorated, so it is read once, at import, here too.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+INPUT_PRECISIONS = ("ieee", "tf32")
+
+
+def input_precision(requested: Optional[str]) -> str:
+    """The ``tl.dot`` input precision for fp32 operands: ``requested``, else "ieee" in the interpreter, else "tf32"."""
+    if requested is None:
+        return "ieee" if INTERPRET else "tf32"
+    return requested
+
+
+class Config(NamedTuple):
+    """Tile ``block_rows × block_cols`` of the output, reduction in chunks of ``block_red``."""
+
+    block_rows: int
+    block_cols: int
+    block_red: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# The interpreter runs one program at a time in numpy: 16 is the smallest ``tl.dot`` block, and it makes the small
+# test shapes span several tiles in every direction.
+_INTERPRETER_CONFIG = Config(16, 16, 16, 1, 1)
+_DEFAULT = {"gram_fwd": Config(64, 64, 32), "gram_bwd": Config(64, 64, 32)}
+_CANDIDATES = {
+    "gram_fwd": (
+        Config(64, 64, 32), Config(64, 128, 32), Config(128, 64, 32), Config(128, 128, 32, 8),
+        Config(32, 64, 64, 4, 4), Config(64, 64, 64, 4, 4),
+    ),
+    "gram_bwd": (
+        Config(64, 64, 32), Config(64, 128, 32), Config(128, 64, 32), Config(128, 128, 32, 8),
+        Config(32, 128, 32), Config(64, 64, 64, 4, 4),
+    ),
+}
+_best: Dict[Hashable, Config] = {}
+
+
+def default_config(kernel: str) -> Config:
+    """The pinned configuration of ``kernel`` ("gram_fwd" or "gram_bwd")."""
+    return _INTERPRETER_CONFIG if INTERPRET else _DEFAULT[kernel]
+
+
+def autotune_enabled() -> bool:
+    """Tune unless ``TPP_AUTOTUNE=0``, in the interpreter, or while a CUDA graph is being captured."""
+    if INTERPRET or os.environ.get("TPP_AUTOTUNE", "1") == "0":
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    try:
+        return do_bench(fn)
+    except OutOfResources:
+        return float("inf")
+
+
+def pick(kernel: str, signature: Hashable, launch: Callable[[Config], object]) -> Config:
+    """The candidate of ``kernel`` with which ``launch(config)`` runs fastest, timed once per ``signature``.
+
+    ``launch`` must be free of side effects on user tensors (it writes scratch outputs): it runs many times.
+    """
+    if not autotune_enabled():
+        return default_config(kernel)
+    key = (kernel, signature)
+    if key not in _best:
+        timings = {config: _bench(lambda: launch(config)) for config in _CANDIDATES[kernel]}
+        _best[key] = min(timings, key=timings.__getitem__)
+    return _best[key]
