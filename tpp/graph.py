@@ -118,7 +118,7 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps every Conv2d/Linear/BatchNorm a leaf and records the innermost module a failure came from."""
+    """fx tracer keeping Conv2d/Linear/BatchNorm as leaves; records the innermost module a failure came from."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -153,13 +153,18 @@ _ELEMENTWISE_MODULES = (
     nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     nn.AlphaDropout,
 )  # fmt: skip
+_SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
 _SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
 _ELEMENTWISE_FUNCTIONS = frozenset({
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid,
     torch.tanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
     F.dropout2d, F.alpha_dropout,
 })  # fmt: skip
-_SPATIAL_FUNCTIONS = frozenset({F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate})
+_SPATIAL_FUNCTIONS = frozenset(
+    {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
+)
+_SOFTMAX_FUNCTIONS = frozenset({F.softmax, F.log_softmax, torch.softmax, torch.log_softmax})
+_SOFTMAX_METHODS = frozenset({"softmax", "log_softmax"})
 _ELEMENTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"})
 _ADD, _MUL = "added to", "multiplied with"
 _JOIN_FUNCTIONS = {
@@ -167,7 +172,9 @@ _JOIN_FUNCTIONS = {
     torch.sub: _ADD, operator.mul: _MUL, operator.imul: _MUL, operator.truediv: _MUL, operator.itruediv: _MUL,
     torch.mul: _MUL, torch.div: _MUL,
 }  # fmt: skip
-_JOIN_METHODS = {"add": _ADD, "add_": _ADD, "sub": _ADD, "sub_": _ADD, "mul": _MUL, "mul_": _MUL, "div": _MUL, "div_": _MUL}
+_JOIN_METHODS = {
+    "add": _ADD, "add_": _ADD, "sub": _ADD, "sub_": _ADD, "mul": _MUL, "mul_": _MUL, "div": _MUL, "div_": _MUL,
+}  # fmt: skip
 _CAT_FUNCTIONS = frozenset({torch.cat, torch.concat, torch.concatenate})
 _META_METHODS = frozenset({"size", "dim", "numel"})
 _META_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
@@ -197,7 +204,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object
     """What ``node`` does to channels, as ``(kind, detail)``.
 
     kinds: layer/depthwise/grouped/bn (detail: the module), carry (elementwise), spatial (NCHW only), flatten,
-    mean (detail: keepdim), join (detail: verb), cat, meta (shape queries), unknown.
+    mean (detail: keepdim), softmax (mixes channels: followed only to find the model output), join (detail: verb),
+    cat, meta (shape queries), unknown.
     """
     op, target = node.op, node.target
     if op == "call_module":
@@ -212,6 +220,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object
             return "carry", None
         if isinstance(m, _SPATIAL_MODULES):
             return "spatial", None
+        if isinstance(m, _SOFTMAX_MODULES):
+            return "softmax", None
         if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1):
             return "flatten", None
     elif op == "call_function":
@@ -219,6 +229,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object
             return "carry", None
         if target in _SPATIAL_FUNCTIONS:
             return "spatial", None
+        if target in _SOFTMAX_FUNCTIONS:
+            return "softmax", None
         if target in _JOIN_FUNCTIONS:
             return "join", _JOIN_FUNCTIONS[target]
         if target in _CAT_FUNCTIONS:
@@ -232,6 +244,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object
             return "carry", None
         if target in _JOIN_METHODS:
             return "join", _JOIN_METHODS[target]
+        if target in _SOFTMAX_METHODS:
+            return "softmax", None
         if target in _META_METHODS:
             return "meta", None
         if target == "flatten" and _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1:
@@ -242,7 +256,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object
                 return "flatten", None
         if target == "mean":
             dims = _arg(node, 1, "dim")
-            if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims) and sorted(d % 4 for d in dims) == [2, 3]:
+            spatial = isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims)
+            if spatial and sorted(d % 4 for d in dims) == [2, 3]:
                 return "mean", bool(_arg(node, 2, "keepdim", False))
     return "unknown", None
 
@@ -396,6 +411,8 @@ class _Analysis:
             return None, None, f"output reaches {node.target}, which is called {len(self.calls[node.target])} times"
         if kind == "carry":
             return layout, None, None
+        if kind == "softmax":  # e.g. a classifier's log_softmax: coupled, but followed to the model output
+            return layout, None, f"output reaches {self._describe(node)} (node {node.name}), which mixes channels"
         if kind == "spatial" and layout == _NCHW:
             return _NCHW, None, None
         if kind == "flatten" and layout in (_NCHW, _FLAT):
