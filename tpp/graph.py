@@ -1,7 +1,7 @@
 """torch.fx analysis of a model: which Conv2d/Linear layers TPP may prune on their own.
 
-``analyze_model(model)`` traces the model symbolically (no example input, the model is not modified) and, for every
-Conv2d/Linear, follows its output channels forward through steps that keep them aligned:
+``analyze_model(model)`` traces the model symbolically (no example input; parameters, buffers and modules are left as
+they are) and, for every Conv2d/Linear, follows its output channels forward through steps that keep them aligned:
 
 * elementwise activations (modules, ``F.*``, ``torch.*`` and ``Tensor.*`` forms), dropout, identity;
 * pooling (incl. adaptive), upsampling, mean over the spatial dims;
@@ -13,7 +13,9 @@ The walk stops at a Conv2d/Linear consuming the channels (role ``"input"``). A l
 (``LayerInfo.coupling is None``) only if every path ends that way. Anything else gives a human-readable reason:
 a join with another branch (add/sub/mul/div/cat), the model output, a grouped conv, a shared module, or an op the
 walk does not understand (conservative: unknown means not prunable). Joins are followed further (``uses`` then lists
-the consumers of the joined tensor too) and put the joined layers into one ``group``.
+the consumers of the joined tensor too) and put the joined layers into one ``group``. Softmax/log_softmax mix the
+channels (coupled) but are followed to find the model output, so a classifier under ``log_softmax`` is still
+``is_output``.
 
 If fx cannot trace the model, ``analyze_model`` raises ``ValueError`` naming the submodule that failed; pass
 ``bn_map`` to describe the layers by hand instead. When ``bn_map`` is given it is always used and no tracing happens
@@ -308,7 +310,8 @@ class _Analysis:
                 origins[node] = origins[node.args[0]]
             elif kind == "join":
                 parts = [origins[a] for a in node.all_input_nodes]
-                origins[node] = (frozenset().union(*(p[0] for p in parts)), tuple(v for p in parts for v in p[1]))
+                values = tuple(dict.fromkeys(v for p in parts for v in p[1]))  # deduplicated: diamonds repeat them
+                origins[node] = (frozenset().union(*(p[0] for p in parts)), values)
             else:
                 origins[node] = (frozenset(), (self._value(node),))
         return origins
@@ -419,7 +422,7 @@ class _Analysis:
             return _FLAT, None, None
         if kind == "mean" and layout == _NCHW:
             return (_NCHW if m else _FLAT), None, None
-        if kind == "bn" and m.num_features == channels:
+        if kind == "bn" and m.num_features == channels:  # BatchNorm1d after a Linear: assumes [B, C], not [B, T, C]
             if (isinstance(m, nn.BatchNorm2d) and layout == _NCHW) or (
                 isinstance(m, nn.BatchNorm1d) and layout in (_FLAT, _LAST)
             ):
