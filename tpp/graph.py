@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,9 @@ class LayerInfo:
     coupling: str | None  # why it is not independently prunable; None if it is
     group: tuple[str, ...]  # layers whose outputs are joined with this one's (incl. itself), by index
     is_output: bool  # its output reaches the model output
+    # why ``group`` cannot be pruned with one shared index set (None: it can; joins by add/sub/mul/div of the
+    # group's own channels are fine, a cat, another value, an op the walk cannot follow or the model output are not)
+    group_coupling: str | None = None
 
     @property
     def independent(self) -> bool:
@@ -292,6 +295,7 @@ class _Analysis:
         self.order = called + [name for name in registered if name not in self.calls]
         self.index = {name: i for i, name in enumerate(self.order)}
         self.origins = self._origins()
+        self.blocking: dict[str, str | None] = {}  # per layer: a reason its group cannot share one index set
         self.parent = {name: name for name in self.order}  # union-find over joined layers
         for node in self.nodes:
             if self.kinds[node][0] in ("join", "cat"):
@@ -322,14 +326,25 @@ class _Analysis:
         return name
 
     def model_graph(self) -> ModelGraph:
-        return ModelGraph(layers={name: self._layer(name) for name in self.order}, traced=True)
+        layers = [self._layer(name) for name in self.order]  # fills self.blocking for every layer first
+        layers = [replace(info, group_coupling=self._group_coupling(info.group)) for info in layers]
+        return ModelGraph(layers={info.name: info for info in layers}, traced=True)
+
+    def _group_coupling(self, group: tuple[str, ...]) -> str | None:
+        """The first member's reason the group cannot be pruned with one shared index set, None if it can."""
+        for member in group:
+            reason = self.blocking[member]
+            if reason is not None:
+                return reason if len(group) == 1 else f"{member}: {reason}"
+        return None
 
     def _layer(self, name: str) -> LayerInfo:
         m = self.modules[name]
         channels = _out_channels(m)
-        uses, reasons, bn, is_output = self._walk(name, channels)
+        uses, reasons, blocking, bn, is_output = self._walk(name, channels)
         structural = self._structural(name, m)
         coupling = "output is the model output" if is_output else structural or (reasons[0] if reasons else None)
+        self.blocking[name] = "output is the model output" if is_output else structural or blocking
         group = tuple(sorted((n for n in self.order if self._root(n) == self._root(name)), key=self.index.get))
         return LayerInfo(
             name=name,
@@ -366,8 +381,9 @@ class _Analysis:
     def _walk(self, name: str, channels: int):
         """Follow ``name``'s output channels forward.
 
-        Returns ``(uses, reasons, bn, is_output)``: uses and coupling reasons in execution order, the BatchNorm
-        applied directly to the layer's output, and whether the channels reach the model output.
+        Returns ``(uses, reasons, blocking, bn, is_output)``: uses and coupling reasons in execution order, the first
+        reason that is not a join with joined layers' channels only (None if none), the BatchNorm applied directly to
+        the layer's output, and whether the channels reach the model output.
         """
         starts = self.calls.get(name, [])
         layout = _NCHW if isinstance(self.modules[name], nn.Conv2d) else _LAST
@@ -389,11 +405,14 @@ class _Analysis:
                     if use.role == "bn" and src in starts and bn is None:
                         bn = use.module
                 if reason is not None:
-                    reasons.append((self.pos[node], reason))
+                    shared = self.kinds[node][0] == "join" and not self.origins[node][1]
+                    reasons.append((self.pos[node], reason, shared))
                 if nxt is not None:
                     todo.append((node, nxt))
         ordered = tuple(dict.fromkeys(use for _, use in sorted(uses, key=lambda t: t[0])))
-        return ordered, [r for _, r in sorted(reasons, key=lambda t: t[0])], bn, is_output
+        reasons.sort(key=lambda t: t[0])
+        blocking = next((r for _, r, shared in reasons if not shared), None)
+        return ordered, [r for _, r, _ in reasons], blocking, bn, is_output
 
     def _step(self, name: str, channels: int, src: fx.Node, node: fx.Node, layout: str):
         """One step of ``name``'s channels (``layout``, carried by ``src``) into ``node``.
@@ -510,5 +529,6 @@ def _from_bn_map(model: nn.Module, bn_map: Mapping[str, str | None]) -> ModelGra
             coupling=None if listed else "not in bn_map",
             group=(name,),
             is_output=False,
+            group_coupling=None if listed else "not in bn_map",
         )
     return ModelGraph(layers=layers, traced=False)
