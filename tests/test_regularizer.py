@@ -237,31 +237,40 @@ def test_layerwise_zero_out(seed):
     assert net.conv1.weight[kept].abs().min() > 0
 
 
-def train(net, reg, steps, seed_data, opt=None):
-    opt = opt or torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(seed_data)
-    for _ in range(steps):
-        x = torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float32)
-        y = torch.randint(0, 5, (4,), generator=gen)
+def sgd(net):
+    return torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+
+
+def train(net, reg, opt, batches):
+    """The documented loop on the in-place path: backward, apply_gradients, optimizer step, reg.step."""
+    for x, y in batches:
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
         reg.apply_gradients()
         opt.step()
         reg.step()
-    return opt
+
+
+def data_stream(seed):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randn(4, 3, 6, 6, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+
+
+def take(stream, n):
+    return [next(stream) for _ in range(n)]
 
 
 def test_resume_mid_schedule_is_bit_exact(seed):
     total, cut = TINY.total_iters + 3, 11
-    torch.manual_seed(seed)
     net = make_net(seed, torch.float32)
     reg = TPPRegularizer(net, 0.5, schedule=TINY)
-    train(net, reg, total, seed_data=seed)
+    train(net, reg, sgd(net), take(data_stream(seed), total))
 
-    torch.manual_seed(seed)
+    stream = data_stream(seed)
     net1 = make_net(seed, torch.float32)
-    reg1 = TPPRegularizer(net1, 0.5, schedule=TINY)
-    opt1 = train(net1, reg1, cut, seed_data=seed)
+    reg1, opt1 = TPPRegularizer(net1, 0.5, schedule=TINY), sgd(net1)
+    train(net1, reg1, opt1, take(stream, cut))
     buf = io.BytesIO()
     torch.save({"model": net1.state_dict(), "opt": opt1.state_dict(), "reg": reg1.state_dict()}, buf)
     buf.seek(0)
@@ -269,24 +278,11 @@ def test_resume_mid_schedule_is_bit_exact(seed):
 
     net2 = make_net(seed + 1, torch.float32)  # different initial weights: selection would differ
     net2.load_state_dict(ckpt["model"])
-    reg2 = TPPRegularizer(net2, 0.5, schedule=TINY)
+    reg2, opt2 = TPPRegularizer(net2, 0.5, schedule=TINY), sgd(net2)
     reg2.load_state_dict(ckpt["reg"])
-    assert reg2.iteration == cut and reg2.pruned.keys() == reg1.pruned.keys()
-    opt2 = torch.optim.SGD(net2.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     opt2.load_state_dict(ckpt["opt"])
-    # the rest of the data stream: replay the generator past the first `cut` batches
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(cut):
-        torch.randn(4, 3, 6, 6, generator=gen)
-        torch.randint(0, 5, (4,), generator=gen)
-    for _ in range(total - cut):
-        x = torch.randn(4, 3, 6, 6, generator=gen)
-        y = torch.randint(0, 5, (4,), generator=gen)
-        opt2.zero_grad()
-        F.cross_entropy(net2(x), y).backward()
-        reg2.apply_gradients()
-        opt2.step()
-        reg2.step()
+    assert reg2.iteration == cut and reg2.pruned.keys() == reg1.pruned.keys()
+    train(net2, reg2, opt2, take(stream, total - cut))
     for (name, a), b in zip(net.state_dict().items(), net2.state_dict().values()):
         assert torch.isfinite(a).all() and torch.equal(a, b), name
     assert reg2.state_dict()["iteration"] == reg.state_dict()["iteration"] == total
