@@ -1,0 +1,620 @@
+"""The pruning flow shared by the ``tpp`` command and the demo (tpp-method.md §4):
+
+    measure → regularize (iteration-based) → stabilize and zero-out → remove → (transform) → finetune → measure
+
+``run_pruning(model, train_loader, test_loader, method, ratio, ...)`` runs one method of :data:`tpp.baselines.METHODS`
+on a (pretrained) model and returns a :class:`PruneResult`: the pruned, finetuned model, the pruned filter sets,
+and the measurements — test accuracy of the model given, right before removal, right after removal (and after the
+method's post-removal transform), after finetuning; mean Jacobian singular value (JSV, :mod:`tpp.metrics`) at the
+same points; parameters and FLOPs before/after; strength, penalty and loss over the regularization iterations;
+per-epoch finetuning accuracy; wall time per phase.
+
+Phases:
+
+1. **regularize** — methods with a regularizer run ``reg_iters`` iterations of SGD (lr ``reg_lr``, momentum, weight
+   decay on all parameters; the reference run's pruning-phase optimizer) with ``apply_gradients()`` after each
+   backward and ``step()`` after each optimizer step. For the growing-schedule methods ``reg_iters`` is
+   ``schedule.total_iters`` (growth, then the stabilize phase with the layer-wise zero-out).
+2. **zero-out** — growing-schedule methods set the pruned W, b, γ, β to exactly 0 once more (a no-op when the
+   schedule's zero-out already did it; ``metrics["max_abs_pruned_before_zero"]`` records what was left), so that
+   removal does not change the function.
+3. **remove** — :func:`tpp.prune_model` on the filters chosen by L1 (at the start, or after regularization for
+   KernOrth/OrthConv + L1), then the method's transform (OrthP, re-initialization for scratch).
+4. **finetune** — a fresh SGD optimizer (lr ``finetune_lr``, momentum, weight decay), ×``lr_gamma`` at each epoch
+   in ``lr_milestones``, no TPP regularizer (L1 + KernOrth/OrthConv add theirs here).
+
+``RECIPES`` holds the paper's settings (tpp-method.md §10) and the scaled-down demo recipe.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .baselines import Method, OrthRegularizer, get_method, make_regularizer, orthogonalize_, reinitialize_
+from .metrics import count_flops, count_params, jacobian_singular_values, jsv_summary
+from .schedule import GrowingSchedule
+from .selection import RatioSpec, select_filters
+
+__all__ = ["Recipe", "RECIPES", "default_recipe", "PruneResult", "run_pruning", "train", "evaluate",
+           "zero_pruned_", "model_signature", "CHECKPOINT_VERSION"]
+
+Progress = Callable[[str, int, int, dict], None]
+CHECKPOINT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------- recipes
+@dataclass(frozen=True)
+class Recipe:
+    """Settings of one pruning run (and of the pretraining the demo/CLI do when no weights are given)."""
+
+    name: str
+    schedule: GrowingSchedule = field(default_factory=GrowingSchedule)
+    reg_lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    finetune_epochs: int = 120
+    finetune_lr: float = 1e-2
+    lr_milestones: tuple[int, ...] = (60, 90)
+    lr_gamma: float = 0.1
+    pretrain_epochs: int = 0
+    pretrain_lr: float = 0.1
+    pretrain_milestones: tuple[int, ...] = ()
+    description: str = ""
+
+    def run_kwargs(self) -> dict:
+        """The keyword arguments of :func:`run_pruning` this recipe sets."""
+        return {"schedule": self.schedule, "reg_lr": self.reg_lr, "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "finetune_epochs": self.finetune_epochs,
+                "finetune_lr": self.finetune_lr, "lr_milestones": self.lr_milestones, "lr_gamma": self.lr_gamma}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["schedule"] = self.schedule.state_dict()
+        return d
+
+
+RECIPES: dict[str, Recipe] = {
+    "cifar": Recipe(
+        "cifar", GrowingSchedule(), weight_decay=5e-4, batch_size=128, finetune_epochs=120, lr_milestones=(60, 90),
+        pretrain_lr=0.1, pretrain_milestones=(80, 120),
+        description="paper, ResNet56/VGG19 on CIFAR: Δ=1e-4 every 10 iterations to 1, 10k stabilize iterations, "
+                    "SGD lr 1e-3 momentum 0.9 wd 5e-4 bs 128 (VGG19: 256); finetune lr 1e-2 ×0.1 at 60, 90, 120 "
+                    "epochs"),
+    "imagenet": Recipe(
+        "imagenet", GrowingSchedule.imagenet(), weight_decay=1e-4, batch_size=256, finetune_epochs=90,
+        lr_milestones=(30, 60, 75), pretrain_lr=0.1, pretrain_milestones=(30, 60),
+        description="paper, ResNet34/50 on ImageNet: Δ=1e-4 every 5 iterations to 1, 40k stabilize iterations, "
+                    "SGD lr 1e-3 momentum 0.9 wd 1e-4 bs 256; finetune lr 1e-2 ×0.1 at 30, 60, 75, 90 epochs"),
+    "demo": Recipe(
+        "demo", GrowingSchedule(delta=0.01, interval=1, ceiling=1.0, stabilize_iters=100, zero_out_interval=10),
+        reg_lr=1e-2, weight_decay=5e-4, batch_size=64, finetune_epochs=10, finetune_lr=1e-2, lr_milestones=(5, 8),
+        pretrain_epochs=30, pretrain_lr=0.05, pretrain_milestones=(20,),
+        description="scaled down for the 8×8 digits on a CPU: Δ=0.01 every iteration to 1 (100 iterations), "
+                    "100 stabilize iterations (layers zeroed 10 apart), pruning-phase SGD lr 1e-2 (10× the paper, "
+                    "to compensate for ~500× fewer iterations) momentum 0.9 wd 5e-4 bs 64; finetune 10 epochs "
+                    "lr 1e-2 ×0.1 at 5, 8; pretraining 30 epochs lr 0.05 ×0.1 at 20"),
+}
+
+
+def default_recipe(dataset: str, model: str = "") -> Recipe:
+    """The recipe a dataset's runs default to: digits → demo, imagefolder → imagenet, the rest → cifar
+    (batch 256 for VGG19, as in the paper)."""
+    if dataset == "digits":
+        return RECIPES["demo"]
+    if dataset == "imagefolder":
+        return RECIPES["imagenet"]
+    recipe = RECIPES["cifar"]
+    return replace(recipe, batch_size=256) if model == "vgg19" else recipe
+
+
+# ----------------------------------------------------------------------------------------------- utilities
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _batches(loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
+    for batch in loader:
+        yield batch[0], batch[1]
+
+
+def _cycle(loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless batches; every pass over ``loader`` is a new epoch (reshuffled)."""
+    while True:
+        empty = True
+        for batch in _batches(loader):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the training loader yields no batches")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: Optional[torch.device] = None) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader`` in eval mode (mode restored after)."""
+    device = device or _device_of(model)
+    was_training = model.training
+    model.eval()
+    correct, total, loss = 0, 0, 0.0
+    try:
+        for x, y in _batches(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = model(x)
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            total += y.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("the test loader yields no samples")
+    return 100.0 * correct / total, loss / total
+
+
+def _sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train(model: nn.Module, train_loader: Iterable, epochs: int, lr: float, *, momentum: float = 0.9,
+          weight_decay: float = 5e-4, milestones: Sequence[int] = (), gamma: float = 0.1,
+          test_loader: Optional[Iterable] = None, device: Optional[torch.device] = None,
+          progress: Optional[Progress] = None, phase: str = "train", regularizer=None,
+          optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None, start_epoch: int = 0,
+          on_epoch_end: Optional[Callable[[int, list], None]] = None, history: Optional[list] = None) -> list[dict]:
+    """Plain SGD training (cross-entropy) for ``epochs`` epochs with a step-decay learning rate; used for
+    pretraining and finetuning. ``regularizer`` (anything with ``apply_gradients()``/``step()``) is applied every
+    iteration. Returns per-epoch records ``{"epoch", "lr", "train_loss", "test_acc"?, "test_loss"?}``."""
+    device = device or _device_of(model)
+    optimizer = optimizer or _sgd(model, lr, momentum, weight_decay)
+    scheduler = scheduler or torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
+    history = [] if history is None else history
+    steps_per_epoch = _len_or_none(train_loader)
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        lr_now = optimizer.param_groups[0]["lr"]
+        total_loss, seen = 0.0, 0
+        for i, (x, y) in enumerate(_batches(train_loader)):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if regularizer is not None:
+                regularizer.apply_gradients()
+            optimizer.step()
+            if regularizer is not None:
+                regularizer.step()
+            total_loss += loss.item() * y.numel()
+            seen += y.numel()
+            if progress is not None:
+                progress(phase, epoch * (steps_per_epoch or 0) + i + 1, epochs * (steps_per_epoch or 0),
+                         {"epoch": epoch + 1, "epochs": epochs, "loss": loss.item(), "lr": lr_now})
+        scheduler.step()
+        record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": total_loss / max(seen, 1)}
+        if test_loader is not None:
+            record["test_acc"], record["test_loss"] = evaluate(model, test_loader, device)
+        history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, history)
+    return history
+
+
+def _len_or_none(loader) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _first_samples(loader: Iterable, n: int) -> Tensor:
+    xs, count = [], 0
+    for x, _ in _batches(loader):
+        xs.append(x)
+        count += x.shape[0]
+        if count >= n:
+            break
+    if not xs:
+        raise ValueError("the test loader yields no samples")
+    return torch.cat(xs)[:n]
+
+
+def _jsv(model: nn.Module, inputs: Optional[Tensor]) -> Optional[dict]:
+    if inputs is None:
+        return None
+    return jsv_summary(jacobian_singular_values(model, inputs))
+
+
+@torch.no_grad()
+def zero_pruned_(model: nn.Module, pruned: Mapping[str, Tensor], bn_of: Mapping[str, Optional[str]]) -> float:
+    """Set W[P], b[P] and the following BN's γ[P], β[P] to 0; return the largest |value| they had before."""
+    modules = dict(model.named_modules())
+    largest = 0.0
+    for name, idx in pruned.items():
+        if idx.numel() == 0:
+            continue
+        layer = modules[name]
+        bn = modules.get(bn_of.get(name)) if bn_of.get(name) else None
+        params = [layer.weight, layer.bias] + ([bn.weight, bn.bias] if bn is not None else [])
+        for p in params:
+            if p is None:
+                continue
+            i = idx.to(p.device)
+            largest = max(largest, p.index_select(0, i).abs().max().item())
+            p.index_fill_(0, i, 0)
+    return largest
+
+
+def model_signature(model: nn.Module) -> dict[str, list[int]]:
+    """``{parameter/buffer name: shape}``: what a checkpoint for another architecture fails to match."""
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_signature(saved: Mapping[str, Sequence[int]], model: nn.Module, what: str) -> None:
+    mine = model_signature(model)
+    if set(saved) != set(mine):
+        missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+        raise ValueError(f"{what} was written for another architecture: tensors missing from it: {missing[:5]}, "
+                         f"tensors the model does not have: {extra[:5]}")
+    for k, shape in mine.items():
+        if list(saved[k]) != shape:
+            raise ValueError(f"{what} was written for another architecture: {k!r} has shape {list(saved[k])} "
+                             f"there and {shape} in the model")
+
+
+def _ratio_key(ratio: RatioSpec) -> str:
+    return json.dumps(ratio, sort_keys=True) if isinstance(ratio, Mapping) else repr(ratio)
+
+
+# ------------------------------------------------------------------------------------------------- results
+@dataclass
+class PruneResult:
+    """What :func:`run_pruning` returns. ``to_dict()`` is the JSON-serializable part (no model)."""
+
+    method: str
+    model: nn.Module
+    pruned: dict[str, Tensor]
+    metrics: dict
+    history: dict
+    config: dict
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "config": self.config, "metrics": self.metrics, "history": self.history,
+                "pruned": {name: idx.tolist() for name, idx in self.pruned.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def run_pruning(
+    model: nn.Module,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    method: Union[str, Method],
+    ratio: RatioSpec,
+    *,
+    skip: Union[str, Iterable[str]] = (),
+    schedule: Optional[GrowingSchedule] = None,
+    reg_iters: Optional[int] = None,
+    reg_lr: float = 1e-3,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    finetune_epochs: int = 120,
+    finetune_lr: float = 1e-2,
+    lr_milestones: Sequence[int] = (60, 90),
+    lr_gamma: float = 0.1,
+    orth_weight: Optional[float] = None,
+    device: Union[str, torch.device, None] = None,
+    jsv_samples: int = 64,
+    log_every: Optional[int] = None,
+    progress: Optional[Progress] = None,
+    seed: Optional[int] = None,
+    inplace: bool = False,
+    backend: str = "auto",
+    bn_map: Optional[Mapping[str, Optional[str]]] = None,
+    checkpoint: Union[str, os.PathLike, None] = None,
+    checkpoint_every: Optional[int] = None,
+    resume: Union[str, os.PathLike, Mapping, None] = None,
+) -> PruneResult:
+    """Prune ``model`` with ``method`` at ``ratio`` (a float, ``"pattern:ratio,..."`` or dict) and finetune it.
+
+    Args:
+        model: the network to prune, normally pretrained; copied unless ``inplace``.
+        train_loader, test_loader: iterables of ``(inputs, labels)`` batches.
+        method: a name in :data:`tpp.baselines.METHODS` or a :class:`~tpp.baselines.Method`.
+        skip: layer patterns never pruned.
+        schedule: the growing schedule (default ``GrowingSchedule()``, the paper's CIFAR run).
+        reg_iters: regularization iterations of KernOrth/OrthConv + L1 (default ``schedule.total_iters``); the
+            growing-schedule methods always run ``schedule.total_iters``.
+        reg_lr, momentum, weight_decay: pruning-phase SGD (paper: 1e-3, 0.9, 5e-4 CIFAR / 1e-4 ImageNet).
+        finetune_epochs, finetune_lr, lr_milestones, lr_gamma: finetuning (fresh SGD, same momentum/weight decay).
+        orth_weight: λ of KernOrth/OrthConv (default :data:`tpp.baselines.DEFAULT_ORTH_WEIGHTS`).
+        device: where to run (default: the model's device).
+        jsv_samples: test samples for the mean JSV (one backward per class each time); 0 skips JSVs.
+        log_every: record strength/penalty/loss every this many iterations (default: ~500 points in all).
+        progress: ``progress(phase, done, total, info)``, called every iteration of "regularize", "finetune".
+        seed: seeds torch's RNG (initialization for scratch, dropout, ...); data order is the loaders' business.
+        backend: TPPRegularizer backend. bn_map: for models torch.fx cannot trace.
+        checkpoint: file to write a resumable checkpoint to — after the base measurements, every
+            ``checkpoint_every`` regularization iterations (default: 10 per run), after removal and after every
+            finetuning epoch (atomically, replacing the previous one).
+        resume: such a checkpoint (path or loaded dict) to continue from; ``model`` must be the same architecture
+            (unpruned), and ``method``/``ratio``/``skip`` the same. Data order restarts with a new pass over the
+            loaders.
+
+    Returns a :class:`PruneResult`. Raises ``ValueError`` for an unknown method, a bad ratio spec, or a checkpoint
+    that does not match.
+    """
+    method = get_method(method)
+    schedule = GrowingSchedule() if schedule is None else schedule
+    if not isinstance(schedule, GrowingSchedule):
+        raise TypeError(f"schedule must be a GrowingSchedule, got {type(schedule).__name__}")
+    if method.regularizer == "tpp":
+        if reg_iters is not None and reg_iters != schedule.total_iters:
+            raise ValueError(f"method {method.name!r} regularizes for schedule.total_iters = {schedule.total_iters} "
+                             f"iterations; got reg_iters={reg_iters} (change the schedule instead)")
+        reg_iters = schedule.total_iters
+    elif method.regularizer is not None:
+        reg_iters = schedule.total_iters if reg_iters is None else reg_iters
+    else:
+        reg_iters = 0
+    _check_count(reg_iters, "reg_iters")
+    _check_count(finetune_epochs, "finetune_epochs")
+    _check_count(jsv_samples, "jsv_samples")
+    for name, value in (("reg_lr", reg_lr), ("finetune_lr", finetune_lr)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    log_every = log_every or max(1, reg_iters // 500)
+    run = _Run(locals())
+    return run.run()
+
+
+def _check_count(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+class _Run:
+    """State of one run_pruning call: stages "base" → "regularize" → "remove" → "finetune" → "done"."""
+
+    def __init__(self, a: dict):
+        self.a = a
+        self.method: Method = a["method"]
+        model = a["model"]
+        self.model = model if a["inplace"] else copy.deepcopy(model)
+        self.device = torch.device(a["device"]) if a["device"] is not None else _device_of(self.model)
+        self.model.to(self.device)
+        self.signature = model_signature(self.model)
+        self.progress = a["progress"]
+        self.stage, self.iteration, self.epoch = "base", 0, 0
+        self.pruned: Optional[dict[str, Tensor]] = None
+        self.reg = None
+        self.optimizer, self.scheduler, self.ft_reg = None, None, None
+        self.history: dict = {"regularize": [], "finetune": []}
+        self.metrics: dict = {"accuracy": {}, "loss": {}, "jsv_mean": {}, "jsv": {}, "time_s": {}}
+        self.config = self._config()
+        if a["seed"] is not None:
+            torch.manual_seed(a["seed"])
+        self.jsv_inputs = (_first_samples(a["test_loader"], a["jsv_samples"]).to(self.device)
+                           if a["jsv_samples"] else None)
+        self.example = _first_samples(a["test_loader"], 1).to(self.device)
+
+    def _config(self) -> dict:
+        a = self.a
+        ratio = a["ratio"]
+        return {
+            "method": self.method.name, "method_description": self.method.description,
+            "ratio": dict(ratio) if isinstance(ratio, Mapping) else ratio,
+            "skip": a["skip"] if isinstance(a["skip"], str) else list(a["skip"]),
+            "schedule": a["schedule"].state_dict(), "reg_iters": a["reg_iters"], "reg_lr": a["reg_lr"],
+            "momentum": a["momentum"], "weight_decay": a["weight_decay"], "finetune_epochs": a["finetune_epochs"],
+            "finetune_lr": a["finetune_lr"], "lr_milestones": list(a["lr_milestones"]), "lr_gamma": a["lr_gamma"],
+            "orth_weight": a["orth_weight"], "jsv_samples": a["jsv_samples"], "seed": a["seed"],
+            "device": str(self.device), "backend": a["backend"],
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self) -> None:
+        path = self.a["checkpoint"]
+        if path is None:
+            return
+        state = {
+            "version": CHECKPOINT_VERSION, "stage": self.stage, "iteration": self.iteration, "epoch": self.epoch,
+            "method": self.method.name, "ratio": _ratio_key(self.a["ratio"]), "skip": self.config["skip"],
+            "signature": self.signature, "model": self.model.state_dict(),
+            "pruned": self.pruned, "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "regularizer": self.reg.state_dict() if self.reg is not None else None,
+            "history": self.history, "metrics": self.metrics, "rng": torch.get_rng_state(),
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _restore(self, state) -> None:
+        if not isinstance(state, Mapping):
+            path = Path(state)
+            if not path.is_file():
+                raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, Mapping) or state.get("version") != CHECKPOINT_VERSION or "signature" not in state:
+            raise ValueError("resume: not a tpp pipeline checkpoint (version "
+                             f"{state.get('version') if isinstance(state, Mapping) else None}, expected "
+                             f"{CHECKPOINT_VERSION})")
+        _check_signature(state["signature"], self.model, "the resume checkpoint")
+        for key, mine in (("method", self.method.name), ("ratio", _ratio_key(self.a["ratio"])),
+                          ("skip", self.config["skip"])):
+            if state[key] != mine:
+                raise ValueError(f"the resume checkpoint is for {key} {state[key]!r}, this run has {mine!r}")
+        self.stage, self.iteration, self.epoch = state["stage"], state["iteration"], state["epoch"]
+        self.history, self.metrics = state["history"], state["metrics"]
+        torch.set_rng_state(state["rng"])
+        if state["pruned"] is not None:
+            from .surgery import prune_model
+            self.pruned = {k: v for k, v in state["pruned"].items()}
+            self.model = prune_model(self.model, self.pruned)
+        self.model.load_state_dict(state["model"])
+        self.model.to(self.device)
+        if self.stage == "regularize":
+            self._make_reg_optimizer()
+            if state["regularizer"] is not None:
+                self.reg.load_state_dict(state["regularizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif self.stage == "finetune":
+            self._make_finetune_optimizer()
+            if state["optimizer"] is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+
+    # ----------------------------------------------------------------------- stages
+    def run(self) -> PruneResult:
+        start = time.perf_counter()
+        if self.a["resume"] is not None:
+            self._restore(self.a["resume"])
+        if self.stage == "base":
+            self._measure("base", self.model)
+            self.metrics["params"] = {"base": count_params(self.model)}
+            self.metrics["flops"] = {"base": count_flops(self.model, self.example)}
+            self.stage = "regularize"
+            self._make_reg_optimizer()
+            self._save()
+        if self.stage == "regularize":
+            t0 = time.perf_counter()
+            self._regularize()
+            self._add_time("regularize", time.perf_counter() - t0)
+            self.stage = "remove"
+        if self.stage == "remove":
+            t0 = time.perf_counter()
+            self._remove()
+            self._add_time("remove", time.perf_counter() - t0)
+            self.stage = "finetune"
+            self._make_finetune_optimizer()
+            self._save()
+        if self.stage == "finetune":
+            t0 = time.perf_counter()
+            self._finetune()
+            self._add_time("finetune", time.perf_counter() - t0)
+            self.stage = "done"
+            self._measure("final", self.model)
+            accs = [r["test_acc"] for r in self.history["finetune"] if "test_acc" in r]
+            self.metrics["accuracy"]["best"] = max(accs) if accs else self.metrics["accuracy"]["final"]
+            self._save()
+        self._add_time("total", time.perf_counter() - start)
+        return PruneResult(self.method.name, self.model, self.pruned or {}, self.metrics, self.history, self.config)
+
+    def _add_time(self, key: str, seconds: float) -> None:
+        self.metrics["time_s"][key] = self.metrics["time_s"].get(key, 0.0) + seconds
+
+    def _measure(self, when: str, model: nn.Module) -> None:
+        acc, loss = evaluate(model, self.a["test_loader"], self.device)
+        self.metrics["accuracy"][when], self.metrics["loss"][when] = acc, loss
+        summary = _jsv(model, self.jsv_inputs)
+        self.metrics["jsv"][when] = summary
+        self.metrics["jsv_mean"][when] = summary["mean"] if summary else None
+
+    def _make_reg_optimizer(self) -> None:
+        a = self.a
+        if self.method.regularizer is None:
+            self.reg, self.optimizer = None, None
+            return
+        self.reg = make_regularizer(self.method, self.model, a["ratio"], a["skip"], schedule=a["schedule"],
+                                    orth_weight=a["orth_weight"], bn_map=a["bn_map"],
+                                    **({"backend": a["backend"]} if self.method.regularizer == "tpp" else {}))
+        self.optimizer = _sgd(self.model, a["reg_lr"], a["momentum"], a["weight_decay"])
+
+    def _regularize(self) -> None:
+        a = self.a
+        total, reg = a["reg_iters"], self.reg
+        if reg is None or self.iteration >= total:
+            return
+        every = a["checkpoint_every"] or max(1, total // 10)
+        self.model.train()
+        window, seen = 0.0, 0
+        batches = _cycle(a["train_loader"])
+        while self.iteration < total:
+            x, y = next(batches)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            strength = reg.strength
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+            reg.apply_gradients()
+            self.optimizer.step()
+            reg.step()
+            self.iteration += 1
+            value = loss.item()
+            window, seen = window + value, seen + 1
+            if self.iteration % a["log_every"] == 0 or self.iteration == total:
+                with torch.no_grad():
+                    penalty = float(reg.penalty())
+                self.history["regularize"].append({
+                    "iteration": self.iteration, "strength": strength, "penalty": penalty,
+                    "loss": window / seen, "phase": reg.phase})
+                window, seen = 0.0, 0
+            if self.progress is not None:
+                self.progress("regularize", self.iteration, total,
+                              {"strength": strength, "loss": value, "phase": reg.phase})
+            if self.iteration % every == 0 and self.iteration < total:
+                self._save()
+
+    @torch.no_grad()
+    def _remove(self) -> None:
+        from .surgery import prune_model
+
+        a, reg = self.a, self.reg
+        if self.method.regularizer == "tpp":
+            self.pruned = dict(reg.pruned)
+        else:
+            self.pruned = select_filters(self.model, a["ratio"], a["skip"], bn_map=a["bn_map"])
+        if self.method.zero_out:
+            bn_of = {name: reg.graph.layers[name].bn for name in self.pruned}
+            self.metrics["max_abs_pruned_before_zero"] = zero_pruned_(self.model, self.pruned, bn_of)
+        if self.method.regularizes:
+            self._measure("before_removal", self.model)
+        else:  # nothing changed since the base measurement
+            for key in ("accuracy", "loss", "jsv", "jsv_mean"):
+                self.metrics[key]["before_removal"] = self.metrics[key]["base"]
+        self.model = prune_model(self.model, self.pruned, inplace=True)
+        if self.method.post_removal is not None:
+            self._measure("removed_untransformed", self.model)
+        if self.method.post_removal == "orthp":
+            orthogonalize_(self.model)
+        elif self.method.post_removal == "reinit":
+            reinitialize_(self.model)
+        self._measure("after_removal", self.model)
+        self.metrics["params"]["pruned"] = count_params(self.model)
+        self.metrics["flops"]["pruned"] = count_flops(self.model, self.example)
+        self.metrics["params"]["ratio"] = self.metrics["params"]["pruned"] / self.metrics["params"]["base"]
+        self.metrics["flops"]["speedup"] = self.metrics["flops"]["base"] / max(self.metrics["flops"]["pruned"], 1)
+        self.metrics["params"]["reduction"] = self.metrics["params"]["base"] / max(self.metrics["params"]["pruned"], 1)
+        self.metrics["pruned_filters"] = {name: int(idx.numel()) for name, idx in self.pruned.items()}
+        self.reg, self.optimizer = None, None
+
+    def _make_finetune_optimizer(self) -> None:
+        a = self.a
+        self.optimizer = _sgd(self.model, a["finetune_lr"], a["momentum"], a["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(a["lr_milestones"]),
+                                                              a["lr_gamma"])
+        self.ft_reg = (OrthRegularizer(self.model, self.method.finetune_regularizer, a["orth_weight"])
+                       if self.method.finetune_regularizer else None)
+
+    def _finetune(self) -> None:
+        a = self.a
+
+        def on_epoch_end(epoch: int, history: list) -> None:
+            self.epoch = epoch
+            self._save()
+
+        train(self.model, a["train_loader"], a["finetune_epochs"], a["finetune_lr"], test_loader=a["test_loader"],
+              device=self.device, progress=self.progress, phase="finetune", regularizer=self.ft_reg,
+              optimizer=self.optimizer, scheduler=self.scheduler, start_epoch=self.epoch,
+              on_epoch_end=on_epoch_end, history=self.history["finetune"])
+
