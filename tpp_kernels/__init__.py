@@ -9,6 +9,7 @@ Public functions (all layers of a model in one launch per stage):
 They are backed by ``torch.ops.tpp.*`` custom ops (torch.compile-able); on CPU without ``TRITON_INTERPRET=1`` the
 ops run ``tpp.reference``. Set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors.
 """
+from .bn import add_bn_penalty_grad_, bn_penalty
 from .gram import add_gram_penalty_grad_, gram_penalty, gram_penalty_multi
 
-__all__ = ["gram_penalty", "gram_penalty_multi", "add_gram_penalty_grad_"]
+__all__ = ["gram_penalty", "gram_penalty_multi", "add_gram_penalty_grad_", "bn_penalty", "add_bn_penalty_grad_"]

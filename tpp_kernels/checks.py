@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from tpp.reference import REDUCTIONS, VARIANTS
+from tpp.reference import REDUCTIONS, VARIANTS, check_pruned_indices
 
 from .config import INPUT_PRECISIONS
 
@@ -73,22 +73,24 @@ def rows_dense(t: Tensor) -> bool:
     return t.shape[0] <= 1 or t.stride(0) == expected
 
 
-def layers(weights, pruned, weights_name: str, pruned_name: str, min_dim: int) -> Tuple[List[Tensor], List[Tensor]]:
-    """Check a list of per-layer tensors ``[N, ...]`` (at least ``min_dim`` dims) and their pruned index tensors."""
+def layers(weights, pruned, weights_name: str, pruned_name: str, min_dim: int,
+           max_dim: Optional[int] = None) -> Tuple[List[Tensor], List[Tensor]]:
+    """Check per-layer tensors ``[N, ...]`` with ``min_dim`` to ``max_dim`` dims and their pruned index tensors."""
     weights = tensor_list(weights, weights_name)
     pruned = tensor_list(pruned, pruned_name)
     same_length(weights, pruned, weights_name, pruned_name)
     for i, (w, idx) in enumerate(zip(weights, pruned)):
         floating(w, f"{weights_name}[{i}]")
-        if w.dim() < min_dim:
-            raise ValueError(f"{weights_name}[{i}] must have at least {min_dim} dims, got shape {tuple(w.shape)}")
+        if w.dim() < min_dim or (max_dim is not None and w.dim() > max_dim):
+            dims = f"{min_dim}" if min_dim == max_dim else f"at least {min_dim}"
+            raise ValueError(f"{weights_name}[{i}] must have {dims} dims, got shape {tuple(w.shape)}")
         same_device(w, weights[0].device, f"{weights_name}[{i}]")
         pruned_indices(idx, w.shape[0], weights[0].device, f"{pruned_name}[{i}]")
     return weights, pruned
 
 
 def like(tensors, reference: Sequence[Tensor], name: str, reference_name: str) -> List[Tensor]:
-    """Check gradient buffers: one per reference tensor, same shape, dtype and device, rows dense."""
+    """Check one tensor per reference tensor, with its shape, dtype and device."""
     tensors = tensor_list(tensors, name)
     same_length(tensors, reference, name, reference_name)
     for i, (t, ref) in enumerate(zip(tensors, reference)):
@@ -97,6 +99,13 @@ def like(tensors, reference: Sequence[Tensor], name: str, reference_name: str) -
         if t.dtype != ref.dtype:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}, {reference_name}[{i}] {ref.dtype}")
         same_device(t, ref.device, f"{name}[{i}]")
+    return tensors
+
+
+def dense_like(tensors, reference: Sequence[Tensor], name: str, reference_name: str) -> List[Tensor]:
+    """Check gradient buffers updated in place: :func:`like`, and rows dense."""
+    tensors = like(tensors, reference, name, reference_name)
+    for i, t in enumerate(tensors):
         if not rows_dense(t):
             raise ValueError(f"{name}[{i}] must be dense (contiguous or channels-last) to be updated in place")
     return tensors
@@ -113,3 +122,9 @@ def scale(value: Union[float, Tensor], device: torch.device) -> Tuple[float, Opt
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"scale must be a finite python float or a 0-d tensor, got {value!r}")
     return float(value), None
+
+
+def index_values(tensors: Sequence[Tensor], pruned: Sequence[Tensor]) -> None:
+    """Range and distinctness of every pruned set (syncs; the kernels' layouts run it once per pruned set)."""
+    for i, (t, idx) in enumerate(zip(tensors, pruned)):
+        check_pruned_indices(idx, t.shape[0], f"pruned_idxs[{i}]")

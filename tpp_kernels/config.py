@@ -24,6 +24,12 @@ def input_precision(requested: Optional[str]) -> str:
     return requested
 
 
+def check_device(t: torch.Tensor) -> None:
+    """The interpreter reads CPU memory through raw addresses: kernels get CPU tensors only."""
+    if INTERPRET and t.device.type != "cpu":
+        raise RuntimeError(f"TRITON_INTERPRET=1 runs the tpp kernels on CPU tensors only, got {t.device}")
+
+
 class Config(NamedTuple):
     """Tile ``block_rows × block_cols`` of the output, reduction in chunks of ``block_red``."""
 

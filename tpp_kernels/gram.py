@@ -38,8 +38,8 @@ from torch import Tensor
 
 from tpp import reference
 
-from . import checks, config
-from .tables import LRU, AddressOffsets, pruned_key, table
+from . import checks, config, tables
+from .tables import LRU, flat_views
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -52,10 +52,11 @@ from .tables import LRU, AddressOffsets, pruned_key, table
 @triton.jit
 def _gram_fwd_kernel(
     p_w, p_ow, p_meta, p_tiles, p_order, p_m, p_r, p_part,
-    MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Tile `p_tiles[t] = (l, a0, j0)`: R[a0:a0+BM, j0:j0+BN] of layer l, and its loss share into p_part[t]."""
+    """Tile `p_tiles[t] = (l, a0, j0)`: R[a0:a0+BM, j0:j0+BN] of layer l, and its loss share into p_part[t].
+    DOT_FP32 upcasts the operands (the interpreter has no bf16 matmul); else they keep the weight dtype."""
     i_t = tl.program_id(0)
     i_l = tl.load(p_tiles + i_t * 3)
     i_a = tl.load(p_tiles + i_t * 3 + 1)
@@ -79,6 +80,8 @@ def _gram_fwd_kernel(
         m_k = o_k < D
         b_wp = tl.load(p_wl + o_rows[:, None] * D + o_k[None, :], mask=m_a[:, None] & m_k[None, :], other=0.)
         b_wt = tl.load(p_wl + o_j[None, :] * D + o_k[:, None], mask=m_k[:, None] & m_j[None, :], other=0.)
+        if DOT_FP32:
+            b_wp, b_wt = b_wp.to(tl.float32), b_wt.to(tl.float32)
         b_r = tl.dot(b_wp, b_wt, b_r, input_precision=INPUT_PRECISION)
     tl.store(p_r + o_r + o_a[:, None] * N + o_j[None, :], b_r, mask=m_a[:, None] & m_j[None, :])
 
@@ -171,96 +174,97 @@ def _gram_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Layout:
-    """Launch tables of one list of layers that depend only on their shapes and pruned sets (see tables.py).
+class _Layout(tables.Layout):
+    """Gram launch tables. ``sizes[l] = (N, D)``; ``meta[l] = (N, D, p, o_idx, o_r)`` (int64): rows P-then-K at
+    ``order[o_idx:o_idx+N]`` (int32), m at ``m[o_idx:o_idx+N]``, R at ``r[o_r:o_r+p·N]`` of one fp32 buffer;
+    ``o_out[l]``: offset of the layer in its dtype group's flat gradient buffer of ``out_numel[group]`` elements."""
 
-    Building one validates the indices (``check_pruned_indices``, a device sync) — once per pruned set.
-    """
-
-    def __init__(self, weights: Sequence[Tensor], pruned: Sequence[Tensor]):
-        device = weights[0].device
-        self.pruned = list(pruned)  # keeps the indices alive: their data_ptr is part of the cache key
-        self.n = [w.shape[0] for w in weights]
-        self.d = [math.prod(w.shape[1:]) for w in weights]
-        self.p = [idx.numel() for idx in pruned]
-        orders, kept, meta, o_out = [], [], [], []
-        o_idx = o_r = o_grad = 0
-        for i, (n, d, p, idx) in enumerate(zip(self.n, self.d, self.p, pruned)):
-            reference.check_pruned_indices(idx, n, f"pruned_idxs[{i}]")
-            m = torch.ones(n, dtype=torch.int8, device=device)
-            m[idx.long()] = 0
-            orders += [idx.long(), m.nonzero().squeeze(1)]
-            kept.append(m)
+    def __init__(self, sizes: Sequence[Tuple[int, int]], dtypes: Sequence[torch.dtype], pruned: Sequence[Tensor],
+                 device: torch.device):
+        super().__init__(sizes, dtypes, pruned, device)
+        self.n, self.d = [n for n, _ in sizes], [d for _, d in sizes]
+        orders, meta, o_r = [], [], 0
+        for (n, d), p, o_idx, idx in zip(sizes, self.p, self.o_idx, pruned):
+            orders += [idx.long(), self.m[o_idx:o_idx + n].nonzero().squeeze(1)]
             meta.append((n, d, p, o_idx, o_r))
-            o_out.append(o_grad)
-            o_idx, o_r, o_grad = o_idx + n, o_r + p * n, o_grad + n * d
+            o_r += p * n
+        o_out, self.out_numel = [0] * len(sizes), []
+        for group in self.groups:
+            o_grad = 0
+            for l in group:
+                o_out[l], o_grad = o_grad, o_grad + self.n[l] * self.d[l]
+            self.out_numel.append(o_grad)
         self.order = torch.cat(orders).to(torch.int32)
-        self.m = torch.cat(kept)
         self.meta = torch.tensor(meta, dtype=torch.int64).to(device)
-        self.o_out = torch.tensor(o_out, dtype=torch.int64).to(device)  # layer offsets in a flat gradient
-        self.r_numel, self.out_numel = o_r, o_grad
-        self.signature = tuple(zip(self.n, self.d, self.p))
-        self.offsets = AddressOffsets()
-        self._tiles = LRU(8)
+        self.o_out = torch.tensor(o_out, dtype=torch.int64).to(device)
+        self.r_numel = o_r
 
-    def fwd_tiles(self, cfg: config.Config) -> Tensor:
-        """(layer, first pruned position, first column) of every R tile."""
-        def build():
-            return table([(l, a, j) for l, (n, p) in enumerate(zip(self.n, self.p))
-                          for a in range(0, p, cfg.block_rows) for j in range(0, n, cfg.block_cols)],
-                         3, self.meta.device)
-        return self._tiles.get(("fwd", cfg.block_rows, cfg.block_cols), build)
+    def signature(self, group: int) -> Tuple:
+        return tuple((self.n[l], self.d[l], self.p[l]) for l in self.groups[group])
 
-    def bwd_tiles(self, cfg: config.Config, unpruned_layers: bool) -> Tensor:
-        """(layer, first position in P-then-K order, first column of D) of every gradient tile; P and K rows never
-        share a tile. Layers with p = 0 (all-zero gradient) are included only if ``unpruned_layers``."""
-        def build():
-            rows = []
-            for l, (n, d, p) in enumerate(zip(self.n, self.d, self.p)):
+    def fwd_tiles(self, group: int, cfg: config.Config) -> Tensor:
+        """(layer, first pruned position, first column) of every R tile of the group."""
+        def rows():
+            return [(l, a, j) for l in self.groups[group]
+                    for a in range(0, self.p[l], cfg.block_rows) for j in range(0, self.n[l], cfg.block_cols)]
+        return self.tiles(("fwd", group, cfg.block_rows, cfg.block_cols), rows, 3)
+
+    def bwd_tiles(self, group: int, cfg: config.Config, unpruned_layers: bool) -> Tensor:
+        """(layer, first position in P-then-K order, first column of D) of every gradient tile of the group; P and
+        K rows never share a tile. Layers with p = 0 (zero gradient) are included only if ``unpruned_layers``."""
+        def rows():
+            out = []
+            for l in self.groups[group]:
+                n, d, p = self.n[l], self.d[l], self.p[l]
                 if p or unpruned_layers:
                     starts = [*range(0, p, cfg.block_rows), *range(p, n, cfg.block_rows)]
-                    rows += [(l, s, c) for s in starts for c in range(0, d, cfg.block_cols)]
-            return table(rows, 3, self.meta.device)
-        return self._tiles.get(("bwd", cfg.block_rows, cfg.block_cols, unpruned_layers), build)
+                    out += [(l, s, c) for s in starts for c in range(0, d, cfg.block_cols)]
+            return out
+        return self.tiles(("bwd", group, cfg.block_rows, cfg.block_cols, unpruned_layers), rows, 3)
 
 
 _layouts = LRU(16)
 
 
 def _layout(weights: Sequence[Tensor], pruned: Sequence[Tensor]) -> _Layout:
-    key = (weights[0].device, tuple((w.shape[0], math.prod(w.shape[1:])) for w in weights),
-           tuple(pruned_key(idx) for idx in pruned))
-    return _layouts.get(key, lambda: _Layout(weights, pruned))
+    config.check_device(weights[0])
+    sizes = [(w.shape[0], math.prod(w.shape[1:])) for w in weights]
+    return tables.layout(_layouts, _Layout, sizes, [w.dtype for w in weights], pruned, weights[0].device)
 
 
-def _check_device(t: Tensor) -> None:
-    if config.INTERPRET and t.device.type != "cpu":
-        raise RuntimeError(f"TRITON_INTERPRET=1 runs the tpp kernels on CPU tensors only, got {t.device}")
+def _launch_fwd(layout: _Layout, group: int, cfg: config.Config, weights: Sequence[Tensor], o_w: Tensor,
+                r: Tensor, partials: Tensor, mean: bool, precision: str) -> None:
+    tiles = layout.fwd_tiles(group, cfg)
+    anchor = weights[layout.groups[group][0]]
+    _gram_fwd_kernel[(tiles.shape[0],)](
+        anchor, o_w, layout.meta, tiles, layout.order, layout.m, r, partials,
+        MEAN=mean, INPUT_PRECISION=precision, DOT_FP32=config.INTERPRET and anchor.dtype == torch.bfloat16,
+        BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _gram_rows(weights: Sequence[Tensor], pruned: Sequence[Tensor], mean: bool,
                precision: str) -> Tuple[Tensor, Optional[Tensor]]:
-    """(flat fp32 R of all layers, per-tile loss partials). One launch; none, and no partials, if every p is 0."""
-    _check_device(weights[0])
+    """(R of every layer in one flat fp32 buffer, one loss partial per tile). One launch per dtype group with a
+    pruned layer; none, and no partials, if no layer is pruned."""
     layout = _layout(weights, pruned)
-    device = weights[0].device
-    r = torch.empty(layout.r_numel, dtype=torch.float32, device=device)
+    r = torch.empty(layout.r_numel, dtype=torch.float32, device=weights[0].device)
     if layout.r_numel == 0:
         return r, None
     o_w = layout.offsets(weights)
+    groups = [g for g, positions in enumerate(layout.groups) if any(layout.p[l] for l in positions)]
 
-    def launch(cfg: config.Config) -> Tensor:
-        tiles = layout.fwd_tiles(cfg)
-        partials = torch.empty(tiles.shape[0], dtype=torch.float32, device=device)
-        _gram_fwd_kernel[(tiles.shape[0],)](
-            weights[0], o_w, layout.meta, tiles, layout.order, layout.m, r, partials,
-            MEAN=mean, INPUT_PRECISION=precision,
-            BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return partials
+    def tune(group: int, cfg: config.Config) -> None:
+        scratch = r.new_empty(layout.fwd_tiles(group, cfg).shape[0])
+        _launch_fwd(layout, group, cfg, weights, o_w, r, scratch, mean, precision)
 
-    cfg = config.pick("gram_fwd", (weights[0].dtype, precision, layout.signature), launch)
-    return r, launch(cfg)
+    cfgs = [config.pick("gram_fwd", (weights[layout.groups[g][0]].dtype, precision, layout.signature(g)),
+                        lambda cfg, g=g: tune(g, cfg)) for g in groups]
+    counts = [layout.fwd_tiles(g, cfg).shape[0] for g, cfg in zip(groups, cfgs)]
+    partials = r.new_empty(sum(counts))
+    for g, cfg, part in zip(groups, cfgs, partials.split(counts)):
+        _launch_fwd(layout, g, cfg, weights, o_w, r, part, mean, precision)
+    return r, partials
 
 
 def _forward(weights: Sequence[Tensor], pruned: Sequence[Tensor], mean: bool, precision: str) -> Tuple[Tensor, Tensor]:
@@ -271,61 +275,59 @@ def _forward(weights: Sequence[Tensor], pruned: Sequence[Tensor], mean: bool, pr
     return partials.sum(), r
 
 
-def _backward(weights: Sequence[Tensor], pruned: Sequence[Tensor], r: Tensor, out: Tensor, o_out: Tensor,
+def _backward(layout: _Layout, group: int, weights: Sequence[Tensor], r: Tensor, out: Tensor, o_out: Tensor,
               scale: float, scale_tensor: Optional[Tensor], accumulate: bool, mean: bool, precision: str) -> None:
-    """Write (or add, if ``accumulate``) ``scale·scale_tensor·∂L_l/∂W_l`` at ``out + o_out[l]``, every layer."""
-    layout = _layout(weights, pruned)
+    """For the layers of ``group``: write (or add, if ``accumulate``) ``scale·scale_tensor·∂L_l/∂W_l`` at
+    ``out + o_out[l]``, ``out`` being the group's flat gradient buffer or its first ``.grad``. One launch."""
+    anchor = weights[layout.groups[group][0]]
     o_w = layout.offsets(weights)
 
     def launch(cfg: config.Config, out: Tensor, o_out: Tensor, accumulate: bool) -> None:
-        tiles = layout.bwd_tiles(cfg, unpruned_layers=not accumulate)
+        tiles = layout.bwd_tiles(group, cfg, unpruned_layers=not accumulate)
         _gram_bwd_kernel[(tiles.shape[0],)](
-            weights[0], o_w, out, o_out, layout.meta, tiles, layout.order, r, scale_tensor, scale,
+            anchor, o_w, out, o_out, layout.meta, tiles, layout.order, r, scale_tensor, scale,
             MEAN=mean, ACCUMULATE=accumulate, INPUT_PRECISION=precision,
             BLOCK_M=cfg.block_rows, BLOCK_D=cfg.block_cols, BLOCK_J=cfg.block_red,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def tune(cfg: config.Config) -> None:  # into a scratch buffer: tuning must not touch .grad
-        launch(cfg, torch.empty(layout.out_numel, dtype=weights[0].dtype, device=out.device), layout.o_out, False)
+        launch(cfg, anchor.new_empty(layout.out_numel[group]), layout.o_out, False)
 
-    cfg = config.pick("gram_bwd", (weights[0].dtype, precision, layout.signature), tune)
+    cfg = config.pick("gram_bwd", (anchor.dtype, precision, layout.signature(group)), tune)
     launch(cfg, out, o_out, accumulate)
 
 
-def _grad(grad: Tensor, weights: Sequence[Tensor], pruned: Sequence[Tensor], r: Tensor, mean: bool,
-          precision: str) -> Tensor:
-    """Flat gradient of all layers, layer l's ``N·D`` elements in its weight's memory order. One launch, none if
-    every p is 0."""
-    _check_device(weights[0])
+def _grads(grad: Tensor, weights: Sequence[Tensor], pruned: Sequence[Tensor], r: Tensor, mean: bool,
+           precision: str) -> List[Tensor]:
+    """``grad · ∂(Σ_l L_l)/∂W``: per dtype group, one flat buffer holding each layer's ``N·D`` gradient in its
+    weight's memory order. One launch per group; none (zeros) if no layer is pruned."""
     layout = _layout(weights, pruned)
     if layout.r_numel == 0:
-        return weights[0].new_zeros(layout.out_numel)
-    out = weights[0].new_empty(layout.out_numel)
-    _backward(weights, pruned, r, out, layout.o_out, 1.0, grad, False, mean, precision)
-    return out
+        return [weights[group[0]].new_zeros(numel) for group, numel in zip(layout.groups, layout.out_numel)]
+    outs = [weights[group[0]].new_empty(numel) for group, numel in zip(layout.groups, layout.out_numel)]
+    for g, out in enumerate(outs):
+        _backward(layout, g, weights, r, out, layout.o_out, 1.0, grad, False, mean, precision)
+    return outs
 
 
-def _add_grad(weights: Sequence[Tensor], grads: Sequence[Tensor], pruned: Sequence[Tensor], scale: float,
-              scale_tensor: Optional[Tensor], mean: bool, precision: str) -> None:
-    """``grads[l] += scale·scale_tensor·∂L_l/∂W_l``: R (one launch), then the gradients (one launch)."""
+def _add_grads(weights: Sequence[Tensor], grads: Sequence[Tensor], pruned: Sequence[Tensor], scale: float,
+               scale_tensor: Optional[Tensor], mean: bool, precision: str) -> None:
+    """``grads[l] += scale·scale_tensor·∂L_l/∂W_l``: R, then the gradients — one launch each per dtype group with
+    a pruned layer."""
     r, partials = _gram_rows(weights, pruned, mean, precision)
-    if partials is not None:
-        layout = _layout(weights, pruned)
-        _backward(weights, pruned, r, grads[0], layout.offsets(grads), scale, scale_tensor, True, mean, precision)
+    if partials is None:
+        return
+    layout = _layout(weights, pruned)
+    o_grads = layout.offsets(grads)
+    for g, positions in enumerate(layout.groups):
+        if any(layout.p[l] for l in positions):
+            _backward(layout, g, weights, r, grads[positions[0]], o_grads, scale, scale_tensor, True, mean,
+                      precision)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ops: every list holds the layers of one dtype; on CPU without the interpreter the kernels are tpp.reference.
+# Ops (on CPU without the interpreter, the kernels are tpp.reference)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _flat_views(flat: Tensor, tensors: Sequence[Tensor]) -> List[Tensor]:
-    """Consecutive regions of ``flat`` viewed with the shapes and strides of ``tensors`` (rows dense)."""
-    views, offset = [], 0
-    for t in tensors:
-        views.append(flat.as_strided(t.shape, t.stride(), offset))
-        offset += t.numel()
-    return views
 
 
 @torch.library.custom_op("tpp::gram_penalty_fwd", mutates_args=())
@@ -336,14 +338,18 @@ def _gram_penalty_fwd(weights: List[Tensor], pruned: List[Tensor], mean: bool,
 
 @torch.library.custom_op("tpp::gram_penalty_bwd", mutates_args=())
 def _gram_penalty_bwd(grad: Tensor, weights: List[Tensor], pruned: List[Tensor], r: Tensor, mean: bool,
-                      input_precision: str) -> Tensor:
-    return _grad(grad, weights, pruned, r, mean, input_precision)
+                      input_precision: str) -> List[Tensor]:
+    return _grads(grad, weights, pruned, r, mean, input_precision)
 
 
 @torch.library.custom_op("tpp::gram_penalty_add_grad", mutates_args=("grads",))
 def _gram_penalty_add_grad(weights: List[Tensor], grads: List[Tensor], pruned: List[Tensor], scale: float,
                            scale_tensor: Optional[Tensor], mean: bool, input_precision: str) -> None:
-    _add_grad(weights, grads, pruned, scale, scale_tensor, mean, input_precision)
+    _add_grads(weights, grads, pruned, scale, scale_tensor, mean, input_precision)
+
+
+def _groups(weights: Sequence[Tensor]) -> List[List[int]]:
+    return tables.dtype_groups([w.dtype for w in weights])
 
 
 @_gram_penalty_fwd.register_fake
@@ -354,7 +360,7 @@ def _(weights, pruned, mean, input_precision):
 
 @_gram_penalty_bwd.register_fake
 def _(grad, weights, pruned, r, mean, input_precision):
-    return weights[0].new_empty(sum(w.numel() for w in weights))
+    return [weights[g[0]].new_empty(sum(weights[l].numel() for l in g)) for g in _groups(weights)]
 
 
 @_gram_penalty_add_grad.register_fake
@@ -367,6 +373,7 @@ def _reduction(mean: bool) -> str:
 
 
 def _fwd_reference(weights, pruned, mean, input_precision):
+    checks.index_values(weights, pruned)
     loss = sum(reference.decorrelation_penalty(w, idx, _reduction(mean)) for w, idx in zip(weights, pruned))
     rows = [w.reshape(w.shape[0], -1).float() for w in weights]
     r = torch.cat([(x.index_select(0, idx) @ x.t()).reshape(-1) for x, idx in zip(rows, pruned)])
@@ -374,13 +381,19 @@ def _fwd_reference(weights, pruned, mean, input_precision):
 
 
 def _bwd_reference(grad, weights, pruned, r, mean, input_precision):
-    flat = weights[0].new_empty(sum(w.numel() for w in weights))
-    for view, w, idx in zip(_flat_views(flat, weights), weights, pruned):
-        view.copy_(reference.gram_penalty_grad(w, idx, "decorrelate", _reduction(mean)).float() * grad)
-    return flat
+    checks.index_values(weights, pruned)
+    flats = []
+    for group in _groups(weights):
+        flat = weights[group[0]].new_empty(sum(weights[l].numel() for l in group))
+        for view, l in zip(flat_views(flat, [weights[l] for l in group]), group):
+            view.copy_(reference.gram_penalty_grad(weights[l], pruned[l], "decorrelate", _reduction(mean)).float()
+                       * grad)
+        flats.append(flat)
+    return flats
 
 
 def _add_grad_reference(weights, grads, pruned, scale, scale_tensor, mean, input_precision):
+    checks.index_values(weights, pruned)
     factor = scale if scale_tensor is None else scale * scale_tensor
     for w, g, idx in zip(weights, grads, pruned):
         g.add_(reference.gram_penalty_grad(w, idx, "decorrelate", _reduction(mean)).float() * factor)
@@ -401,8 +414,12 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_loss, grad_r):
     r, *saved = ctx.saved_tensors
     weights, pruned = saved[:ctx.n_layers], saved[ctx.n_layers:]
-    flat = _gram_penalty_bwd(grad_loss, weights, pruned, r, ctx.mean, ctx.input_precision)
-    return _flat_views(flat, weights), [None] * len(pruned), None, None
+    flats = _gram_penalty_bwd(grad_loss, weights, pruned, r, ctx.mean, ctx.input_precision)
+    grads = [None] * len(weights)
+    for group, flat in zip(_groups(weights), flats):
+        for l, view in zip(group, flat_views(flat, [weights[l] for l in group])):
+            grads[l] = view
+    return grads, [None] * len(pruned), None, None
 
 
 _gram_penalty_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -410,18 +427,6 @@ _gram_penalty_fwd.register_autograd(_autograd_backward, setup_context=_setup_con
 # ----------------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _dense_rows(w: Tensor) -> Tensor:
-    return w if checks.rows_dense(w) else w.contiguous()
-
-
-def _dtype_groups(tensors: Sequence[Tensor]) -> List[List[int]]:
-    """Layer positions grouped by dtype, in order of first appearance: one launch per group."""
-    groups = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
-    return list(groups.values())
 
 
 def gram_penalty_multi(weights: Sequence[Tensor], pruned_idxs: Sequence[Tensor], variant: str = "decorrelate",
@@ -439,14 +444,11 @@ def gram_penalty_multi(weights: Sequence[Tensor], pruned_idxs: Sequence[Tensor],
     if not weights:
         return torch.zeros(())
     if variant == "diagonal":
+        checks.index_values(weights, pruned_idxs)
         return sum(reference.diagonal_penalty(w, idx, reduction) for w, idx in zip(weights, pruned_idxs))
-    precision = config.input_precision(input_precision)
-    total = None
-    for group in _dtype_groups(weights):
-        loss, _ = _gram_penalty_fwd([_dense_rows(weights[i]) for i in group], [pruned_idxs[i] for i in group],
-                                    reduction == "mean", precision)
-        total = loss if total is None else total + loss
-    return total
+    weights = [w if checks.rows_dense(w) else w.contiguous() for w in weights]
+    loss, _ = _gram_penalty_fwd(weights, pruned_idxs, reduction == "mean", config.input_precision(input_precision))
+    return loss
 
 
 def gram_penalty(weight: Tensor, pruned_idx: Tensor, variant: str = "decorrelate", reduction: str = "mean",
@@ -459,27 +461,27 @@ def gram_penalty(weight: Tensor, pruned_idx: Tensor, variant: str = "decorrelate
 def add_gram_penalty_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], pruned_idxs: Sequence[Tensor],
                            scale: Union[float, Tensor], variant: str = "decorrelate", reduction: str = "mean",
                            input_precision: Optional[str] = None) -> None:
-    """``grads[l] += scale · ∂L_l/∂W_l`` in place for every layer, without autograd — exactly the gradient of
-    ``scale · gram_penalty_multi(weights, pruned_idxs, ...)``, rounded once into the grad dtype.
+    """``grads[l] += scale · ∂L_l/∂W_l`` in place for every layer, without autograd — the gradient of
+    ``scale · gram_penalty_multi(weights, pruned_idxs, ...)``, added in fp32 and rounded once into the grad dtype.
 
     ``grads[l]``: same shape, dtype and device as ``weights[l]``, dense (contiguous or channels-last; e.g. the
     ``.grad`` of the weight). ``scale``: python float or 0-d floating tensor on the weights' device (read on the
-    device: no host sync). Two launches per weight dtype (R, then gradients), none if no layer is pruned.
+    device: no host sync). Two launches per weight dtype (R, then gradients), none if no layer is pruned. Every
+    input is validated before the first launch: on error no gradient has changed.
     """
     checks.options(variant, reduction, input_precision)
     weights, pruned_idxs = checks.layers(weights, pruned_idxs, "weights", "pruned_idxs", min_dim=2)
-    grads = checks.like(grads, weights, "grads", "weights")
+    grads = checks.dense_like(grads, weights, "grads", "weights")
     if not weights:
         return
     scale, scale_tensor = checks.scale(scale, weights[0].device)
     if variant == "diagonal":
+        checks.index_values(weights, pruned_idxs)  # every layer, before the first update
         factor = scale if scale_tensor is None else scale * scale_tensor
         for w, g, idx in zip(weights, grads, pruned_idxs):
             g.add_(reference.gram_penalty_grad(w, idx, "diagonal", reduction).float() * factor)
         return
     # the kernel writes gradient rows in the weight's memory order: give each weight its gradient's layout
     weights = [w if w.stride() == g.stride() else torch.empty_like(g).copy_(w) for w, g in zip(weights, grads)]
-    precision = config.input_precision(input_precision)
-    for group in _dtype_groups(weights):
-        _gram_penalty_add_grad([weights[i] for i in group], [grads[i] for i in group],
-                               [pruned_idxs[i] for i in group], scale, scale_tensor, reduction == "mean", precision)
+    _gram_penalty_add_grad(weights, grads, pruned_idxs, scale, scale_tensor, reduction == "mean",
+                           config.input_precision(input_precision))
