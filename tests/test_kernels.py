@@ -69,9 +69,9 @@ def check_gram(weights, idxs, tol, **kwargs):
                                          kwargs.get("variant", "decorrelate"))
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_close(loss, ref_loss, tol[0], "loss")
-    for l, (g, ref_g, w) in enumerate(zip(grads, ref_grads, weights)):
+    for i, (g, ref_g, w) in enumerate(zip(grads, ref_grads, weights)):
         assert g.dtype == w.dtype and g.shape == w.shape
-        assert_close(g, ref_g, tol[1], f"grad {l}")
+        assert_close(g, ref_g, tol[1], f"grad {i}")
 
 
 # --- gram: values and gradients ---------------------------------------------------------------------------------
@@ -148,8 +148,8 @@ def test_grouped_equals_per_layer():
     loss, grads = kernel_gram(weights, idxs, input_precision="ieee")
     per_layer = [tpp_kernels.gram_penalty(w, idx, input_precision="ieee") for w, idx in zip(weights, idxs)]
     torch.testing.assert_close(loss, sum(per_layer), rtol=1e-6, atol=0)
-    for w, g, l in zip(weights, grads, per_layer):
-        assert torch.equal(g, torch.autograd.grad(l, w, allow_unused=True, materialize_grads=True)[0])
+    for w, g, term in zip(weights, grads, per_layer):
+        assert torch.equal(g, torch.autograd.grad(term, w, allow_unused=True, materialize_grads=True)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -433,7 +433,6 @@ def test_compile_fullgraph(backend):
     torch._dynamo.reset()
     weights, idxs = random_layers(19)
     gammas, betas, bn_idxs = random_bn(20)
-    bn_idxs = [idx[:0] if l >= len(weights) else idx for l, idx in enumerate(bn_idxs)]
 
     def penalty(weights, gammas, betas):
         return 1000 * tpp_kernels.gram_penalty_multi(weights, idxs) + tpp_kernels.bn_penalty(gammas, betas, bn_idxs)

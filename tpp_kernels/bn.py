@@ -84,7 +84,7 @@ _BLOCK_C = 16 if config.INTERPRET else 1024
 
 
 class _Layout(tables.Layout):
-    """BN launch tables. ``sizes[l] = (C,)``; ``meta[l] = (C, o_idx)`` (int64); ``o_out[2l]``, ``o_out[2l+1]``:
+    """BN launch tables. ``sizes[i] = (C,)``; ``meta[i] = (C, o_idx)`` (int64); ``o_out[2i]``, ``o_out[2i+1]``:
     offsets of the layer's γ and β gradients in its dtype group's flat buffer ``[γ_a | β_a | γ_b | β_b | …]``
     of ``out_numel[group]`` elements."""
 
@@ -96,16 +96,16 @@ class _Layout(tables.Layout):
         o_out, self.out_numel = [0] * (2 * len(sizes)), []
         for group in self.groups:
             o = 0
-            for l in group:
-                o_out[2 * l], o_out[2 * l + 1], o = o, o + self.c[l], o + 2 * self.c[l]
+            for i in group:
+                o_out[2 * i], o_out[2 * i + 1], o = o, o + self.c[i], o + 2 * self.c[i]
             self.out_numel.append(o)
         self.o_out = torch.tensor(o_out, dtype=torch.int64).to(device)
 
     def tile_table(self, group: int, unpruned_layers: bool) -> Tensor:
         """(layer, first channel) of every tile of the group; layers with p = 0 only if ``unpruned_layers``."""
         def rows():
-            return [(l, c0) for l in self.groups[group] if self.p[l] or unpruned_layers
-                    for c0 in range(0, self.c[l], _BLOCK_C)]
+            return [(i, c0) for i in self.groups[group] if self.p[i] or unpruned_layers
+                    for c0 in range(0, self.c[i], _BLOCK_C)]
         return self.tiles((group, unpruned_layers), rows, 2)
 
 
@@ -123,9 +123,9 @@ def _interleave(a: Sequence, b: Sequence) -> List:
 
 
 def _forward(gammas: Sequence[Tensor], betas: Sequence[Tensor], pruned: Sequence[Tensor]) -> Tensor:
-    """Σ_l L_bn,l as a float32 0-d tensor: one launch per dtype group with a pruned layer, one sum."""
+    """Σ_i L_bn,i as a float32 0-d tensor: one launch per dtype group with a pruned layer, one sum."""
     layout = _layout(gammas, pruned)
-    groups = [g for g, positions in enumerate(layout.groups) if any(layout.p[l] for l in positions)]
+    groups = [g for g, positions in enumerate(layout.groups) if any(layout.p[i] for i in positions)]
     if not groups:
         return torch.zeros((), dtype=torch.float32, device=gammas[0].device)
     o_x = layout.offsets(_interleave(gammas, betas))
@@ -178,19 +178,22 @@ def _add_grads(gammas: Sequence[Tensor], betas: Sequence[Tensor], gamma_grads: S
 
 @torch.library.custom_op("tpp::bn_penalty_fwd", mutates_args=())
 def _bn_penalty_fwd(gammas: List[Tensor], betas: List[Tensor], pruned: List[Tensor]) -> Tensor:
-    return _forward(gammas, betas, pruned)
+    with config.on_device(gammas[0]):
+        return _forward(gammas, betas, pruned)
 
 
 @torch.library.custom_op("tpp::bn_penalty_bwd", mutates_args=())
 def _bn_penalty_bwd(grad: Tensor, gammas: List[Tensor], betas: List[Tensor], pruned: List[Tensor]) -> List[Tensor]:
-    return _grads(grad, gammas, betas, pruned)
+    with config.on_device(gammas[0]):
+        return _grads(grad, gammas, betas, pruned)
 
 
 @torch.library.custom_op("tpp::bn_penalty_add_grad", mutates_args=("gamma_grads", "beta_grads"))
 def _bn_penalty_add_grad(gammas: List[Tensor], betas: List[Tensor], gamma_grads: List[Tensor],
                          beta_grads: List[Tensor], pruned: List[Tensor], scale: float,
                          scale_tensor: Optional[Tensor]) -> None:
-    _add_grads(gammas, betas, gamma_grads, beta_grads, pruned, scale, scale_tensor)
+    with config.on_device(gammas[0]):
+        _add_grads(gammas, betas, gamma_grads, beta_grads, pruned, scale, scale_tensor)
 
 
 def _groups(gammas: Sequence[Tensor]) -> List[List[int]]:
@@ -204,7 +207,7 @@ def _(gammas, betas, pruned):
 
 @_bn_penalty_bwd.register_fake
 def _(grad, gammas, betas, pruned):
-    return [gammas[g[0]].new_empty(2 * sum(gammas[l].numel() for l in g)) for g in _groups(gammas)]
+    return [gammas[g[0]].new_empty(2 * sum(gammas[i].numel() for i in g)) for g in _groups(gammas)]
 
 
 @_bn_penalty_add_grad.register_fake
@@ -227,10 +230,10 @@ def _bwd_reference(grad, gammas, betas, pruned):
     checks.index_values(gammas, pruned)
     flats = []
     for group in _groups(gammas):
-        flat = gammas[group[0]].new_empty(2 * sum(gammas[l].numel() for l in group))
-        xs = _interleave([gammas[l] for l in group], [betas[l] for l in group])
-        for view, x, l in zip(flat_views(flat, xs), xs, _interleave(group, group)):
-            view.copy_(_pruned_grad(x, pruned[l], grad))
+        flat = gammas[group[0]].new_empty(2 * sum(gammas[i].numel() for i in group))
+        xs = _interleave([gammas[i] for i in group], [betas[i] for i in group])
+        for view, x, i in zip(flat_views(flat, xs), xs, _interleave(group, group)):
+            view.copy_(_pruned_grad(x, pruned[i], grad))
         flats.append(flat)
     return flats
 
@@ -260,9 +263,9 @@ def _autograd_backward(ctx, grad_loss):
     gammas, betas, pruned = saved[:n], saved[n:2 * n], saved[2 * n:]
     gamma_grads, beta_grads = [None] * n, [None] * n
     for group, flat in zip(_groups(gammas), _bn_penalty_bwd(grad_loss, gammas, betas, pruned)):
-        views = flat_views(flat, _interleave([gammas[l] for l in group], [betas[l] for l in group]))
-        for l, dgamma, dbeta in zip(group, views[0::2], views[1::2]):
-            gamma_grads[l], beta_grads[l] = dgamma, dbeta
+        views = flat_views(flat, _interleave([gammas[i] for i in group], [betas[i] for i in group]))
+        for i, dgamma, dbeta in zip(group, views[0::2], views[1::2]):
+            gamma_grads[i], beta_grads[i] = dgamma, dbeta
     return gamma_grads, beta_grads, [None] * n
 
 
@@ -280,10 +283,10 @@ def _check(gammas, betas, pruned_idxs) -> Tuple[List[Tensor], List[Tensor], List
 
 
 def bn_penalty(gammas: Sequence[Tensor], betas: Sequence[Tensor], pruned_idxs: Sequence[Tensor]) -> Tensor:
-    """``Σ_l Σ_{j∈P_l} γ_lj² + β_lj²``, differentiable, float32 0-d.
+    """``Σ_i Σ_{j∈P_i} γ_ij² + β_ij²``, differentiable, float32 0-d.
 
-    ``gammas[l]``, ``betas[l]``: the 1-D weight and bias of the BatchNorm after pruned layer l (same shape, dtype
-    float32/float16/bfloat16, device); ``pruned_idxs[l]``: its pruned channels. One launch forward, one backward
+    ``gammas[i]``, ``betas[i]``: the 1-D weight and bias of the BatchNorm after pruned layer i (same shape, dtype
+    float32/float16/bfloat16, device); ``pruned_idxs[i]``: its pruned channels. One launch forward, one backward
     per dtype, none if nothing is pruned.
     """
     gammas, betas, pruned_idxs = _check(gammas, betas, pruned_idxs)
@@ -295,8 +298,8 @@ def bn_penalty(gammas: Sequence[Tensor], betas: Sequence[Tensor], pruned_idxs: S
 def add_bn_penalty_grad_(gammas: Sequence[Tensor], betas: Sequence[Tensor], gamma_grads: Sequence[Tensor],
                          beta_grads: Sequence[Tensor], pruned_idxs: Sequence[Tensor],
                          scale: Union[float, Tensor]) -> None:
-    """``grad += scale · ∂L_bn/∂(γ, β)`` in place, without autograd: ``gamma_grads[l][j] += 2·scale·γ_lj`` and
-    ``beta_grads[l][j] += 2·scale·β_lj`` for pruned ``j``; kept channels are not touched. The gradient of
+    """``grad += scale · ∂L_bn/∂(γ, β)`` in place, without autograd: ``gamma_grads[i][j] += 2·scale·γ_ij`` and
+    ``beta_grads[i][j] += 2·scale·β_ij`` for pruned ``j``; kept channels are not touched. The gradient of
     ``scale · bn_penalty(...)``; the reference run's ``grad += r·γ`` is ``scale = r/2``. ``scale``: python float
     or 0-d floating tensor on the device (no host sync). One launch per dtype, none if nothing is pruned; every
     input is validated before it: on error no gradient has changed.

@@ -6,6 +6,7 @@ from the block sizes, so tuning happens here, once per (kernel, layer-set signat
 never at import. ``TPP_AUTOTUNE=0`` (tests, CI) pins :func:`default_config`; so does the Triton interpreter, where
 timings mean nothing, and CUDA-graph capture, where timing cannot run.
 """
+import contextlib
 import os
 from typing import Callable, Dict, Hashable, NamedTuple, Optional
 
@@ -28,6 +29,11 @@ def check_device(t: torch.Tensor) -> None:
     """The interpreter reads CPU memory through raw addresses: kernels get CPU tensors only."""
     if INTERPRET and t.device.type != "cpu":
         raise RuntimeError(f"TRITON_INTERPRET=1 runs the tpp kernels on CPU tensors only, got {t.device}")
+
+
+def on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU whatever the current device (Triton launches on the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class Config(NamedTuple):

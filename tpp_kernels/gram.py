@@ -19,11 +19,12 @@ Ops and torch.compile. The ops are ``torch.library.custom_op`` s — opaque to t
 re-traces it under ``FunctionalTensorMode``, so the implementation must run on FakeTensors; ours cannot: it reads
 every layer through address offsets computed from ``data_ptr()`` and a table cache keyed on them, and FakeTensors
 have no storage. Under ``TRITON_INTERPRET=1`` it could not work either: ``@triton.jit`` then returns an
-``InterpretedFunction``, which ``wrap_triton`` hands back unwrapped (torch 2.14) or rejects (older releases), so a
-traced launch would run the interpreter on FakeTensors. An opaque op loses nothing here — there is no neighbouring
-work for Inductor to fuse into a reduction over whole weight tensors — and ``torch.compile(fullgraph=True)`` still
-captures it without a graph break (``register_fake`` gives output shapes, ``register_autograd`` the backward).
-Kernels: on every device the Triton launcher; on CPU without the interpreter the reference (``tpp.reference``).
+``InterpretedFunction``, which ``wrap_triton`` rejects (pytorch#152868) or, since pytorch#185597, hands back
+unwrapped, so a traced launch would run the interpreter on FakeTensors. An opaque op loses nothing here — there is
+no neighbouring work for Inductor to fuse into a reduction over whole weight tensors — and
+``torch.compile(fullgraph=True)`` still captures it without a graph break (``register_fake`` gives the output
+shapes, ``register_autograd`` the backward). Kernels: on every device the Triton launcher; on CPU without the
+interpreter the reference (``tpp.reference``), so the ops work on CPU tensors either way.
 
 ``variant="diagonal"`` needs the whole gram ``W Wᵀ`` (kept filters are pushed to orthonormality), which has no
 pruned-rows shortcut: the public functions compute it with ``tpp.reference`` (autograd, every device).
@@ -175,9 +176,9 @@ def _gram_bwd_kernel(
 
 
 class _Layout(tables.Layout):
-    """Gram launch tables. ``sizes[l] = (N, D)``; ``meta[l] = (N, D, p, o_idx, o_r)`` (int64): rows P-then-K at
+    """Gram launch tables. ``sizes[i] = (N, D)``; ``meta[i] = (N, D, p, o_idx, o_r)`` (int64): rows P-then-K at
     ``order[o_idx:o_idx+N]`` (int32), m at ``m[o_idx:o_idx+N]``, R at ``r[o_r:o_r+p·N]`` of one fp32 buffer;
-    ``o_out[l]``: offset of the layer in its dtype group's flat gradient buffer of ``out_numel[group]`` elements."""
+    ``o_out[i]``: offset of the layer in its dtype group's flat gradient buffer of ``out_numel[group]`` elements."""
 
     def __init__(self, sizes: Sequence[Tuple[int, int]], dtypes: Sequence[torch.dtype], pruned: Sequence[Tensor],
                  device: torch.device):
@@ -191,8 +192,8 @@ class _Layout(tables.Layout):
         o_out, self.out_numel = [0] * len(sizes), []
         for group in self.groups:
             o_grad = 0
-            for l in group:
-                o_out[l], o_grad = o_grad, o_grad + self.n[l] * self.d[l]
+            for i in group:
+                o_out[i], o_grad = o_grad, o_grad + self.n[i] * self.d[i]
             self.out_numel.append(o_grad)
         self.order = torch.cat(orders).to(torch.int32)
         self.meta = torch.tensor(meta, dtype=torch.int64).to(device)
@@ -200,13 +201,13 @@ class _Layout(tables.Layout):
         self.r_numel = o_r
 
     def signature(self, group: int) -> Tuple:
-        return tuple((self.n[l], self.d[l], self.p[l]) for l in self.groups[group])
+        return tuple((self.n[i], self.d[i], self.p[i]) for i in self.groups[group])
 
     def fwd_tiles(self, group: int, cfg: config.Config) -> Tensor:
         """(layer, first pruned position, first column) of every R tile of the group."""
         def rows():
-            return [(l, a, j) for l in self.groups[group]
-                    for a in range(0, self.p[l], cfg.block_rows) for j in range(0, self.n[l], cfg.block_cols)]
+            return [(i, a, j) for i in self.groups[group]
+                    for a in range(0, self.p[i], cfg.block_rows) for j in range(0, self.n[i], cfg.block_cols)]
         return self.tiles(("fwd", group, cfg.block_rows, cfg.block_cols), rows, 3)
 
     def bwd_tiles(self, group: int, cfg: config.Config, unpruned_layers: bool) -> Tensor:
@@ -214,11 +215,11 @@ class _Layout(tables.Layout):
         K rows never share a tile. Layers with p = 0 (zero gradient) are included only if ``unpruned_layers``."""
         def rows():
             out = []
-            for l in self.groups[group]:
-                n, d, p = self.n[l], self.d[l], self.p[l]
+            for i in self.groups[group]:
+                n, d, p = self.n[i], self.d[i], self.p[i]
                 if p or unpruned_layers:
                     starts = [*range(0, p, cfg.block_rows), *range(p, n, cfg.block_rows)]
-                    out += [(l, s, c) for s in starts for c in range(0, d, cfg.block_cols)]
+                    out += [(i, s, c) for s in starts for c in range(0, d, cfg.block_cols)]
             return out
         return self.tiles(("bwd", group, cfg.block_rows, cfg.block_cols, unpruned_layers), rows, 3)
 
@@ -252,7 +253,7 @@ def _gram_rows(weights: Sequence[Tensor], pruned: Sequence[Tensor], mean: bool,
     if layout.r_numel == 0:
         return r, None
     o_w = layout.offsets(weights)
-    groups = [g for g, positions in enumerate(layout.groups) if any(layout.p[l] for l in positions)]
+    groups = [g for g, positions in enumerate(layout.groups) if any(layout.p[i] for i in positions)]
 
     def tune(group: int, cfg: config.Config) -> None:
         scratch = r.new_empty(layout.fwd_tiles(group, cfg).shape[0])
@@ -268,7 +269,7 @@ def _gram_rows(weights: Sequence[Tensor], pruned: Sequence[Tensor], mean: bool,
 
 
 def _forward(weights: Sequence[Tensor], pruned: Sequence[Tensor], mean: bool, precision: str) -> Tuple[Tensor, Tensor]:
-    """(Σ_l L_l as a float32 0-d tensor — one deterministic sum of the tile partials —, flat fp32 R)."""
+    """(Σ_i L_i as a float32 0-d tensor — one deterministic sum of the tile partials —, flat fp32 R)."""
     r, partials = _gram_rows(weights, pruned, mean, precision)
     if partials is None:
         return torch.zeros((), dtype=torch.float32, device=r.device), r
@@ -277,8 +278,8 @@ def _forward(weights: Sequence[Tensor], pruned: Sequence[Tensor], mean: bool, pr
 
 def _backward(layout: _Layout, group: int, weights: Sequence[Tensor], r: Tensor, out: Tensor, o_out: Tensor,
               scale: float, scale_tensor: Optional[Tensor], accumulate: bool, mean: bool, precision: str) -> None:
-    """For the layers of ``group``: write (or add, if ``accumulate``) ``scale·scale_tensor·∂L_l/∂W_l`` at
-    ``out + o_out[l]``, ``out`` being the group's flat gradient buffer or its first ``.grad``. One launch."""
+    """For the layers of ``group``: write (or add, if ``accumulate``) ``scale·scale_tensor·∂L_i/∂W_i`` at
+    ``out + o_out[i]``, ``out`` being the group's flat gradient buffer or its first ``.grad``. One launch."""
     anchor = weights[layout.groups[group][0]]
     o_w = layout.offsets(weights)
 
@@ -299,7 +300,7 @@ def _backward(layout: _Layout, group: int, weights: Sequence[Tensor], r: Tensor,
 
 def _grads(grad: Tensor, weights: Sequence[Tensor], pruned: Sequence[Tensor], r: Tensor, mean: bool,
            precision: str) -> List[Tensor]:
-    """``grad · ∂(Σ_l L_l)/∂W``: per dtype group, one flat buffer holding each layer's ``N·D`` gradient in its
+    """``grad · ∂(Σ_i L_i)/∂W``: per dtype group, one flat buffer holding each layer's ``N·D`` gradient in its
     weight's memory order. One launch per group; none (zeros) if no layer is pruned."""
     layout = _layout(weights, pruned)
     if layout.r_numel == 0:
@@ -312,7 +313,7 @@ def _grads(grad: Tensor, weights: Sequence[Tensor], pruned: Sequence[Tensor], r:
 
 def _add_grads(weights: Sequence[Tensor], grads: Sequence[Tensor], pruned: Sequence[Tensor], scale: float,
                scale_tensor: Optional[Tensor], mean: bool, precision: str) -> None:
-    """``grads[l] += scale·scale_tensor·∂L_l/∂W_l``: R, then the gradients — one launch each per dtype group with
+    """``grads[i] += scale·scale_tensor·∂L_i/∂W_i``: R, then the gradients — one launch each per dtype group with
     a pruned layer."""
     r, partials = _gram_rows(weights, pruned, mean, precision)
     if partials is None:
@@ -320,7 +321,7 @@ def _add_grads(weights: Sequence[Tensor], grads: Sequence[Tensor], pruned: Seque
     layout = _layout(weights, pruned)
     o_grads = layout.offsets(grads)
     for g, positions in enumerate(layout.groups):
-        if any(layout.p[l] for l in positions):
+        if any(layout.p[i] for i in positions):
             _backward(layout, g, weights, r, grads[positions[0]], o_grads, scale, scale_tensor, True, mean,
                       precision)
 
@@ -333,19 +334,22 @@ def _add_grads(weights: Sequence[Tensor], grads: Sequence[Tensor], pruned: Seque
 @torch.library.custom_op("tpp::gram_penalty_fwd", mutates_args=())
 def _gram_penalty_fwd(weights: List[Tensor], pruned: List[Tensor], mean: bool,
                       input_precision: str) -> Tuple[Tensor, Tensor]:
-    return _forward(weights, pruned, mean, input_precision)
+    with config.on_device(weights[0]):
+        return _forward(weights, pruned, mean, input_precision)
 
 
 @torch.library.custom_op("tpp::gram_penalty_bwd", mutates_args=())
 def _gram_penalty_bwd(grad: Tensor, weights: List[Tensor], pruned: List[Tensor], r: Tensor, mean: bool,
                       input_precision: str) -> List[Tensor]:
-    return _grads(grad, weights, pruned, r, mean, input_precision)
+    with config.on_device(weights[0]):
+        return _grads(grad, weights, pruned, r, mean, input_precision)
 
 
 @torch.library.custom_op("tpp::gram_penalty_add_grad", mutates_args=("grads",))
 def _gram_penalty_add_grad(weights: List[Tensor], grads: List[Tensor], pruned: List[Tensor], scale: float,
                            scale_tensor: Optional[Tensor], mean: bool, input_precision: str) -> None:
-    _add_grads(weights, grads, pruned, scale, scale_tensor, mean, input_precision)
+    with config.on_device(weights[0]):
+        _add_grads(weights, grads, pruned, scale, scale_tensor, mean, input_precision)
 
 
 def _groups(weights: Sequence[Tensor]) -> List[List[int]]:
@@ -360,7 +364,7 @@ def _(weights, pruned, mean, input_precision):
 
 @_gram_penalty_bwd.register_fake
 def _(grad, weights, pruned, r, mean, input_precision):
-    return [weights[g[0]].new_empty(sum(weights[l].numel() for l in g)) for g in _groups(weights)]
+    return [weights[g[0]].new_empty(sum(weights[i].numel() for i in g)) for g in _groups(weights)]
 
 
 @_gram_penalty_add_grad.register_fake
@@ -384,10 +388,10 @@ def _bwd_reference(grad, weights, pruned, r, mean, input_precision):
     checks.index_values(weights, pruned)
     flats = []
     for group in _groups(weights):
-        flat = weights[group[0]].new_empty(sum(weights[l].numel() for l in group))
-        for view, l in zip(flat_views(flat, [weights[l] for l in group]), group):
-            view.copy_(reference.gram_penalty_grad(weights[l], pruned[l], "decorrelate", _reduction(mean)).float()
-                       * grad)
+        flat = weights[group[0]].new_empty(sum(weights[i].numel() for i in group))
+        for view, i in zip(flat_views(flat, [weights[i] for i in group]), group):
+            g = reference.gram_penalty_grad_fp32(weights[i], pruned[i], "decorrelate", _reduction(mean))
+            view.copy_((g * grad).reshape(view.shape))
         flats.append(flat)
     return flats
 
@@ -396,7 +400,7 @@ def _add_grad_reference(weights, grads, pruned, scale, scale_tensor, mean, input
     checks.index_values(weights, pruned)
     factor = scale if scale_tensor is None else scale * scale_tensor
     for w, g, idx in zip(weights, grads, pruned):
-        g.add_(reference.gram_penalty_grad(w, idx, "decorrelate", _reduction(mean)).float() * factor)
+        g.add_((reference.gram_penalty_grad_fp32(w, idx, "decorrelate", _reduction(mean)) * factor).reshape(g.shape))
 
 
 if not config.INTERPRET:
@@ -417,8 +421,8 @@ def _autograd_backward(ctx, grad_loss, grad_r):
     flats = _gram_penalty_bwd(grad_loss, weights, pruned, r, ctx.mean, ctx.input_precision)
     grads = [None] * len(weights)
     for group, flat in zip(_groups(weights), flats):
-        for l, view in zip(group, flat_views(flat, [weights[l] for l in group])):
-            grads[l] = view
+        for i, view in zip(group, flat_views(flat, [weights[i] for i in group])):
+            grads[i] = view
     return grads, [None] * len(pruned), None, None
 
 
@@ -431,10 +435,10 @@ _gram_penalty_fwd.register_autograd(_autograd_backward, setup_context=_setup_con
 
 def gram_penalty_multi(weights: Sequence[Tensor], pruned_idxs: Sequence[Tensor], variant: str = "decorrelate",
                        reduction: str = "mean", input_precision: Optional[str] = None) -> Tensor:
-    """``Σ_l L_l``: the gram penalty of every layer, each reduced by its own N (``reduction="mean"``: ÷N²).
+    """``Σ_i L_i``: the gram penalty of every layer, each reduced by its own N (``reduction="mean"``: ÷N²).
 
-    ``weights[l]`` is ``[N, ...]`` (conv or linear weight, read as ``[N, D]``), float32/float16/bfloat16;
-    ``pruned_idxs[l]`` its distinct pruned filter indices (any integer dtype, same device; p = 0 allowed).
+    ``weights[i]`` is ``[N, ...]`` (conv or linear weight, read as ``[N, D]``), float32/float16/bfloat16;
+    ``pruned_idxs[i]`` its distinct pruned filter indices (any integer dtype, same device; p = 0 allowed).
     Differentiable; returns a float32 0-d tensor. One forward and one backward launch per weight dtype, none if no
     layer has a pruned filter. ``input_precision`` ("ieee" | "tf32") applies to fp32 dot operands; default "tf32",
     "ieee" under the Triton interpreter. ``variant="diagonal"`` runs ``tpp.reference`` (it needs the whole gram).
@@ -461,10 +465,10 @@ def gram_penalty(weight: Tensor, pruned_idx: Tensor, variant: str = "decorrelate
 def add_gram_penalty_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], pruned_idxs: Sequence[Tensor],
                            scale: Union[float, Tensor], variant: str = "decorrelate", reduction: str = "mean",
                            input_precision: Optional[str] = None) -> None:
-    """``grads[l] += scale · ∂L_l/∂W_l`` in place for every layer, without autograd — the gradient of
+    """``grads[i] += scale · ∂L_i/∂W_i`` in place for every layer, without autograd — the gradient of
     ``scale · gram_penalty_multi(weights, pruned_idxs, ...)``, added in fp32 and rounded once into the grad dtype.
 
-    ``grads[l]``: same shape, dtype and device as ``weights[l]``, dense (contiguous or channels-last; e.g. the
+    ``grads[i]``: same shape, dtype and device as ``weights[i]``, dense (contiguous or channels-last; e.g. the
     ``.grad`` of the weight). ``scale``: python float or 0-d floating tensor on the weights' device (read on the
     device: no host sync). Two launches per weight dtype (R, then gradients), none if no layer is pruned. Every
     input is validated before the first launch: on error no gradient has changed.
@@ -479,7 +483,7 @@ def add_gram_penalty_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], p
         checks.index_values(weights, pruned_idxs)  # every layer, before the first update
         factor = scale if scale_tensor is None else scale * scale_tensor
         for w, g, idx in zip(weights, grads, pruned_idxs):
-            g.add_(reference.gram_penalty_grad(w, idx, "diagonal", reduction).float() * factor)
+            g.add_((reference.gram_penalty_grad_fp32(w, idx, "diagonal", reduction) * factor).reshape(g.shape))
         return
     # the kernel writes gradient rows in the weight's memory order: give each weight its gradient's layout
     weights = [w if w.stride() == g.stride() else torch.empty_like(g).copy_(w) for w, g in zip(weights, grads)]

@@ -113,7 +113,7 @@ class Layout:
             o = [0] * len(tensors)
             for group in self.groups:
                 anchor = tensors[k * group[0]]
-                for i in (k * l + j for l in group for j in range(k)):
+                for i in (k * layer + j for layer in group for j in range(k)):
                     distance = tensors[i].data_ptr() - anchor.data_ptr()
                     if distance % anchor.element_size():  # only a view at an odd byte offset of a wider buffer
                         raise ValueError(f"tensor {i} is not {anchor.element_size()}-byte aligned with tensor "
