@@ -7,6 +7,8 @@ from .graph import ModelGraph, analyze_model
 from .regularizer import TPPRegularizer
 from .schedule import GrowingSchedule
 from .selection import select_filters
+from .surgery import load_pruned, prune_model, save_pruned
 
-__all__ = ["TPPRegularizer", "GrowingSchedule", "select_filters", "analyze_model", "ModelGraph"]
+__all__ = ["TPPRegularizer", "GrowingSchedule", "select_filters", "analyze_model", "ModelGraph", "prune_model",
+           "save_pruned", "load_pruned"]
 __version__ = "0.1.0"

@@ -254,6 +254,16 @@ class TPPRegularizer:
                     p.index_fill_(0, i, 0)
         self.iteration = t + 1
 
+    def prune(self) -> nn.Module:
+        """The model with the pruned filters physically removed: a new module, ``self.model`` is not modified.
+
+        Same as ``prune_model(self.model, self.pruned, graph=self.graph)`` (:mod:`tpp.surgery`). Zeroing the pruned
+        W, b, γ, β first would change nothing: every one of those entries is removed.
+        """
+        from .surgery import prune_model
+
+        return prune_model(self.model, self.pruned, graph=self.graph)
+
     # ------------------------------------------------------------------- state
     def _config(self) -> dict:
         return {"variant": self.variant, "gram_weight": self.gram_weight, "reduction": self.reduction,

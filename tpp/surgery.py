@@ -1,0 +1,360 @@
+"""Physical removal of pruned filters (tpp-method.md §6), and saving/loading pruned models without pickled code.
+
+``prune_model(model, pruned)`` follows each pruned layer's output channels with :mod:`tpp.graph` and shrinks, with
+one index set per layer (or per coupled group):
+
+* the layer itself: Conv2d/Linear output filters (weight rows, bias);
+* every BatchNorm the channels pass through (weight, bias, running_mean, running_var, ``num_features``);
+* depthwise convs carrying the channels on (filters and ``in_channels = out_channels = groups``);
+* every consumer's input channels: Conv2d ``weight[:, kept]``, a Linear after flatten whole blocks of ``block``
+  consecutive in_features.
+
+A coupled group (outputs joined by add/sub/mul/div, e.g. the convs feeding one residual stream) is pruned only as a
+whole, every member with the same index set. Groups joined by ``torch.cat`` are refused.
+
+Removal is exact: when the pruned W, b and the γ, β of the BatchNorms the channels pass through are zero, the pruned
+model computes the same function in eval mode (without BN a channel carries its bias: zero b[P] too).
+
+``save_pruned``/``load_pruned`` store ``{"format": "tpp-pruned", "version": 1, "arch", "pruned", "state_dict",
+"extra"}`` with ``torch.save``; loading rebuilds the structure from the unpruned architecture with ``prune_model``
+and reads the file with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .graph import ModelGraph, analyze_model
+
+__all__ = ["prune_model", "save_pruned", "load_pruned", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+
+CHECKPOINT_FORMAT = "tpp-pruned"
+CHECKPOINT_VERSION = 1
+
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
+PathLike = Union[str, os.PathLike]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prune_model
+
+
+def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], *, inplace: bool = False,
+                graph: ModelGraph | None = None, bn_map: Mapping[str, str | None] | None = None) -> nn.Module:
+    """Remove the filters ``pruned[name]`` (1-D integer indices) of each named Conv2d/Linear from ``model``.
+
+    Returns a new module (a deep copy; ``model`` is not modified) or, with ``inplace=True``, ``model`` itself with
+    the affected modules' parameters and sizes replaced (an optimizer built before still holds the old parameters).
+    Module objects, types, dtypes, devices and ``requires_grad`` are kept. ``graph`` reuses an analysis of
+    ``model`` (:func:`tpp.graph.analyze_model`); ``bn_map`` is passed to it, but a graph built from a bn_map does
+    not know the consumers, so it is refused.
+
+    Raises ``TypeError``/``ValueError`` naming the layer and the reason — unknown name, not a Conv2d/Linear, bad
+    indices (not 1-D integer, out of range, duplicated), every filter of a layer, the model output layer, a layer
+    that is not independently prunable, or part of a coupled group (all members with one index set are needed) —
+    and leaves ``model`` untouched on any error.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune_model expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {inplace!r}")
+    graph = analyze_model(model, bn_map=bn_map) if graph is None else graph
+    plan = _plan(model, graph, pruned)
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules())
+    with torch.no_grad():  # build every replacement first: nothing below can fail half-way
+        updates = [(modules[name], _shrunk(modules[name], keep.get("out"), keep.get("in")))
+                   for name, keep in plan.items()]
+    for module, new in updates:
+        _assign(module, new)
+    return target
+
+
+def _plan(model: nn.Module, graph: ModelGraph, pruned) -> dict[str, dict[str, Tensor]]:
+    """Validate ``pruned`` and return ``{module name: {"out": kept outputs, "in": kept input columns}}``."""
+    if not isinstance(pruned, Mapping):
+        raise TypeError(f"pruned must map layer names to filter indices, got {type(pruned).__name__}")
+    if not isinstance(graph, ModelGraph):
+        raise TypeError(f"graph must be a tpp.graph.ModelGraph, got {type(graph).__name__}")
+    modules = dict(model.named_modules())
+    indices = {}
+    for name, idx in pruned.items():
+        info = graph.layers.get(name) if isinstance(name, str) else None
+        if info is None:
+            found = modules.get(name) if isinstance(name, str) else None
+            what = "no such module" if found is None else f"a {type(found).__name__}, not a Conv2d/Linear"
+            raise ValueError(f"pruned layer {name!r}: {what} in {type(model).__name__}")
+        idx = _as_indices(idx, info.out_channels, f"pruned indices of layer {name!r}")
+        if idx.numel() == info.out_channels:
+            raise ValueError(f"layer {name!r}: all {info.out_channels} filters would be pruned; at least one must stay")
+        if idx.numel():
+            indices[name] = idx
+    if indices and not graph.traced:
+        raise ValueError("prune_model needs the consumers of each pruned layer, which only a traced graph knows; "
+                         "this graph was built from a bn_map (layer -> BatchNorm only). Make the model traceable "
+                         "by torch.fx to prune it physically.")
+
+    edits: dict[str, dict[str, Tensor]] = {}
+    done: set[str] = set()
+    for name, idx in indices.items():
+        if name in done:
+            continue
+        unit = _unit(graph, name, indices)
+        done.update(unit)
+        info = graph.layers[name]
+        kept = _complement(idx, info.out_channels)
+        for member in unit:
+            _expect(modules, member, "layer", info.out_channels)
+            _edit(edits, member, "out", kept, name)
+            for use in graph.layers[member].uses:
+                _expect(modules, use.module, use.role, info.out_channels, use.block)
+                if use.role == "input":
+                    _edit(edits, use.module, "in", _blocks(kept, use.block), name)
+                else:
+                    _edit(edits, use.module, "out", kept, name)
+    return edits
+
+
+def _as_indices(idx, n: int | None, where: str) -> Tensor:
+    """``idx`` (1-D integer tensor or sequence of ints) as sorted int64 CPU indices, distinct, >= 0 and < ``n``."""
+    if isinstance(idx, Sequence) and not isinstance(idx, str):
+        try:
+            idx = torch.as_tensor(idx) if len(idx) else torch.empty(0, dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{where}: expected a 1-D sequence of ints, got {idx!r}") from err
+    if not isinstance(idx, Tensor) or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        found = idx.dtype if isinstance(idx, Tensor) else type(idx).__name__
+        raise TypeError(f"{where}: expected a 1-D integer tensor or sequence of filter indices, got {found}")
+    if idx.dim() != 1:
+        raise ValueError(f"{where}: expected a 1-D tensor of filter indices, got shape {tuple(idx.shape)}")
+    idx = idx.to("cpu", torch.int64).sort().values
+    if idx.numel() and (idx[0] < 0 or (n is not None and idx[-1] >= n)):
+        bound = f"[0, {n})" if n is not None else ">= 0"
+        raise ValueError(f"{where}: filter indices must lie in {bound}, got min {int(idx[0])} and max {int(idx[-1])}")
+    if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
+        dup = int(idx[1:][idx[1:] == idx[:-1]][0])
+        raise ValueError(f"{where}: filter indices must be distinct, got {dup} more than once")
+    return idx
+
+
+def _unit(graph: ModelGraph, name: str, indices: Mapping[str, Tensor]) -> tuple[str, ...]:
+    """The layers pruned together with ``name``: itself if independent, else its whole coupled group."""
+    info = graph.layers[name]
+    if info.is_output:
+        raise ValueError(f"layer {name!r} produces the model output; pruning it would change the output shape")
+    if info.independent:
+        return (name,)
+    if len(info.group) == 1:
+        raise ValueError(f"layer {name!r} cannot be pruned: {info.coupling}")
+    group = ", ".join(info.group)
+    if info.group_coupling is not None:
+        raise ValueError(f"layer {name!r} is coupled with other layers ({info.coupling}), and its group [{group}] "
+                         f"cannot be pruned with one shared index set: {info.group_coupling}")
+    missing = [m for m in info.group if m not in indices]
+    if missing:
+        raise ValueError(f"layer {name!r} is coupled with other layers ({info.coupling}): prune its whole group "
+                         f"[{group}] with one shared index set; missing: {', '.join(missing)}")
+    for member in info.group:
+        if not torch.equal(indices[member], indices[name]):
+            raise ValueError(f"coupled group [{group}]: layers {name!r} and {member!r} are given different filter "
+                             f"indices; every member must be pruned with the same index set")
+    return info.group
+
+
+def _complement(idx: Tensor, n: int) -> Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[idx] = False
+    return keep.nonzero().flatten()
+
+
+def _blocks(kept: Tensor, block: int) -> Tensor:
+    """In_features of a Linear after flatten: each kept channel ``c`` is ``c*block … c*block + block - 1``."""
+    return (kept[:, None] * block + torch.arange(block)).flatten()
+
+
+def _expect(modules: dict[str, nn.Module], name: str, role: str, channels: int, block: int = 1) -> None:
+    """Check that module ``name`` is what the graph says it is, with ``channels`` (× ``block``) channels."""
+    m = modules.get(name)
+    if role == "bn":
+        ok = isinstance(m, _BNS) and m.num_features == channels
+    elif role == "depthwise":
+        ok = isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels == channels
+    elif role == "layer":
+        ok = (isinstance(m, nn.Conv2d) and m.groups == 1 and m.out_channels == channels) or (
+            isinstance(m, nn.Linear) and m.out_features == channels)
+    else:
+        ok = (isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels == channels) or (
+            isinstance(m, nn.Linear) and m.in_features == channels * block)
+    if not ok:
+        found = "no such module" if m is None else repr(m)
+        raise ValueError(f"the graph does not describe this model: {name!r} should be a {role} with {channels} "
+                         f"channels, found {found}. Was the graph built for another model, or was it changed since?")
+
+
+def _edit(edits: dict[str, dict[str, Tensor]], name: str, side: str, kept: Tensor, source: str) -> None:
+    previous = edits.setdefault(name, {}).setdefault(side, kept)
+    if not torch.equal(previous, kept):
+        raise ValueError(f"module {name!r} would keep two different sets of {side}put channels (one from pruning "
+                         f"{source!r}); its inputs are not aligned with one pruned layer or group")
+
+
+def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None) -> dict[str, object]:
+    """New tensors and sizes for ``module`` keeping output channels ``out`` and input columns ``inp``."""
+    def select(t: Tensor, dim: int, idx: Tensor) -> Tensor:
+        return t.index_select(dim, idx.to(t.device))
+
+    if isinstance(module, _BNS):
+        new = {k: select(getattr(module, k), 0, out) for k in ("weight", "bias", "running_mean", "running_var")
+               if getattr(module, k) is not None}
+        return {**new, "num_features": out.numel()}
+    new = {}
+    weight = module.weight
+    if out is not None:
+        weight = select(weight, 0, out)
+        if module.bias is not None:
+            new["bias"] = select(module.bias, 0, out)
+    if isinstance(module, nn.Linear):
+        weight = weight if inp is None else select(weight, 1, inp)
+        return {**new, "weight": weight, "out_features": weight.shape[0], "in_features": weight.shape[1]}
+    if module.groups > 1:  # depthwise: one filter per channel
+        n = weight.shape[0]
+        return {**new, "weight": weight, "out_channels": n, "in_channels": n, "groups": n}
+    weight = weight if inp is None else select(weight, 1, inp)
+    return {**new, "weight": weight, "out_channels": weight.shape[0], "in_channels": weight.shape[1]}
+
+
+def _assign(module: nn.Module, new: dict[str, object]) -> None:
+    for key, value in new.items():
+        if key in module._parameters:
+            setattr(module, key, nn.Parameter(value, requires_grad=module._parameters[key].requires_grad))
+        elif key in module._buffers:
+            module._buffers[key] = value
+        else:
+            setattr(module, key, value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_pruned(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], path: PathLike, *,
+                arch: str | None = None, extra=None) -> None:
+    """Write the pruned ``model`` (the result of ``prune_model(unpruned, pruned)``) to ``path``, atomically.
+
+    The file holds ``{"format": "tpp-pruned", "version": 1, "arch": arch, "pruned": {name: [ints]},
+    "state_dict": model.state_dict(), "extra": extra}``: tensors and plain data only, so
+    ``torch.load(weights_only=True)`` reads it. ``extra`` may contain None, bool, int, float, str, tensors, and
+    lists/tuples/dicts (string keys) of those; anything else raises ``TypeError`` before writing.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_pruned expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(pruned, Mapping) or not all(isinstance(k, str) for k in pruned):
+        raise TypeError("pruned must map layer names (str) to filter indices")
+    if arch is not None and not isinstance(arch, str):
+        raise TypeError(f"arch must be a string or None, got {type(arch).__name__}")
+    _check_plain(extra, "extra")
+    modules = dict(model.named_modules())
+    for name in pruned:
+        if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"pruned layer {name!r}: no Conv2d/Linear of that name in {type(model).__name__}")
+    spec = {name: _as_indices(idx, None, f"pruned indices of layer {name!r}").tolist() for name, idx in pruned.items()}
+    checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": arch, "pruned": spec,
+                  "state_dict": model.state_dict(), "extra": extra}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_plain(value, where: str) -> None:
+    if value is None or isinstance(value, (bool, int, float, str, Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: keys must be strings, got {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    else:
+        raise TypeError(f"{where} is a {type(value).__name__}; a tpp-pruned checkpoint holds only None, bool, int, "
+                        "float, str, tensors and lists/tuples/dicts of those (it is read with weights_only=True)")
+
+
+def load_pruned(model: nn.Module, path_or_obj: PathLike | Mapping, *, arch: str | None = None) -> nn.Module:
+    """The pruned model saved by :func:`save_pruned`, rebuilt on ``model``, an instance of the UNPRUNED architecture.
+
+    ``path_or_obj`` is a file (read with ``torch.load(weights_only=True)``) or the dict it holds. The structure is
+    ``prune_model(model, checkpoint["pruned"])`` (``model`` itself is not modified), then the weights are loaded
+    strictly. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is not a tpp-pruned
+    checkpoint, an ``arch`` differing from the saved one (when both are given), or a checkpoint that does not fit
+    ``model`` (naming the first mismatching layer, key or shape).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_pruned expects an nn.Module, got {type(model).__name__}")
+    source = "checkpoint"
+    if isinstance(path_or_obj, Mapping):
+        checkpoint = path_or_obj
+    elif isinstance(path_or_obj, (str, os.PathLike)):
+        source = str(path_or_obj)
+        if not Path(path_or_obj).is_file():
+            raise FileNotFoundError(f"pruned model checkpoint not found: {source}")
+        try:
+            checkpoint = torch.load(path_or_obj, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in many types; the first line says which
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(f"{source} is not a tpp-pruned checkpoint: torch.load(weights_only=True) failed: "
+                             f"{type(err).__name__}: {first}") from err
+    else:
+        raise TypeError(f"path_or_obj must be a path or a loaded checkpoint dict, got {type(path_or_obj).__name__}")
+    _check_checkpoint(checkpoint, source, arch)
+    try:
+        pruned_model = prune_model(model, checkpoint["pruned"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source} does not fit this {type(model).__name__}: {err}") from err
+    expected, saved = pruned_model.state_dict(), checkpoint["state_dict"]
+    for key, value in expected.items():
+        if key not in saved:
+            raise ValueError(f"{source} does not fit this {type(model).__name__}: state_dict key {key!r} is missing")
+        if not isinstance(saved[key], Tensor) or saved[key].shape != value.shape:
+            found = tuple(saved[key].shape) if isinstance(saved[key], Tensor) else type(saved[key]).__name__
+            raise ValueError(f"{source} does not fit this {type(model).__name__}: {key!r} has shape {found} in the "
+                             f"checkpoint, {tuple(value.shape)} in the pruned model")
+    unexpected = [key for key in saved if key not in expected]
+    if unexpected:
+        raise ValueError(f"{source} does not fit this {type(model).__name__}: unexpected state_dict key "
+                         f"{unexpected[0]!r}")
+    pruned_model.load_state_dict(saved, strict=True)
+    return pruned_model
+
+
+def _check_checkpoint(checkpoint, source: str, arch: str | None) -> None:
+    if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = f"format {checkpoint.get('format')!r}" if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise ValueError(f"{source} is not a tpp-pruned checkpoint ({found}, expected format {CHECKPOINT_FORMAT!r}); "
+                         "save one with tpp.save_pruned")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{source}: unsupported tpp-pruned checkpoint version {checkpoint.get('version')!r} "
+                         f"(this tpp reads version {CHECKPOINT_VERSION})")
+    for key, kind in (("pruned", Mapping), ("state_dict", Mapping)):
+        if not isinstance(checkpoint.get(key), kind):
+            raise ValueError(f"{source}: malformed tpp-pruned checkpoint, {key!r} is not a dict")
+    saved = checkpoint.get("arch")
+    if arch is not None and saved is not None and arch != saved:
+        raise ValueError(f"{source} holds a pruned {saved!r}, not a {arch!r}")
