@@ -14,10 +14,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On CPU without the interpreter, the ops run tpp.reference: the kernel-specific tests are skipped.
 needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not config.INTERPRET, reason="CPU ops run tpp.reference")
 
-# Tolerances, relative to the largest magnitude of the float64 reference: (loss, gradients). Dot operands are exact
-# in fp32 and accumulate in fp32, so the loss keeps fp32 accuracy in every dtype; gradients are rounded into the
-# weight dtype: fp16 2^-11, bf16 2^-9 (the interpreter truncates fp32 -> bf16 instead of rounding: up to 2^-8).
-# Comparisons use "ieee" dots, except test_tf32 (operands rounded to 10 mantissa bits).
+# Tolerances, relative to the largest magnitude of the float64 reference: (loss, gradients). Products of fp16/bf16
+# operands are exact in fp32 and accumulate in fp32, so the loss keeps fp32 accuracy in every dtype; gradients are
+# rounded into the weight dtype: half an ulp is 2^-11 (fp16), 2^-8 (bf16; the interpreter truncates fp32 -> bf16
+# instead of rounding: up to 2^-7). Comparisons use "ieee" dots, except test_tf32 (operands rounded to 10 bits).
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 1e-3), torch.bfloat16: (1e-5, 8e-3)}
 TF32_TOL = (5e-3, 5e-3)
 
@@ -52,7 +52,7 @@ def random_layers(seed, dtype=torch.float32):
 
 
 def reference_gram(weights, idxs, reduction="mean", variant="decorrelate"):
-    """(loss, grads) of Σ_l gram penalty in float64."""
+    """(loss, grads) of Σ_i gram penalty in float64."""
     w64 = [w.detach().double().requires_grad_() for w in weights]
     loss = sum(reference.gram_penalty(w, idx, variant, reduction) for w, idx in zip(w64, idxs))
     return loss.detach(), torch.autograd.grad(loss, w64, allow_unused=True, materialize_grads=True)

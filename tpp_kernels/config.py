@@ -86,14 +86,16 @@ def _bench(fn: Callable[[], object]) -> float:
 
 
 def pick(kernel: str, signature: Hashable, launch: Callable[[Config], object]) -> Config:
-    """The candidate of ``kernel`` with which ``launch(config)`` runs fastest, timed once per ``signature``.
+    """The candidate of ``kernel`` with which ``launch(config)`` runs fastest, timed once per ``signature``
+    (the pinned config while tuning is off and nothing was tuned: a CUDA graph captured after a tuned warm-up
+    call keeps the tuned config, whose tables exist already).
 
     ``launch`` must be free of side effects on user tensors (it writes scratch outputs): it runs many times.
     """
-    if not autotune_enabled():
-        return default_config(kernel)
     key = (kernel, signature)
     if key not in _best:
+        if not autotune_enabled():
+            return default_config(kernel)
         timings = {config: _bench(lambda: launch(config)) for config in _CANDIDATES[kernel]}
         _best[key] = min(timings, key=timings.__getitem__)
     return _best[key]
