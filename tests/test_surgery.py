@@ -222,29 +222,31 @@ def test_group_through_depthwise_is_exact(seed):
     assert small.dw_bn.num_features == small.bn.num_features == 5
 
 
-NET_ERRORS = [
-    ({"nope": [0]}, ValueError, "'nope': no such module"),
-    ({"bn": [0]}, ValueError, "'bn': a BatchNorm2d, not a Conv2d/Linear"),
-    ({"a": [6]}, ValueError, r"layer 'a'.*must lie in \[0, 6\)"),
-    ({"a": [-1]}, ValueError, r"layer 'a'.*must lie in \[0, 6\)"),
-    ({"a": [2, 1, 2]}, ValueError, "layer 'a'.*distinct"),
-    ({"a": [[0]]}, ValueError, "layer 'a'.*1-D"),
-    ({"a": torch.tensor([0.0])}, TypeError, "layer 'a'.*integer"),
-    ({"a": torch.tensor([True])}, TypeError, "layer 'a'.*integer"),
-    ({"a": "0"}, TypeError, "layer 'a'.*integer"),
-    ({"a": list(range(6))}, ValueError, "layer 'a': all 6 filters.*at least one must stay"),
-    ({"fc": [0]}, ValueError, "layer 'fc' produces the model output"),
-    ({"dw": [0]}, ValueError, "layer 'dw' cannot be pruned: depthwise conv"),
-    ({"grouped": [0]}, ValueError, "layer 'grouped' cannot be pruned: grouped conv"),
-    ({"a": [0], "b": [0]}, ValueError, r"group \[a, b\] cannot be pruned with one shared index set.*concatenated"),
-    ({"res": [0]}, ValueError, r"layer 'res' is coupled.*whole group \[stem, res\].*missing: stem"),
-    ({"res": [0], "stem": [1]}, ValueError, r"group \[stem, res\]: layers 'res' and 'stem' are given different"),
-    ([("a", [0])], TypeError, "pruned must map layer names"),
-]
+NET_ERRORS = {
+    "unknown": ({"nope": [0]}, ValueError, "'nope': no such module"),
+    "not-a-layer": ({"bn": [0]}, ValueError, "'bn': a BatchNorm2d, not a Conv2d/Linear"),
+    "too-large": ({"a": [6]}, ValueError, r"layer 'a'.*must lie in \[0, 6\)"),
+    "negative": ({"a": [-1]}, ValueError, r"layer 'a'.*must lie in \[0, 6\)"),
+    "duplicate": ({"a": [2, 1, 2]}, ValueError, "layer 'a'.*distinct"),
+    "2-d": ({"a": [[0]]}, ValueError, "layer 'a'.*1-D"),
+    "float": ({"a": torch.tensor([0.0])}, TypeError, "layer 'a'.*integer"),
+    "bool": ({"a": torch.tensor([True])}, TypeError, "layer 'a'.*integer"),
+    "str": ({"a": "0"}, TypeError, "layer 'a'.*integer"),
+    "all-filters": ({"a": list(range(6))}, ValueError, "layer 'a': all 6 filters.*at least one must stay"),
+    "output": ({"fc": [0]}, ValueError, "layer 'fc' produces the model output"),
+    "depthwise": ({"dw": [0]}, ValueError, "layer 'dw' cannot be pruned: depthwise conv"),
+    "grouped": ({"grouped": [0]}, ValueError, "layer 'grouped' cannot be pruned: grouped conv"),
+    "cat-group": ({"a": [0], "b": [0]}, ValueError,
+                  r"group \[a, b\] cannot be pruned with one shared index set.*concatenated"),
+    "partial-group": ({"res": [0]}, ValueError, r"layer 'res' is coupled.*whole group \[stem, res\].*missing: stem"),
+    "unshared-group": ({"res": [0], "stem": [1]}, ValueError,
+                       r"group \[stem, res\]: layers 'res' and 'stem' are given different"),
+    "not-a-mapping": ([("a", [0])], TypeError, "pruned must map layer names"),
+}
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("pruned,error,match", NET_ERRORS, ids=[str(i) for i in range(len(NET_ERRORS))])
+@pytest.mark.parametrize("pruned,error,match", NET_ERRORS.values(), ids=NET_ERRORS.keys())
 def test_errors_leave_the_model_untouched(pruned, error, match, inplace, seed):
     model = make_net(seed)
     before, text = state(model), repr(model)
