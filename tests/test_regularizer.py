@@ -1,6 +1,7 @@
 """TPPRegularizer: the penalty of tpp-method §3, its in-place gradients, schedule, zero-out, resume, errors."""
 import io
 import math
+import sys
 
 import pytest
 import torch
@@ -339,6 +340,7 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match=r"\$TPP_BACKEND"):
         TPPRegularizer(net, 0.5, schedule=TINY)
     monkeypatch.setenv("TPP_BACKEND", "cuda")
+    monkeypatch.setitem(sys.modules, "tpp.cuda_ops", None)  # the extension neither built nor buildable
     with pytest.raises(ValueError, match="backend 'cuda' is unavailable"):
         TPPRegularizer(net, 0.5, schedule=TINY, backend="torch")
     monkeypatch.setenv("TPP_BACKEND", "triton")
@@ -376,3 +378,72 @@ def test_penalty_compiles_fullgraph(seed):
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), loss_fn(x))
+
+
+@pytest.mark.parametrize("variant", ["decorrelate", "diagonal"])
+def test_triton_backend_matches_torch_backend(variant, seed):
+    """Under TRITON_INTERPRET=1 (tests/conftest.py) the fused kernels run on CPU tensors."""
+    pytest.importorskip("triton")
+    nets = [make_net(seed, torch.float32) for _ in range(2)]
+    regs = [TPPRegularizer(net, 0.45, variant=variant, schedule=TINY, backend=name)
+            for net, name in zip(nets, ("torch", "triton"))]
+    assert regs[1].backend.name == "triton"
+    for reg in regs:
+        reg.strength = 0.8
+    penalties = [reg.penalty() for reg in regs]
+    assert_close_to_reference(penalties[1], penalties[0], torch.float32)
+    for reg in regs:
+        reg.apply_gradients()
+    for (name, p), q in zip(nets[1].named_parameters(), nets[0].parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            assert_close_to_reference(p.grad, q.grad, torch.float32, msg=name)
+
+
+class InvertedResidualNet(nn.Module):
+    """MobileNetV2-style: 1×1 expansion → BN → ReLU6 → depthwise 3×3 → BN → ReLU6 → 1×1 projection → BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(3, 12, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.project = nn.Conv2d(12, 6, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu6(self.bn1(self.expand(x)))
+        x = F.relu6(self.bn2(self.dw(x)))
+        x = self.bn3(self.project(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("make", [lambda: make_net(0), InvertedResidualNet], ids=["conv-bn", "inverted-residual"])
+def test_zero_out_makes_removal_exact(make, seed):
+    """After the schedule's zero-out, physically removing the pruned filters leaves the function unchanged."""
+    torch.manual_seed(seed)
+    net = make().double()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    reg = TPPRegularizer(net, 0.5, schedule=GrowingSchedule(delta=0.5, interval=1, stabilize_iters=30,
+                                                            zero_out_interval=5))
+    while reg.phase != "done":
+        with torch.no_grad():  # whatever the optimizer does between steps
+            for p in net.parameters():
+                p.add_(torch.randn_like(p), alpha=0.01)
+        reg.step()
+    if isinstance(net, InvertedResidualNet):
+        expand = reg._layers[0]
+        assert expand.name == "expand" and expand.depthwise == (net.dw,) and expand.bns == (net.bn1, net.bn2)
+    small = reg.prune()
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    net.eval()
+    small.eval()
+    torch.testing.assert_close(small(x), net(x), rtol=1e-12, atol=1e-12)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in net.parameters())

@@ -5,7 +5,10 @@ Per layer with pruned filters ``P`` (tpp-method.md §3), at strength ``r``:
     E − L_cls = Σ_layers  r·c·L_gram  +  (r/2)(‖W_P‖² + ‖b_P‖²)  +  (r/2) Σ_{j∈P} (γ_j² + β_j²)
 
 with ``L_gram`` from :mod:`tpp.reference` (``reduction="mean"`` divides it by N²), ``c = gram_weight``, the L2 part
-only with ``weight_l2=True`` and the BN part only with ``bn=True`` for layers followed by an affine BatchNorm.
+only with ``weight_l2=True`` and the BN part only with ``bn=True``. The BN part covers every affine BatchNorm
+carrying the pruned channels: the one right after the layer (the paper's) and, past a depthwise conv, the carrier's
+own; the depthwise conv's rows join the L2 part. The layer-wise zero-out clears all of these, so that removal
+(:func:`tpp.prune_model`) is exact on MobileNet-style blocks too; on plain conv→BN chains this is the paper's term.
 The defaults are what the paper's code runs; the paper's eq. 6, ``L_cls + λ/2 (L_gram + L_bn)`` with sums, is
 ``gram_weight=0.5, reduction="sum", weight_l2=False`` with ``λ = r``.
 """
@@ -34,17 +37,17 @@ class _Layer:
     name: str
     index: int                       # execution order among all Conv2d/Linear layers (zero-out timing)
     module: nn.Module                # the Conv2d/Linear
-    bn: nn.Module | None             # affine BatchNorm normalizing its output, if any
+    depthwise: tuple[nn.Module, ...]  # depthwise convs carrying its output channels on (MobileNet-style)
+    bns: tuple[nn.Module, ...]       # affine BatchNorms normalizing those channels: its own, then the carriers'
     pruned: Tensor                   # sorted int64 indices on the module's device
 
     def own_params(self) -> list[Tensor]:
-        """The layer's weight and bias, whose pruned rows the L2 term penalizes."""
-        return [p for p in (self.module.weight, self.module.bias) if p is not None]
+        """Weights and biases of the pruned filters (and their depthwise carriers): the L2 term's parameters."""
+        return [p for m in (self.module, *self.depthwise) for p in (m.weight, m.bias) if p is not None]
 
     def all_params(self) -> list[Tensor]:
-        """Weight, bias, BN γ and β: everything indexed by the pruned filters and zeroed by the zero-out."""
-        bn = [] if self.bn is None else [p for p in (self.bn.weight, self.bn.bias) if p is not None]
-        return self.own_params() + bn
+        """Everything indexed by the pruned channels, zeroed by the zero-out: own params, then BN γ and β."""
+        return self.own_params() + [p for bn in self.bns for p in (bn.weight, bn.bias) if p is not None]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -143,10 +146,13 @@ class TPPRegularizer:
             reference.check_pruned_indices(idx, module.weight.shape[0], f"pruned indices of layer {name!r}")
             if idx.numel() == 0:
                 continue
-            bn = modules[info.bn] if info.bn is not None else None
-            bn = bn if bn is not None and bn.weight is not None else None
+            if not info.independent:
+                raise ValueError(f"layer {name!r} cannot be pruned on its own: {info.coupling}")
+            carried = [modules[use.module] for use in info.uses if use.role in ("bn", "depthwise")]
+            depthwise = tuple(m for m in carried if isinstance(m, nn.Conv2d))
+            bns = tuple(m for m in carried if not isinstance(m, nn.Conv2d) and m.weight is not None)
             idx = idx.to(torch.int64).sort().values
-            layers.append(_Layer(name, info.index, module, bn, idx.to(module.weight.device)))
+            layers.append(_Layer(name, info.index, module, depthwise, bns, idx.to(module.weight.device)))
         layers.sort(key=lambda layer: layer.index)
         self.pruned = {layer.name: layer.pruned.cpu() for layer in layers}
         self._layers = layers
@@ -213,9 +219,9 @@ class TPPRegularizer:
             total = total + (r / 2) * self.backend.bn_penalty(gammas, betas, bn_idx)
         return total
 
-    def _bn_lists(self, idx: list[Tensor]) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
-        """γ, β and pruned indices of the layers followed by an affine BatchNorm."""
-        pairs = [(layer.bn, i) for layer, i in zip(self._layers, idx) if layer.bn is not None]
+    def _bn_lists(self, idx: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """γ, β and pruned indices of every affine BatchNorm carrying pruned channels."""
+        pairs = [(bn, i) for layer, i in zip(self._layers, idx) for bn in layer.bns]
         return [bn.weight for bn, _ in pairs], [bn.bias for bn, _ in pairs], [i for _, i in pairs]
 
     @staticmethod
@@ -240,8 +246,8 @@ class TPPRegularizer:
                     _grad_of(p).index_add_(0, i, (self._rows(p, i) * r).to(p.dtype))
         gammas, betas, bn_idx = self._bn_lists(idx)
         if self.bn and gammas:
-            self.backend.add_bn_grad_(gammas, betas, [_grad_of(g) for g in gammas],
-                                      [None if b is None else _grad_of(b) for b in betas], bn_idx, r / 2)
+            self.backend.add_bn_grad_(gammas, betas, [_grad_of(g) for g in gammas], [_grad_of(b) for b in betas],
+                                      bn_idx, r / 2)
 
     @torch.no_grad()
     def step(self) -> None:
