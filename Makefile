@@ -25,3 +25,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+.PHONY: cuda
+
+# Build the csrc/ extension (torch.ops.tpp_cuda) now; tpp.cuda_ops and the tests otherwise build it on first use.
+cuda: setup
+	$(PY) -m tpp.cuda_build --verbose

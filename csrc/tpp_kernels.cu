@@ -120,21 +120,22 @@ __global__ void positions_kernel(const __grid_constant__ Launch<PositionsLayer> 
   }
 }
 
-// out[k, c] = W[row_k, c] in fp32: row_k = P_k for k < p, else k − p (all rows).
+// out_p[a, c] = W[P_a, c], then out_all[i, c] = W[i, c] if out_all is set; in fp32.
 template <typename T>
 __global__ void gather_kernel(const __grid_constant__ Launch<GatherLayer> args) {
   const int l = layer_of(args, blockIdx.x);
   const GatherLayer& y = args.layers[l];
   const T* w = static_cast<const T*>(y.w);
-  const int64_t total = (y.p + (y.all_rows ? y.n : 0)) * y.d;
+  const int64_t pruned = y.p * y.d, total = pruned + (y.out_all ? y.n * y.d : 0);
   const int64_t base = (blockIdx.x - args.block_start[l]) * kElementsPerBlock + threadIdx.x;
 #pragma unroll
   for (int k = 0; k < kElementsPerThread; ++k) {
     const int64_t e = base + k * kThreads;
-    if (e < total) {
-      const int64_t row = e / y.d, col = e - row * y.d;
-      const int64_t src = row < y.p ? y.idx[row] : row - y.p;
-      y.out[e] = static_cast<float>(w[src * y.d + col]);
+    if (e < pruned) {
+      const int64_t a = e / y.d;
+      y.out_p[e] = static_cast<float>(w[y.idx[a] * y.d + (e - a * y.d)]);
+    } else if (e < total) {
+      y.out_all[e - pruned] = static_cast<float>(w[e - pruned]);
     }
   }
 }
@@ -188,7 +189,9 @@ __global__ void bn_loss_kernel(const __grid_constant__ Launch<BnLossLayer> args)
   const int64_t end = min64(y.p, (chunk + 1) * kReduceChunk);
   float acc = 0.0f;
   for (int64_t a = chunk * kReduceChunk + threadIdx.x; a < end; a += kThreads) {
-    const float x = static_cast<float>(v[y.idx[a]]);
+    const int64_t j = y.idx[a];
+    CUDA_KERNEL_ASSERT(j >= 0 && j < y.c && "pruned index out of range");
+    const float x = static_cast<float>(v[j]);
     acc += x * x;
   }
   acc = block_sum(acc);
@@ -209,6 +212,7 @@ __global__ void bn_grad_kernel(const __grid_constant__ Launch<BnGradLayer> args,
   }
   for (int64_t a = threadIdx.x; a < y.p; a += kThreads) {
     const int64_t j = y.idx[a];
+    CUDA_KERNEL_ASSERT(j >= 0 && j < y.c && "pruned index out of range");
     out[j] = static_cast<T>(static_cast<float>(out[j]) + f * static_cast<float>(v[j]));
   }
 }
@@ -236,7 +240,7 @@ void gather(const std::vector<GatherLayer>& layers, c10::ScalarType dtype) {
   dispatch_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
     for_each_launch(layers,
-                    [](const GatherLayer& y) { return element_blocks((y.p + (y.all_rows ? y.n : 0)) * y.d); },
+                    [](const GatherLayer& y) { return element_blocks((y.p + (y.out_all ? y.n : 0)) * y.d); },
                     [](const Launch<GatherLayer>& args, dim3 grid) {
                       gather_kernel<T><<<grid, kThreads, 0, stream()>>>(args);
                     });

@@ -216,7 +216,7 @@ Plan make_plan(const std::vector<Layer>& layers, const Kernels& kernels) {
     plan.active.push_back(l);
     plan.o_pos.push_back(pos_numel);
     pos_numel += y.n;
-    rows_numel += (y.p + (y.w.scalar_type() == at::kFloat ? 0 : y.n)) * y.d;
+    rows_numel += y.p * y.d + (y.w.scalar_type() == at::kFloat ? 0 : y.n * y.d);
   }
   plan.pos = at::empty({pos_numel}, at::TensorOptions().dtype(at::kInt).device(device));
   plan.rows = at::empty({rows_numel}, fp32_on(device));
@@ -227,20 +227,22 @@ Plan make_plan(const std::vector<Layer>& layers, const Kernels& kernels) {
   for (size_t a = 0; a < plan.active.size(); ++a) {
     const Layer& y = layers[plan.active[a]];
     const bool convert_all = y.w.scalar_type() != at::kFloat;
+    const int64_t o_all = o + y.p * y.d;
     positions.push_back({y.idx.data_ptr<int64_t>(), offset<int32_t>(plan.pos, plan.o_pos[a]), y.n, y.p});
-    gathers[y.w.scalar_type()].push_back(
-        {y.w.data_ptr(), offset<float>(plan.rows, o), y.idx.data_ptr<int64_t>(), y.n, y.d, y.p, convert_all});
+    gathers[y.w.scalar_type()].push_back({y.w.data_ptr(), offset<float>(plan.rows, o),
+                                          convert_all ? offset<float>(plan.rows, o_all) : nullptr,
+                                          y.idx.data_ptr<int64_t>(), y.n, y.d, y.p});
     plan.w_p.push_back(plan.rows.narrow(0, o, y.p * y.d).view({y.p, y.d}));
-    plan.w_all.push_back(convert_all ? plan.rows.narrow(0, o + y.p * y.d, y.n * y.d).view({y.n, y.d})
+    plan.w_all.push_back(convert_all ? plan.rows.narrow(0, o_all, y.n * y.d).view({y.n, y.d})
                                      : y.w.as_strided({y.n, y.d}, {y.d, 1}));
-    o += (y.p + (convert_all ? y.n : 0)) * y.d;
+    o = o_all + (convert_all ? y.n * y.d : 0);
   }
   if (!positions.empty()) kernels.positions(positions);
   for (const auto& [dtype, group] : gathers) kernels.gather(group, dtype);
   return plan;
 }
 
-// Offsets of every layer's R (p·N entries, row-major) in the flat fp32 buffer, and its size.
+// Offsets of every layer's R (p·N entries, row-major, consecutive) in one fp32 buffer, and its size.
 std::vector<int64_t> r_offsets(const std::vector<Layer>& layers, int64_t* total) {
   std::vector<int64_t> o_r;
   int64_t o = 0;
@@ -395,7 +397,7 @@ Tensor bn_penalty_fwd(TensorList values, TensorList pruned) {
   for (const Layer& y : layers) {
     if (y.p == 0) continue;
     groups[y.w.scalar_type()].push_back({y.w.data_ptr(), y.idx.data_ptr<int64_t>(), offset<float>(partials, o),
-                                         y.p});
+                                         y.n, y.p});
     o += reduce_chunks(y.p);
   }
   for (const auto& [dtype, group] : groups) kernels.bn_loss(group, dtype);
@@ -477,11 +479,11 @@ void cpu_gather(const std::vector<GatherLayer>& layers, c10::ScalarType dtype) {
     using T = decltype(zero);
     for (const auto& y : layers) {
       const T* w = static_cast<const T*>(y.w);
-      const int64_t rows = y.p + (y.all_rows ? y.n : 0);
-      for (int64_t k = 0; k < rows; ++k) {
-        const T* src = w + (k < y.p ? y.idx[k] : k - y.p) * y.d;
-        for (int64_t c = 0; c < y.d; ++c) y.out[k * y.d + c] = static_cast<float>(src[c]);
+      for (int64_t a = 0; a < y.p; ++a) {
+        std::transform(w + y.idx[a] * y.d, w + (y.idx[a] + 1) * y.d, y.out_p + a * y.d,
+                       [](T x) { return static_cast<float>(x); });
       }
+      if (y.out_all) std::transform(w, w + y.n * y.d, y.out_all, [](T x) { return static_cast<float>(x); });
     }
   });
 }

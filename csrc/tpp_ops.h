@@ -21,13 +21,13 @@ struct PositionsLayer {
   int64_t n, p;
 };
 
-// Gather: out (fp32, row-major, D columns) = the rows P_0..P_{p-1} of W, then, if all_rows, all N rows of W.
+// Gather into fp32, row-major: out_p [p, D] = the rows P_0..P_{p-1} of W, and, if out_all is set, out_all [N, D] = W.
 struct GatherLayer {
   const void* w;
-  float* out;
+  float* out_p;
+  float* out_all;
   const int64_t* idx;
   int64_t n, d, p;
-  bool all_rows;
 };
 
 // Gram loss: one partial per chunk of kReduceChunk entries of R (p·N entries, row-major):
@@ -52,12 +52,12 @@ struct GramGradLayer {
   float factor;
 };
 
-// BN loss: partials[c] = Σ_{a in chunk c of P} v[P_a]², one partial per kReduceChunk pruned channels.
+// BN loss: partials[k] = Σ_{a in chunk k of P} v[P_a]², one partial per kReduceChunk pruned channels (v has c).
 struct BnLossLayer {
   const void* v;
   const int64_t* idx;
   float* partials;
-  int64_t p;
+  int64_t c, p;
 };
 
 // BN gradient: out[P_a] = 2·scale·g·v[P_a] (added when accumulating); unless accumulating, out = 0 elsewhere.

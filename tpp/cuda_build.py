@@ -35,10 +35,10 @@ class BuildError(RuntimeError):
     """The extension cannot be built here (missing tools) or its compilation failed."""
 
 
-def source_hash(source_dir: Path = SOURCE_DIR) -> str:
-    """SHA-256 prefix over the names and contents of every file in ``source_dir`` (compiled into the library)."""
+def source_hash() -> str:
+    """SHA-256 prefix over the names and contents of the files in ``SOURCE_DIR`` (compiled into the library)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in source_dir.iterdir() if p.is_file()):
+    for path in sorted(p for p in SOURCE_DIR.iterdir() if p.is_file()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return "h" + digest.hexdigest()[:16]
 

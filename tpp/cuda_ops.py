@@ -60,11 +60,12 @@ def _load() -> str:
 
 library_path = _load()
 _ops = torch.ops.tpp_cuda
+_HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("tpp_cuda::gram_penalty_fwd", "CUDA")
 
 
 def has_cuda_kernels() -> bool:
     """Whether the loaded library has its CUDA kernels (it is CPU-only when built without a CUDA toolkit)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("tpp_cuda::gram_penalty_fwd", "CUDA")
+    return _HAS_CUDA_KERNELS
 
 
 def build(verbose: bool = False) -> Path:
@@ -176,7 +177,7 @@ def _check_tensors(tensors: Sequence[Optional[Tensor]], pruned: Sequence[Tensor]
             if tensor.device != device:
                 raise ValueError(f"{what} is on {tensor.device}, expected {device} (all tensors of one call "
                                  "share a device)")
-    if device is not None and device.type == "cuda" and not has_cuda_kernels():
+    if device is not None and device.type == "cuda" and not _HAS_CUDA_KERNELS:
         raise RuntimeError(f"{library_path} has no CUDA kernels (built without a CUDA toolkit): rebuild it "
                            "with nvcc available (CUDA_HOME)")
 
@@ -303,8 +304,8 @@ def add_gram_penalty_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], p
             g.add_((reference.gram_penalty_grad_fp32(w, idx, "diagonal", reduction) * factor).to(g.dtype).view_as(g))
         return
     # the kernels read each weight in its gradient's memory order
-    weights = [w if g.shape != w.shape or _same_layout(w, g) else torch.empty_like(g).copy_(w)
-               for w, g in zip(weights, grads)]
+    weights = [torch.empty_like(g).copy_(w) if g.shape == w.shape and _rows_dense(g) and not _same_layout(w, g)
+               else w for w, g in zip(weights, grads)]
     _ops.gram_penalty_add_grad(weights, grads, pruned_idxs, scale, scale_tensor, reduction == "mean")
 
 
