@@ -31,3 +31,8 @@ clean:
 # Build the csrc/ extension (torch.ops.tpp_cuda) now; tpp.cuda_ops and the tests otherwise build it on first use.
 cuda: setup
 	$(PY) -m tpp.cuda_build --verbose
+
+# The offline demo: L1 vs OrthP vs TPP on the embedded digits (MLP-7-Linear and a small CNN), a few minutes on a CPU.
+.PHONY: demo
+demo: setup
+	$(PY) -m tpp.demo

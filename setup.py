@@ -53,6 +53,7 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "demo": ["scikit-learn>=1.2", "matplotlib>=3.6"],
     },
+    entry_points={"console_scripts": ["tpp=tpp.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Framework :: PyTorch",

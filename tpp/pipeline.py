@@ -97,13 +97,13 @@ RECIPES: dict[str, Recipe] = {
         description="paper, ResNet34/50 on ImageNet: Δ=1e-4 every 5 iterations to 1, 40k stabilize iterations, "
                     "SGD lr 1e-3 momentum 0.9 wd 1e-4 bs 256; finetune lr 1e-2 ×0.1 at 30, 60, 75, 90 epochs"),
     "demo": Recipe(
-        "demo", GrowingSchedule(delta=0.01, interval=1, ceiling=1.0, stabilize_iters=100, zero_out_interval=10),
+        "demo", GrowingSchedule(delta=0.0025, interval=1, ceiling=1.0, stabilize_iters=200, zero_out_interval=20),
         reg_lr=1e-2, weight_decay=5e-4, batch_size=64, finetune_epochs=10, finetune_lr=1e-2, lr_milestones=(5, 8),
         pretrain_epochs=30, pretrain_lr=0.05, pretrain_milestones=(20,),
-        description="scaled down for the 8×8 digits on a CPU: Δ=0.01 every iteration to 1 (100 iterations), "
-                    "100 stabilize iterations (layers zeroed 10 apart), pruning-phase SGD lr 1e-2 (10× the paper, "
-                    "to compensate for ~500× fewer iterations) momentum 0.9 wd 5e-4 bs 64; finetune 10 epochs "
-                    "lr 1e-2 ×0.1 at 5, 8; pretraining 30 epochs lr 0.05 ×0.1 at 20"),
+        description="scaled down for the 8×8 digits on a CPU: Δ=0.0025 every iteration to 1 (400 iterations), "
+                    "200 stabilize iterations (layers zeroed 20 apart), pruning-phase SGD lr 1e-2 (10× the paper, "
+                    "for ~180× fewer iterations) momentum 0.9 wd 5e-4 bs 64; finetune 10 epochs lr 1e-2 ×0.1 at "
+                    "5, 8; pretraining 30 epochs lr 0.05 ×0.1 at 20"),
 }
 
 
