@@ -50,8 +50,9 @@ def check_pruned_indices(pruned: Tensor, n: int, what: str = "pruned") -> None:
     lo, hi = int(pruned.min()), int(pruned.max())
     if lo < 0 or hi >= n:
         raise ValueError(f"{what}: filter indices must lie in [0, {n}), got min {lo} and max {hi}")
-    if torch.unique(pruned).numel() != pruned.numel():
-        raise ValueError(f"{what}: filter indices must be distinct, got duplicates in {pruned.tolist()}")
+    values, counts = torch.unique(pruned, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{what}: filter indices must be distinct, got duplicates {values[counts > 1].tolist()[:10]}")
 
 
 def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
