@@ -447,3 +447,17 @@ def test_zero_out_makes_removal_exact(make, seed):
     small.eval()
     torch.testing.assert_close(small(x), net(x), rtol=1e-12, atol=1e-12)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in net.parameters())
+
+
+def test_zero_pruned_clears_every_pruned_parameter_now():
+    net = InvertedResidualNet()
+    reg = TPPRegularizer(net, {"expand": 0.5}, schedule=TINY)
+    idx = reg.pruned["expand"]
+    largest = max(float(p[idx].abs().max()) for p in (net.expand.weight, net.dw.weight, net.bn1.weight, net.bn2.weight))
+    assert reg.zero_pruned() == largest > 0
+    for p in (net.expand.weight, net.dw.weight, net.bn1.weight, net.bn1.bias, net.bn2.weight, net.bn2.bias):
+        assert not p[idx].any()
+    kept = torch.ones(12, dtype=torch.bool)
+    kept[idx] = False
+    assert net.expand.weight[kept].abs().min() > 0 and net.bn1.weight[kept].min() > 0
+    assert reg.zero_pruned() == 0.0

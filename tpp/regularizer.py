@@ -250,6 +250,19 @@ class TPPRegularizer:
                                       bn_idx, r / 2)
 
     @torch.no_grad()
+    def zero_pruned(self) -> float:
+        """Set every pruned W, b, γ, β (and carrier rows) to 0 now, as the zero-out does; returns the largest
+        magnitude that was cleared (0.0 when the schedule's zero-out had already done it)."""
+        cleared = 0.0
+        for layer, i in zip(self._layers, self._indices()):
+            for p in layer.all_params():
+                rows = p.index_select(0, i)
+                if rows.numel():
+                    cleared = max(cleared, float(rows.abs().max()))
+                p.index_fill_(0, i, 0)
+        return cleared
+
+    @torch.no_grad()
     def step(self) -> None:
         """Mark one training iteration done: zero the pruned W, b, γ, β of every layer whose zero-out is due
         (see :class:`GrowingSchedule`), then advance the schedule."""
