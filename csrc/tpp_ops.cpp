@@ -13,7 +13,7 @@
 //
 // Launches per call on CUDA, L = layers with p > 0, T = weight dtypes among them (usually 1):
 //   gram_penalty_fwd       1 positions + T gathers + L GEMMs + 1 loss partials + 1 sum        = L + T + 3
-//   gram_penalty_bwd       1 positions + T gathers + 2L GEMMs + T' gradient writes            = 2L + 2T + 1
+//   gram_penalty_bwd       1 positions + T gathers + 2L GEMMs + T' gradient writes            = 2L + T + T' + 1
 //                          (T' = dtypes of all layers: p = 0 layers get their zero gradient there)
 //   gram_penalty_add_grad  1 positions + T gathers + 3L GEMMs + T gradient updates            = 3L + 2T + 1
 //   bn_penalty_fwd / _bwd / _add_grad: T partials + 1 sum / T' writes / T updates
