@@ -274,6 +274,7 @@ double gram_scale(int64_t n, bool mean) {
 
 // outs[l] (= or +=) scale · g · ∂L_l/∂W_l, with g = *scale_ptr (or 1): rows P from R W, rows K from Rᵀ W_P —
 // two GEMMs per active layer, then one gradient launch per dtype. Unless accumulating, layers with p = 0 get 0.
+// Rᵀ W_P is computed for all N rows (p²D wasted MACs on the P rows) so that no R[:, K] has to be gathered.
 void gram_grads(const std::vector<Layer>& layers, const Plan& plan, const Tensor& r,
                 const std::vector<int64_t>& o_r, const std::vector<Tensor>& outs, double scale,
                 const Tensor& scale_tensor, bool mean, bool accumulate, const Kernels& kernels) {

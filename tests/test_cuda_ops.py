@@ -5,7 +5,9 @@ found; cached by source hash) and loads it; without a CUDA toolkit every test he
 (buffers, GEMMs, launch tables) is shared by CPU and CUDA, so the CPU runs check all of it but the CUDA kernel bodies;
 on a machine with a GPU the same tests also run on CUDA tensors.
 """
+import importlib
 import shutil
+import sys
 
 import pytest
 import torch
@@ -104,6 +106,18 @@ def test_a_finished_build_is_reused_without_compiling(tmp_path, monkeypatch):
     (directory / "tpp_cuda.so").write_bytes(b"")
     (directory / "build.done").write_text("0 s\n")
     assert cuda_build.build(with_cuda=False) == directory / "tpp_cuda.so"
+
+
+def test_import_error_when_neither_built_nor_buildable(ops, monkeypatch):
+    def cannot_build(**kwargs):
+        raise cuda_build.BuildError("ninja is not installed (pip install ninja)")
+
+    monkeypatch.setattr(cuda_build, "build", cannot_build)
+    monkeypatch.delitem(sys.modules, "tpp.cuda_ops")  # restored afterwards
+    with pytest.raises(ImportError, match="neither built nor buildable here: ninja is not installed"):
+        importlib.import_module("tpp.cuda_ops")
+    with pytest.raises(ValueError, match="backend 'cuda' is unavailable: .*ninja"):
+        TPPRegularizer(make_net(0), 0.5, schedule=TINY, backend="cuda")
 
 
 # --- gram: values and gradients against float64 -------------------------------------------------------------
