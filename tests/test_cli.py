@@ -1,0 +1,204 @@
+"""The ``tpp`` command: a whole run on the digits writes every artifact (and the pruned model reloads), resume and
+--weights reuse, and every bad input exits 2 with a message naming the value and the allowed ones, creating and
+overwriting nothing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpp import load_pruned
+from tpp.cli import main
+from tpp.data import build_loader, load_digits_split
+from tpp.models import build_model
+from tpp.pipeline import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--delta", "0.5", "--stabilize-iters", "4", "--zero-out-interval", "1", "--finetune-epochs", "1",
+        "--lr-milestones", "1", "--batch-size", "128", "--jsv-samples", "8", "--quiet"]
+CNN = ["--model", "digits_cnn", "--data", "digits", "--ratio", "features.3:0.5,features.7:0.5"]
+ARTIFACTS = {"config.json", "metrics.json", "report.md", "strength_penalty.png", "accuracy.png", "jsv.png",
+             "pruned.pt", "pretrained.pt"}
+
+
+@pytest.fixture(scope="module")
+def tpp_run(tmp_path_factory):
+    """One whole `tpp prune` run (pretraining 1 epoch here) into a folder already holding a foreign file."""
+    out = tmp_path_factory.mktemp("runs") / "cnn-tpp"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = main(["prune", *CNN, "--method", "tpp", "--pretrain-epochs", "1", "--out", str(out), "--overwrite",
+                 "--keep-checkpoint", *TINY])
+    assert code == 0
+    return out
+
+
+def test_prune_writes_every_artifact(tpp_run, capsys):
+    files = {p.name for p in tpp_run.iterdir()}
+    assert ARTIFACTS | {"notes.txt", "checkpoint.pt"} == files
+    assert (tpp_run / "notes.txt").read_text() == "mine"
+    config = json.loads((tpp_run / "config.json").read_text())
+    assert config["model"] == "digits_cnn" and config["method"] == "tpp" and config["pretrain_epochs"] == 1
+    assert config["recipe"]["name"] == "demo" and config["recipe"]["schedule"]["delta"] == 0.5
+    assert config["run"]["reg_iters"] == 6 and config["command"].startswith("tpp prune --model digits_cnn")
+    metrics = json.loads((tpp_run / "metrics.json").read_text())
+    m = metrics["metrics"]
+    assert metrics["method"] == "tpp" and m["flops"]["speedup"] > 1 and m["params"]["pruned"] < m["params"]["base"]
+    assert [r["iteration"] for r in metrics["history"]["regularize"]] == list(range(1, 7))
+    assert m["accuracy"]["after_removal"] == m["accuracy"]["before_removal"]
+    report = (tpp_run / "report.md").read_text()
+    assert "![strength_penalty](strength_penalty.png)" in report and "| `features.3` | 16 |" in report
+    for png in ("strength_penalty.png", "accuracy.png", "jsv.png"):
+        assert (tpp_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the pruned model reloads onto the unpruned architecture and reproduces the final accuracy
+    pruned = load_pruned(build_model("digits_cnn"), tpp_run / "pruned.pt", arch="digits_cnn")
+    assert pruned.features[3].out_channels == 16 and pruned.features[7].out_channels == 32
+    saved = torch.load(tpp_run / "pruned.pt", weights_only=True)
+    assert saved["extra"]["method"] == "tpp" and saved["extra"]["data"] == "digits"
+    _, test = load_digits_split(seed=0)
+    assert evaluate(pruned, build_loader(test, 512, train=False))[0] == pytest.approx(m["accuracy"]["final"])
+
+
+def test_weights_and_resume_reuse_a_run(tpp_run, tmp_path, capsys):
+    out = tmp_path / "l1"
+    code = main(["prune", *CNN, "--method", "l1", "--weights", str(tpp_run / "pretrained.pt"), "--out", str(out),
+                 *TINY])
+    assert code == 0
+    files = {p.name for p in out.iterdir()}
+    assert files == ARTIFACTS - {"pretrained.pt", "strength_penalty.png"}          # nothing trained or regularized
+    base = json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"]["base"]
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["accuracy"]["base"] == base
+    assert "l1" in capsys.readouterr().out
+    # resuming the finished run rewrites its artifacts in its own folder
+    before = json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"]
+    code = main(["prune", *CNN, "--method", "tpp", "--resume", str(tpp_run / "checkpoint.pt"), "--keep-checkpoint",
+                 *TINY])
+    assert code == 0
+    assert json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"] == before
+
+
+def _fails(args, capsys, *needles, out=None):
+    """Run `tpp` with ``args``; it must exit 2 naming every needle, and leave ``out`` as it was."""
+    snapshot = None
+    if out is not None and out.exists():
+        snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("tpp prune: error: ")
+    for needle in needles:
+        assert needle in err, err
+    if out is not None:
+        if snapshot is None:
+            assert not out.exists()
+        else:
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+    return err
+
+
+def test_unknown_names_exit_2(tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["prune", "--data", "digits", "--ratio", "0.5", "--out", str(out)]
+    _fails([*base, "--model", "resnet9000"], capsys, "unknown model 'resnet9000'", "resnet56", "digits_cnn",
+           "torchvision:<name>", out=out)
+    _fails([*base, "--model", "torchvision:nonet"], capsys, "'nonet' is not a torchvision classifier", "resnet18",
+           out=out)
+    _fails([*base, "--model", "mlp7", "--method", "magic"], capsys, "unknown method 'magic'",
+           "tpp, l1, greg, diagonal, no-bn, kernorth, orthconv, orthp, scratch", out=out)
+    _fails(["prune", "--model", "mlp7", "--data", "svhn", "--ratio", "0.5", "--out", str(out)], capsys,
+           "unknown dataset 'svhn'", "cifar10", "digits", out=out)
+    _fails([*base, "--model", "mlp7", "--recipe", "fast"], capsys, "unknown recipe 'fast'", "cifar, imagenet, demo",
+           out=out)
+
+
+@pytest.mark.parametrize("ratio,needle", [("1", "[0, 1)"), ("1.5", "[0, 1)"), ("-0.1", "[0, 1)"),
+                                          ("nan", "[0, 1)"), ("features.3:1.0", "[0, 1)"),
+                                          ("features.3:x", "'x' is not a number"),
+                                          ("nothing*:0.5", "matches no Conv2d/Linear layer"),
+                                          ("features.3:0", "prunes no layer")])
+def test_bad_ratio_exits_2(ratio, needle, tmp_path, capsys):
+    out = tmp_path / "o"
+    _fails(["prune", *CNN[:4], "--ratio", ratio, "--out", str(out)], capsys, f"--ratio {ratio!r}", needle, out=out)
+
+
+def test_missing_data_root_exits_2(tmp_path, capsys):
+    out = tmp_path / "o"
+    _fails(["prune", "--model", "resnet20", "--data", "cifar10", "--ratio", "0.5", "--out", str(out)], capsys,
+           "--data-root", out=out)
+    missing = tmp_path / "no-such-dir"
+    _fails(["prune", "--model", "resnet20", "--data", "cifar10", "--data-root", str(missing), "--ratio", "0.5",
+            "--out", str(out)], capsys, str(missing), "download", out=out)
+    assert not missing.exists()
+
+
+def test_non_empty_output_folder_exits_2(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.json").write_text("keep me")
+    _fails(["prune", *CNN, "--pretrain-epochs", "1", "--out", str(out), *TINY], capsys,
+           f"--out {out} exists and is not empty", "--overwrite", out=out)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    _fails(["prune", *CNN, "--pretrain-epochs", "1", "--out", str(not_a_folder), *TINY], capsys,
+           "is not a folder")
+    assert not_a_folder.read_text() == "x"
+
+
+def test_weights_or_checkpoint_for_another_architecture_exit_2(tmp_path, capsys, tpp_run):
+    out = tmp_path / "o"
+    mlp_weights = tmp_path / "mlp.pt"
+    torch.save(build_model("mlp7", in_features=64).state_dict(), mlp_weights)
+    _fails(["prune", *CNN, "--weights", str(mlp_weights), "--out", str(out), *TINY], capsys,
+           f"--weights {mlp_weights} was written for another architecture than --model digits_cnn", out=out)
+    _fails(["prune", *CNN, "--weights", str(tmp_path / "none.pt"), "--out", str(out), *TINY], capsys,
+           "no such file", out=out)
+    _fails(["prune", "--model", "mlp7", "--data", "digits", "--ratio", "0.5", "--method", "tpp", "--resume",
+            str(tpp_run / "checkpoint.pt"), "--out", str(out), *TINY], capsys,
+            "written for another architecture", "(--model mlp7)", out=out)
+    _fails(["prune", *CNN, "--method", "l1", "--resume", str(tpp_run / "checkpoint.pt"), "--out", str(out),
+            *TINY], capsys, "method 'tpp'", out=out)
+    _fails(["prune", *CNN, "--resume", str(tpp_run / "pruned.pt"), "--out", str(out), *TINY], capsys,
+           "not a tpp run checkpoint", out=out)
+    _fails(["prune", *CNN, "--weights", str(tpp_run / "checkpoint.pt"), "--out", str(out), *TINY], capsys,
+           "--resume", out=out)
+
+
+def test_other_usage_errors_exit_2(tmp_path, capsys):
+    out = tmp_path / "o"
+    _fails(["prune", *CNN, "--pretrain-epochs", "0", "--out", str(out), *TINY], capsys, "no model to prune",
+           "--weights", out=out)
+    _fails(["prune", *CNN, "--method", "tpp", "--reg-iters", "3", "--pretrain-epochs", "1", "--out", str(out),
+            *TINY], capsys, "--reg-iters", out=out)
+    _fails(["prune", *CNN, "--interval", "0", "--out", str(out), *TINY], capsys, "--interval", out=out)
+    _fails(["prune", "--model", "resnet20", "--data", "digits", "--ratio", "0.5", "--pretrain-epochs", "1",
+            "--out", str(out), *TINY], capsys, "cannot take --data digits inputs of shape (1, 8, 8)", out=out)
+    with pytest.raises(SystemExit) as exc:     # malformed flags: argparse's own exit 2
+        main(["prune", *CNN, "--finetune-epochs", "-3"])
+    assert exc.value.code == 2
+
+
+def test_python_dash_m_tpp(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "tpp", "list"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0 and "orthconv" in ok.stdout and "digits_cnn" in ok.stdout and "recipes:" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "tpp", "prune", "--model", "mlp7", "--data", "digits", "--ratio",
+                          "0.5", "--method", "nope"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
+    assert list(tmp_path.iterdir()) == []      # no runs/ folder created
+
+
+def test_progress_printer_without_a_terminal():
+    import io
+
+    from tpp.cli import _Progress
+
+    stream = io.StringIO()
+    progress = _Progress(stream)
+    for i in range(1, 101):
+        progress("regularize", i, 100, {"strength": i / 100, "phase": "grow"})
+    progress("finetune", 1, 0, {"epoch": 1})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 12 and "1/100" in lines[0] and "100/100 strength=1 " in lines[10] and "finetune" in lines[11]
