@@ -22,6 +22,7 @@
 // torch's matmul precision (torch.backends.cuda.matmul.allow_tf32 / torch.set_float32_matmul_precision).
 // Reductions: one partial per chunk of entries, then one fixed-order sum: deterministic, no atomics.
 // Nothing reads device memory on the host: the incoming gradient / scale tensor is read by the kernels.
+// With nothing pruned, no kernel of ours runs: the loss is a zero tensor, the gradients zero tensors.
 #include "tpp_ops.h"
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +30,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -355,7 +357,8 @@ std::vector<Tensor> gram_penalty_bwd(const Tensor& grad, TensorList weights, Ten
                     "r must be the contiguous float32 R of gram_penalty_fwd (", r_numel, " elements on ", device,
                     "), got ", dtype_name(r.scalar_type()), " of shape ", r.sizes(), " on ", r.device());
   std::vector<Tensor> outs;
-  for (const Layer& y : layers) outs.push_back(at::empty_like(y.w));
+  for (const Layer& y : layers) outs.push_back(r_numel == 0 ? at::zeros_like(y.w) : at::empty_like(y.w));
+  if (r_numel == 0) return outs;
   const Kernels& kernels = kernels_for(device);
   const Plan plan = make_plan(layers, kernels);
   gram_grads(layers, plan, r, o_r, outs, 1.0, g, mean, /*accumulate=*/false, kernels);
@@ -429,9 +432,11 @@ std::vector<Tensor> bn_penalty_bwd(const Tensor& grad, TensorList values, Tensor
   const c10::Device device = layers[0].w.device();
   c10::DeviceGuard guard(device);
   const Tensor g = scalar_on(grad, device, "grad");
+  bool any_pruned = false;
+  for (const Layer& y : layers) any_pruned = any_pruned || y.p > 0;
   std::vector<Tensor> outs;
-  for (const Layer& y : layers) outs.push_back(at::empty_like(y.w));
-  bn_grads(layers, outs, 1.0, g, /*accumulate=*/false);
+  for (const Layer& y : layers) outs.push_back(any_pruned ? at::empty_like(y.w) : at::zeros_like(y.w));
+  if (any_pruned) bn_grads(layers, outs, 1.0, g, /*accumulate=*/false);
   return outs;
 }
 

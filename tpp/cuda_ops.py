@@ -36,6 +36,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _load() -> str:
+    """Load ``tpp._C`` (refusing one built from other sources than csrc/), else the just-in-time build."""
     spec = importlib.util.find_spec("tpp._C")
     if spec is not None and spec.origin:
         torch.ops.load_library(spec.origin)
@@ -69,8 +70,8 @@ def has_cuda_kernels() -> bool:
 
 
 def build(verbose: bool = False) -> Path:
-    """(Re)build the extension for the current sources (see :func:`tpp.cuda_build.build`); takes effect in new
-    processes — the library loaded by this one stays."""
+    """Build the extension for the current sources unless that build exists (:func:`tpp.cuda_build.build`);
+    a new build takes effect in new processes — the library loaded by this one stays."""
     return cuda_build.build(verbose=verbose)
 
 
