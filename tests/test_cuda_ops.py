@@ -11,11 +11,10 @@ import sys
 
 import pytest
 import torch
+from test_regularizer import TINY, make_net
 from tolerances import TOLERANCES, assert_close_to_reference
-from torch import nn
-from torch.nn import functional as F
 
-from tpp import GrowingSchedule, TPPRegularizer, cuda_build, reference
+from tpp import TPPRegularizer, cuda_build, reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -117,7 +116,7 @@ def test_import_error_when_neither_built_nor_buildable(ops, monkeypatch):
     with pytest.raises(ImportError, match="neither built nor buildable here: ninja is not installed"):
         importlib.import_module("tpp.cuda_ops")
     with pytest.raises(ValueError, match="backend 'cuda' is unavailable: .*ninja"):
-        TPPRegularizer(make_net(0), 0.5, schedule=TINY, backend="cuda")
+        TPPRegularizer(make_net(0, torch.float32), 0.5, schedule=TINY, backend="cuda")
 
 
 # --- gram: values and gradients against float64 -------------------------------------------------------------
@@ -441,39 +440,9 @@ def test_ops_check_their_arguments(ops):
 
 # --- TPPRegularizer(backend="cuda") -------------------------------------------------------------------------------
 
-TINY = GrowingSchedule(delta=0.25, interval=2, ceiling=1.0, stabilize_iters=12, zero_out_interval=3)
-
-
-class SmallNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 11, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(11, affine=True)
-        self.conv3 = nn.Conv2d(11, 7, 1)
-        self.fc = nn.Linear(7, 5)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.conv3(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def make_net(seed):
-    torch.manual_seed(seed)
-    net = SmallNet()
-    with torch.no_grad():
-        for bn in (net.bn1, net.bn2):
-            bn.weight.normal_()
-            bn.bias.normal_()
-    return net
-
-
 @pytest.mark.parametrize("path", ["penalty", "apply_gradients"])
 def test_regularizer_cuda_backend_equals_torch_backend(ops, path, seed, monkeypatch):
-    nets = {name: make_net(seed) for name in ("torch", "cuda", "env")}
+    nets = {name: make_net(seed, torch.float32) for name in ("torch", "cuda", "env")}
     regs = {"torch": TPPRegularizer(nets["torch"], 0.5, schedule=TINY, backend="torch"),
             "cuda": TPPRegularizer(nets["cuda"], 0.5, schedule=TINY, backend="cuda")}
     monkeypatch.setenv("TPP_BACKEND", "cuda")
