@@ -24,10 +24,17 @@ Phases:
    in ``lr_milestones``, no TPP regularizer (L1 + KernOrth/OrthConv add theirs here).
 
 ``RECIPES`` holds the paper's settings (tpp-method.md §10) and the scaled-down demo recipe.
+
+Every device-, process- and precision-specific action of the loops goes through a :class:`TrainHooks` object
+(``hooks=`` of :func:`run_pruning` and :func:`train`): placing and wrapping the model, the data order of each pass,
+one optimization step, evaluation, agreement checks and checkpoint files. The default hooks are plain
+single-process training; :mod:`tpp.train` supplies DDP, AMP, channels_last, distributed samplers and managed
+checkpoints through the same loops.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -46,7 +53,7 @@ from .schedule import GrowingSchedule
 from .selection import RatioSpec, select_filters
 
 __all__ = ["Recipe", "RECIPES", "default_recipe", "PruneResult", "run_pruning", "train", "evaluate",
-           "zero_pruned_", "model_signature", "CHECKPOINT_VERSION"]
+           "zero_pruned_", "model_signature", "CHECKPOINT_VERSION", "TrainHooks", "LR_SCHEDULES"]
 
 Progress = Callable[[str, int, int, dict], None]
 CHECKPOINT_VERSION = 1
@@ -166,43 +173,199 @@ def _sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> t
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+LR_SCHEDULES = ("step", "cosine")
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, milestones: Sequence[int],
+                  gamma: float):
+    """Per-epoch learning rate: ``"step"`` (×gamma at each milestone) or ``"cosine"`` (to 0 over ``epochs``)."""
+    if schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(epochs), 1))
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+
+@torch.no_grad()
+def _eval_counts(model: nn.Module, loader: Iterable, hooks: "TrainHooks", device: torch.device) -> Tensor:
+    """``[samples, top-1 correct, top-5 correct, summed cross-entropy]`` (float64, on ``device``) of ``model`` in
+    eval mode; one host sync at the end, none per batch."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(4, dtype=torch.float64, device=device)
+    try:
+        for x, y in _batches(loader):
+            x, y = hooks.inputs(x, y, device)
+            with hooks.autocast():
+                out = model(x)
+            out = out.float()
+            k = min(5, out.shape[1])
+            top = out.topk(k, dim=1).indices
+            hit = top == y.unsqueeze(1)
+            counts += torch.stack([torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
+                                   hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
+                                   F.cross_entropy(out, y, reduction="sum").double()])
+    finally:
+        model.train(was_training)
+    return counts
+
+
+class TrainHooks:
+    """What the loops of :func:`run_pruning` and :func:`train` do at each device-, process- or file-specific point.
+
+    This default is plain single-process training (what the pipeline always did); :mod:`tpp.train.engine`
+    overrides it for DDP (torchrun), AMP with a GradScaler, channels_last, per-epoch distributed samplers, evaluation
+    all-reduced across ranks, agreement checks before removal and managed checkpoint folders. Every method is called
+    on every rank at the same point of the run, so an override may use collectives.
+    """
+
+    #: pass ``loss.item()`` to ``progress`` every iteration (a host sync); ``False`` passes the detached tensor
+    sync_loss: bool = True
+
+    def place(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """Put ``model`` (the bare module) where it trains: device, memory format; make ranks agree on its weights."""
+        return model.to(device)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module forward/backward run on (DDP around ``model``); called again after removal."""
+        return model
+
+    def inputs(self, x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def autocast(self):
+        """The autocast context of forward passes (training and evaluation)."""
+        return _NullContext()
+
+    def batches(self, loader: Iterable, phase: str, epoch: int, skip: int = 0) -> Iterable[tuple[Tensor, Tensor]]:
+        """The batches of pass ``epoch`` (0-based, per phase) over ``loader``, without its first ``skip`` batches
+        (a resumed pass); calls ``sampler.set_epoch(epoch)`` when the loader's sampler has it."""
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        batches = _batches(loader)
+        return itertools.islice(batches, skip, None) if skip else batches
+
+    def train_step(self, net: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                   regularizer=None) -> Tensor:
+        """One optimization step on ``(x, y)``: zero grads, forward, cross-entropy, backward, the regularizer's
+        ``apply_gradients()``, ``optimizer.step()``. Returns the detached loss. (``regularizer.step()`` is the
+        caller's.)"""
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        if regularizer is not None:
+            regularizer.apply_gradients()
+        optimizer.step()
+        return loss.detach()
+
+    def mean(self, value: Tensor) -> Tensor:
+        """``value`` averaged over ranks (identity in one process)."""
+        return value
+
+    def sum(self, value: Tensor) -> Tensor:
+        """``value`` summed over ranks (identity in one process)."""
+        return value
+
+    def sync(self, model: nn.Module) -> None:
+        """Make every rank's copy of ``model`` identical (buffers, e.g. BN running statistics) before it is
+        evaluated, saved or pruned."""
+
+    def agree(self, what: str, value) -> None:
+        """Raise unless ``value`` (tensors, dicts, lists, numbers, strings) is identical on every rank."""
+
+    def evaluate(self, model: nn.Module, loader: Iterable, device: torch.device) -> dict:
+        """``{"acc", "top5", "loss"}`` (%, %, mean cross-entropy) of ``model`` on ``loader``, over all ranks."""
+        self.sync(model)
+        n, top1, top5, loss = self.sum(_eval_counts(model, loader, self, device)).tolist()
+        if n == 0:
+            raise ValueError("the test loader yields no samples")
+        return {"acc": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
+
+    def state_dict(self) -> dict:
+        """Extra state saved in checkpoints (scaler, per-rank RNG states, ...)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
+
+    def save(self, state: dict, path: Path, event: str) -> None:
+        """Write checkpoint ``state`` to ``path`` (atomically: temporary file, then rename). ``event`` is
+        ``"start"``, ``"iteration"``, ``"removed"``, ``"epoch"`` or ``"done"``."""
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: Path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+DEFAULT_HOOKS = TrainHooks()
+
+
 def train(model: nn.Module, train_loader: Iterable, epochs: int, lr: float, *, momentum: float = 0.9,
           weight_decay: float = 5e-4, milestones: Sequence[int] = (), gamma: float = 0.1,
           test_loader: Optional[Iterable] = None, device: Optional[torch.device] = None,
           progress: Optional[Progress] = None, phase: str = "train", regularizer=None,
           optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None, start_epoch: int = 0,
-          on_epoch_end: Optional[Callable[[int, list], None]] = None, history: Optional[list] = None) -> list[dict]:
+          on_epoch_end: Optional[Callable[[int, list], None]] = None, history: Optional[list] = None,
+          hooks: Optional[TrainHooks] = None, net: Optional[nn.Module] = None, start_batch: int = 0,
+          running: Optional[Mapping] = None,
+          on_iteration_end: Optional[Callable[[int, int, dict], None]] = None) -> list[dict]:
     """Plain SGD training (cross-entropy) for ``epochs`` epochs with a step-decay learning rate; used for
     pretraining and finetuning. ``regularizer`` (anything with ``apply_gradients()``/``step()``) is applied every
-    iteration. Returns per-epoch records ``{"epoch", "lr", "train_loss", "test_acc"?, "test_loss"?}``."""
+    iteration. Returns per-epoch records ``{"epoch", "lr", "train_loss", "time_s", "test_acc"?, "test_top5"?,
+    "test_loss"?}``.
+
+    ``hooks`` (:class:`TrainHooks`) does the steps, data passes and evaluation; ``net`` is the module the steps run
+    on (e.g. DDP around ``model``; default ``model``). ``start_epoch``/``start_batch``/``running`` resume inside an
+    epoch: skip its first ``start_batch`` batches, with ``running = {"loss_sum", "seen"}`` of the batches done.
+    ``on_iteration_end(epoch, batches_done, running)`` is called after every step (0-based epoch)."""
+    hooks = hooks or DEFAULT_HOOKS
+    net = model if net is None else net
     device = device or _device_of(model)
     optimizer = optimizer or _sgd(model, lr, momentum, weight_decay)
     scheduler = scheduler or torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
     history = [] if history is None else history
     steps_per_epoch = _len_or_none(train_loader)
     for epoch in range(start_epoch, epochs):
-        model.train()
+        net.train()
         lr_now = optimizer.param_groups[0]["lr"]
-        total_loss, seen = 0.0, 0
-        for i, (x, y) in enumerate(_batches(train_loader)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            if regularizer is not None:
-                regularizer.apply_gradients()
-            optimizer.step()
+        t0 = time.perf_counter()
+        skip = start_batch if epoch == start_epoch else 0
+        resumed = running if (epoch == start_epoch and skip and running) else {}
+        total_loss = torch.tensor(float(resumed.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
+        seen = int(resumed.get("seen", 0))
+        for i, (x, y) in enumerate(hooks.batches(train_loader, phase, epoch, skip), start=skip):
+            x, y = hooks.inputs(x, y, device)
+            loss = hooks.train_step(net, optimizer, x, y, regularizer)
             if regularizer is not None:
                 regularizer.step()
-            total_loss += loss.item() * y.numel()
+            total_loss += loss.double() * y.numel()
             seen += y.numel()
             if progress is not None:
                 progress(phase, epoch * (steps_per_epoch or 0) + i + 1, epochs * (steps_per_epoch or 0),
-                         {"epoch": epoch + 1, "epochs": epochs, "loss": loss.item(), "lr": lr_now})
+                         {"epoch": epoch + 1, "epochs": epochs, "loss": loss.item() if hooks.sync_loss else loss,
+                          "lr": lr_now})
+            if on_iteration_end is not None:
+                on_iteration_end(epoch, i + 1, {"loss_sum": total_loss, "seen": seen})
         scheduler.step()
-        record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": total_loss / max(seen, 1)}
+        loss_sum, count = hooks.sum(torch.stack([total_loss, torch.tensor(float(seen), dtype=torch.float64,
+                                                                          device=device)])).tolist()
+        record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": loss_sum / max(count, 1),
+                  "time_s": time.perf_counter() - t0}
         if test_loader is not None:
-            record["test_acc"], record["test_loss"] = evaluate(model, test_loader, device)
+            result = hooks.evaluate(model, test_loader, device)
+            record["test_acc"], record["test_top5"], record["test_loss"] = result["acc"], result["top5"], \
+                result["loss"]
         history.append(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history)
@@ -322,6 +485,9 @@ def run_pruning(
     checkpoint: Union[str, os.PathLike, None] = None,
     checkpoint_every: Optional[int] = None,
     resume: Union[str, os.PathLike, Mapping, None] = None,
+    hooks: Optional[TrainHooks] = None,
+    lr_schedule: str = "step",
+    finetune_checkpoint_every: Optional[int] = None,
 ) -> PruneResult:
     """Prune ``model`` with ``method`` at ``ratio`` (a float, ``"pattern:ratio,..."`` or dict) and finetune it.
 
@@ -346,8 +512,14 @@ def run_pruning(
             ``checkpoint_every`` regularization iterations (default: 10 per run), after removal and after every
             finetuning epoch (atomically, replacing the previous one).
         resume: such a checkpoint (path or loaded dict) to continue from; ``model`` must be the same architecture
-            (unpruned), and ``method``/``ratio``/``skip`` the same. Data order restarts with a new pass over the
-            loaders.
+            (unpruned), and ``method``/``ratio``/``skip`` the same. The data position is restored: the interrupted
+            pass over the training loader continues without the batches it had already used (its order is the
+            loader's business: exact when the loader's order is a function of the pass, as with ``tpp.train``'s
+            samplers).
+        hooks: a :class:`TrainHooks` doing the device/process-specific steps (default: single process, as is).
+        lr_schedule: finetuning learning rate per epoch, ``"step"`` (``lr_milestones``, ``lr_gamma``) or
+            ``"cosine"`` (to 0 over ``finetune_epochs``).
+        finetune_checkpoint_every: also checkpoint every this many finetuning iterations (default: per epoch only).
 
     Returns a :class:`PruneResult`. Raises ``ValueError`` for an unknown method, a bad ratio spec, or a checkpoint
     that does not match.
@@ -368,6 +540,8 @@ def run_pruning(
     _check_count(reg_iters, "reg_iters")
     _check_count(finetune_epochs, "finetune_epochs")
     _check_count(jsv_samples, "jsv_samples")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     for name, value in (("reg_lr", reg_lr), ("finetune_lr", finetune_lr)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -388,17 +562,21 @@ class _Run:
         self.a = a
         self.method: Method = a["method"]
         model = a["model"]
+        self.hooks: TrainHooks = a["hooks"] or DEFAULT_HOOKS
         self.model = model if a["inplace"] else copy.deepcopy(model)
         self.device = torch.device(a["device"]) if a["device"] is not None else _device_of(self.model)
-        self.model.to(self.device)
+        self.model = self.hooks.place(self.model, self.device)
+        self.net = self.model                       # what the training steps run on (hooks.wrap(model))
         self.signature = model_signature(self.model)
         self.progress = a["progress"]
         self.stage, self.iteration, self.epoch = "base", 0, 0
+        self.data_epoch, self.data_batch = 0, 0     # regularization: pass over the training data, batches used in it
+        self.ft_batch, self.ft_running = 0, None    # finetuning: batches done in the current epoch, their loss sum
         self.pruned: Optional[dict[str, Tensor]] = None
         self.reg = None
         self.optimizer, self.scheduler, self.ft_reg = None, None, None
         self.history: dict = {"regularize": [], "finetune": []}
-        self.metrics: dict = {"accuracy": {}, "loss": {}, "jsv_mean": {}, "jsv": {}, "time_s": {}}
+        self.metrics: dict = {"accuracy": {}, "top5": {}, "loss": {}, "jsv_mean": {}, "jsv": {}, "time_s": {}}
         self.config = self._config()
         if a["seed"] is not None:
             torch.manual_seed(a["seed"])
@@ -417,14 +595,16 @@ class _Run:
             "momentum": a["momentum"], "weight_decay": a["weight_decay"], "finetune_epochs": a["finetune_epochs"],
             "finetune_lr": a["finetune_lr"], "lr_milestones": list(a["lr_milestones"]), "lr_gamma": a["lr_gamma"],
             "orth_weight": a["orth_weight"], "jsv_samples": a["jsv_samples"], "seed": a["seed"],
-            "device": str(self.device), "backend": a["backend"],
+            "device": str(self.device), "backend": a["backend"], "lr_schedule": a["lr_schedule"],
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self) -> None:
+    def _save(self, event: str) -> None:
         path = self.a["checkpoint"]
         if path is None:
             return
+        self.hooks.sync(self.model)
+        running = self.ft_running or {}
         state = {
             "version": CHECKPOINT_VERSION, "stage": self.stage, "iteration": self.iteration, "epoch": self.epoch,
             "method": self.method.name, "ratio": _ratio_key(self.a["ratio"]), "skip": self.config["skip"],
@@ -433,18 +613,19 @@ class _Run:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "regularizer": self.reg.state_dict() if self.reg is not None else None,
             "history": self.history, "metrics": self.metrics, "rng": torch.get_rng_state(),
+            "data": {"epoch": self.data_epoch, "batch": self.data_batch},
+            "finetune_position": {"batch": self.ft_batch, "loss_sum": float(running.get("loss_sum", 0.0)),
+                                  "seen": int(running.get("seen", 0))},
+            "hooks": self.hooks.state_dict(),
         }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        self.hooks.save(state, Path(path), event)
 
     def _restore(self, state) -> None:
         if not isinstance(state, Mapping):
             path = Path(state)
             if not path.is_file():
                 raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = self.hooks.load(path)
         if not isinstance(state, Mapping) or state.get("version") != CHECKPOINT_VERSION or "signature" not in state:
             raise ValueError("resume: not a tpp pipeline checkpoint (version "
                              f"{state.get('version') if isinstance(state, Mapping) else None}, expected "
@@ -456,13 +637,21 @@ class _Run:
                 raise ValueError(f"the resume checkpoint is for {key} {state[key]!r}, this run has {mine!r}")
         self.stage, self.iteration, self.epoch = state["stage"], state["iteration"], state["epoch"]
         self.history, self.metrics = state["history"], state["metrics"]
+        self.metrics.setdefault("top5", {})
+        data = state.get("data") or {}
+        self.data_epoch, self.data_batch = int(data.get("epoch", 0)), int(data.get("batch", 0))
+        position = state.get("finetune_position") or {}
+        self.ft_batch = int(position.get("batch", 0))
+        self.ft_running = {"loss_sum": position.get("loss_sum", 0.0), "seen": position.get("seen", 0)} \
+            if self.ft_batch else None
         torch.set_rng_state(state["rng"])
         if state["pruned"] is not None:
             from .surgery import prune_model
             self.pruned = {k: v for k, v in state["pruned"].items()}
             self.model = prune_model(self.model, self.pruned)
         self.model.load_state_dict(state["model"])
-        self.model.to(self.device)
+        self.model = self.hooks.place(self.model, self.device)
+        self.net = self.model
         if self.stage == "regularize":
             self._make_reg_optimizer()
             if state["regularizer"] is not None:
@@ -473,6 +662,7 @@ class _Run:
             if state["optimizer"] is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
+        self.hooks.load_state_dict(state.get("hooks") or {})
 
     # ----------------------------------------------------------------------- stages
     def run(self) -> PruneResult:
@@ -485,7 +675,7 @@ class _Run:
             self.metrics["flops"] = {"base": count_flops(self.model, self.example)}
             self.stage = "regularize"
             self._make_reg_optimizer()
-            self._save()
+            self._save("start")
         if self.stage == "regularize":
             t0 = time.perf_counter()
             self._regularize()
@@ -497,7 +687,7 @@ class _Run:
             self._add_time("remove", time.perf_counter() - t0)
             self.stage = "finetune"
             self._make_finetune_optimizer()
-            self._save()
+            self._save("removed")
         if self.stage == "finetune":
             t0 = time.perf_counter()
             self._finetune()
@@ -506,7 +696,7 @@ class _Run:
             self._measure("final", self.model)
             accs = [r["test_acc"] for r in self.history["finetune"] if "test_acc" in r]
             self.metrics["accuracy"]["best"] = max(accs) if accs else self.metrics["accuracy"]["final"]
-            self._save()
+            self._save("done")
         self._add_time("total", time.perf_counter() - start)
         return PruneResult(self.method.name, self.model, self.pruned or {}, self.metrics, self.history, self.config)
 
@@ -514,8 +704,9 @@ class _Run:
         self.metrics["time_s"][key] = self.metrics["time_s"].get(key, 0.0) + seconds
 
     def _measure(self, when: str, model: nn.Module) -> None:
-        acc, loss = evaluate(model, self.a["test_loader"], self.device)
-        self.metrics["accuracy"][when], self.metrics["loss"][when] = acc, loss
+        result = self.hooks.evaluate(model, self.a["test_loader"], self.device)
+        self.metrics["accuracy"][when], self.metrics["loss"][when] = result["acc"], result["loss"]
+        self.metrics["top5"][when] = result["top5"]
         summary = _jsv(model, self.jsv_inputs)
         self.metrics["jsv"][when] = summary
         self.metrics["jsv_mean"][when] = summary["mean"] if summary else None
@@ -528,61 +719,77 @@ class _Run:
         self.reg = make_regularizer(self.method, self.model, a["ratio"], a["skip"], schedule=a["schedule"],
                                     orth_weight=a["orth_weight"], bn_map=a["bn_map"],
                                     **({"backend": a["backend"]} if self.method.regularizer == "tpp" else {}))
+        self.hooks.agree("the filters selected for pruning", self.reg.pruned)
+        self.net = self.hooks.wrap(self.model)
         self.optimizer = _sgd(self.model, a["reg_lr"], a["momentum"], a["weight_decay"])
 
+    def _training_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Endless regularization batches; every pass over the loader is a new data epoch. ``data_epoch`` and
+        ``data_batch`` (batches used in the current pass) always describe what has been handed out."""
+        loader = self.a["train_loader"]
+        while True:
+            for batch in self.hooks.batches(loader, "regularize", self.data_epoch, self.data_batch):
+                self.data_batch += 1
+                yield batch
+            if self.data_batch == 0:
+                raise ValueError("the training loader yields no batches")
+            self.data_epoch, self.data_batch = self.data_epoch + 1, 0
+
     def _regularize(self) -> None:
-        a = self.a
+        a, hooks = self.a, self.hooks
         total, reg = a["reg_iters"], self.reg
         if reg is None or self.iteration >= total:
             return
         every = a["checkpoint_every"] or max(1, total // 10)
-        self.model.train()
-        window, seen = 0.0, 0
-        batches = _cycle(a["train_loader"])
+        self.net.train()
+        window, seen = None, 0
+        batches = self._training_batches()
         while self.iteration < total:
-            x, y = next(batches)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = hooks.inputs(*next(batches), self.device)
             strength = reg.strength
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(x), y)
-            loss.backward()
-            reg.apply_gradients()
-            self.optimizer.step()
+            loss = hooks.train_step(self.net, self.optimizer, x, y, reg)
             reg.step()
             self.iteration += 1
-            value = loss.item()
-            window, seen = window + value, seen + 1
+            window = loss.double() if window is None else window + loss.double()
+            seen += 1
             if self.iteration % a["log_every"] == 0 or self.iteration == total:
                 with torch.no_grad():
                     penalty = float(reg.penalty())
                 self.history["regularize"].append({
                     "iteration": self.iteration, "strength": strength, "penalty": penalty,
-                    "loss": window / seen, "phase": reg.phase})
-                window, seen = 0.0, 0
+                    "loss": float(hooks.mean(window)) / seen, "phase": reg.phase})
+                window, seen = None, 0
             if self.progress is not None:
                 self.progress("regularize", self.iteration, total,
-                              {"strength": strength, "loss": value, "phase": reg.phase})
+                              {"strength": strength, "loss": loss.item() if hooks.sync_loss else loss,
+                               "phase": reg.phase})
             if self.iteration % every == 0 and self.iteration < total:
-                self._save()
+                self._save("iteration")
 
     @torch.no_grad()
     def _remove(self) -> None:
         from .surgery import prune_model
 
         a, reg = self.a, self.reg
+        self.hooks.sync(self.model)
         if self.method.regularizer == "tpp":
             self.pruned = dict(reg.pruned)
         else:
             self.pruned = select_filters(self.model, a["ratio"], a["skip"], bn_map=a["bn_map"])
+        # no rank removes on its own: the filters and the weights they are removed from must agree everywhere
+        self.hooks.agree("the pruned filters and the weights before removal",
+                         {"pruned": self.pruned, "state": self.model.state_dict()})
         if self.method.zero_out:
             bn_of = {name: reg.graph.layers[name].bn for name in self.pruned}
             self.metrics["max_abs_pruned_before_zero"] = zero_pruned_(self.model, self.pruned, bn_of)
         if self.method.regularizes:
             self._measure("before_removal", self.model)
         else:  # nothing changed since the base measurement
-            for key in ("accuracy", "loss", "jsv", "jsv_mean"):
-                self.metrics[key]["before_removal"] = self.metrics[key]["base"]
+            for key in ("accuracy", "top5", "loss", "jsv", "jsv_mean"):
+                if "base" in self.metrics[key]:
+                    self.metrics[key]["before_removal"] = self.metrics[key]["base"]
         self.model = prune_model(self.model, self.pruned, inplace=True)
+        self.model = self.hooks.place(self.model, self.device)
         if self.method.post_removal is not None:
             self._measure("removed_untransformed", self.model)
         if self.method.post_removal == "orthp":
@@ -596,25 +803,33 @@ class _Run:
         self.metrics["flops"]["speedup"] = self.metrics["flops"]["base"] / max(self.metrics["flops"]["pruned"], 1)
         self.metrics["params"]["reduction"] = self.metrics["params"]["base"] / max(self.metrics["params"]["pruned"], 1)
         self.metrics["pruned_filters"] = {name: int(idx.numel()) for name, idx in self.pruned.items()}
-        self.reg, self.optimizer = None, None
+        self.reg, self.optimizer, self.net = None, None, self.model
 
     def _make_finetune_optimizer(self) -> None:
         a = self.a
+        self.net = self.hooks.wrap(self.model)
         self.optimizer = _sgd(self.model, a["finetune_lr"], a["momentum"], a["weight_decay"])
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(a["lr_milestones"]),
-                                                              a["lr_gamma"])
+        self.scheduler = _lr_scheduler(self.optimizer, a["lr_schedule"], a["finetune_epochs"], a["lr_milestones"],
+                                       a["lr_gamma"])
         self.ft_reg = (OrthRegularizer(self.model, self.method.finetune_regularizer, a["orth_weight"])
                        if self.method.finetune_regularizer else None)
 
     def _finetune(self) -> None:
         a = self.a
+        every = a["finetune_checkpoint_every"]
+
+        def on_iteration_end(epoch: int, batches: int, running: dict) -> None:
+            if every and batches % every == 0:
+                self.ft_batch, self.ft_running = batches, running
+                self._save("iteration")
 
         def on_epoch_end(epoch: int, history: list) -> None:
-            self.epoch = epoch
-            self._save()
+            self.epoch, self.ft_batch, self.ft_running = epoch, 0, None
+            self._save("epoch")
 
+        start_batch, running = self.ft_batch, self.ft_running
         train(self.model, a["train_loader"], a["finetune_epochs"], a["finetune_lr"], test_loader=a["test_loader"],
               device=self.device, progress=self.progress, phase="finetune", regularizer=self.ft_reg,
               optimizer=self.optimizer, scheduler=self.scheduler, start_epoch=self.epoch,
-              on_epoch_end=on_epoch_end, history=self.history["finetune"])
-
+              on_epoch_end=on_epoch_end, history=self.history["finetune"], hooks=self.hooks, net=self.net,
+              start_batch=start_batch, running=running, on_iteration_end=on_iteration_end)
