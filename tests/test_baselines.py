@@ -25,6 +25,15 @@ from tpp.models import MLP, digits_cnn
 D = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one torch thread is fastest and is not slowed down by other busy processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     """rows × cols with orthonormal rows (rows <= cols) or columns (rows > cols)."""
     q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), dtype=D, generator=gen))

@@ -18,6 +18,15 @@ FAST = dict(schedule=SCHEDULE, finetune_epochs=1, lr_milestones=(), reg_lr=1e-2,
 CNN_SKIP = ("features.0",)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one torch thread is fastest and is not slowed down by other busy processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits():
     train_set, test_set = load_digits_split(seed=0)

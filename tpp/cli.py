@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0, help="random seed (data split, order, initialization)")
     g.add_argument("--workers", type=_positive_int, default=0, help="DataLoader worker processes")
+    g.add_argument("--threads", type=_positive_int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 is often fastest for small models)")
     g.add_argument("--jsv-samples", type=_positive_int, default=64,
                    help="test samples for the mean Jacobian singular value (0: skip)")
     g.add_argument("--backend", default="auto", help="TPPRegularizer backend: auto, torch, triton, cuda")
@@ -412,6 +414,8 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, model_kwargs = _build_model(args, train_set)
     _check_ratio_on_model(args, model, ratio)

@@ -53,8 +53,11 @@ def _machine() -> str:
 
 def run_demo(out: Path, ratios: Sequence[float] = DEFAULT_RATIOS, methods: Sequence[str] = DEFAULT_METHODS,
              models: Sequence[str] = tuple(DEMO_MODELS), seed: int = 0, finetune_epochs: Optional[int] = None,
-             pretrain_epochs: Optional[int] = None, log=print) -> dict:
-    """Run the demo into ``out`` (created); returns ``{"rows", "results", "meta"}``."""
+             pretrain_epochs: Optional[int] = None, log=print, threads: Optional[int] = 1) -> dict:
+    """Run the demo into ``out`` (created); returns ``{"rows", "results", "meta", "table", "pretrained"}``.
+
+    ``threads``: torch CPU threads (default 1: these models are far too small to gain from more, and one thread
+    is not slowed down by other processes competing for the cores; ``None`` keeps torch's setting)."""
     import torch
 
     from .data import build_loader, load_digits_split
@@ -65,6 +68,8 @@ def run_demo(out: Path, ratios: Sequence[float] = DEFAULT_RATIOS, methods: Seque
 
     start = time.perf_counter()
     torch.set_flush_denormal(True)  # decaying weights must not fall into slow denormal arithmetic on CPUs
+    if threads:
+        torch.set_num_threads(threads)
     recipe = RECIPES["demo"]
     if finetune_epochs is not None:
         recipe = replace(recipe, finetune_epochs=finetune_epochs,
@@ -74,7 +79,10 @@ def run_demo(out: Path, ratios: Sequence[float] = DEFAULT_RATIOS, methods: Seque
                          pretrain_milestones=tuple(m for m in recipe.pretrain_milestones if m < pretrain_epochs))
     out.mkdir(parents=True, exist_ok=False)
     train_set, test_set = load_digits_split(seed=seed)
-    train_loader = build_loader(train_set, recipe.batch_size, train=True, seed=seed)
+
+    def train_loader():  # a fresh seeded loader per phase: every method sees the same data order
+        return build_loader(train_set, recipe.batch_size, train=True, seed=seed)
+
     test_loader = build_loader(test_set, 512, train=False)
     log(f"digits: {len(train_set)} training / {len(test_set)} test images (8×8); run folder {out}")
 
@@ -85,7 +93,7 @@ def run_demo(out: Path, ratios: Sequence[float] = DEFAULT_RATIOS, methods: Seque
         torch.manual_seed(seed)
         model = build_model(name, **kwargs)
         t0 = time.perf_counter()
-        train(model, train_loader, recipe.pretrain_epochs, recipe.pretrain_lr, momentum=recipe.momentum,
+        train(model, train_loader(), recipe.pretrain_epochs, recipe.pretrain_lr, momentum=recipe.momentum,
               weight_decay=recipe.weight_decay, milestones=recipe.pretrain_milestones)
         acc, _ = evaluate(model, test_loader)
         jsv = jacobian_singular_values(model, test_set.tensors[0][:64]).mean().item()
@@ -95,7 +103,7 @@ def run_demo(out: Path, ratios: Sequence[float] = DEFAULT_RATIOS, methods: Seque
             f"test accuracy {acc:.2f}%, mean JSV {jsv:.4g}")
         for ratio in ratios:
             for method in methods:
-                result = run_pruning(copy.deepcopy(model), train_loader, test_loader, method, float(ratio),
+                result = run_pruning(copy.deepcopy(model), train_loader(), test_loader, method, float(ratio),
                                      skip=skip, seed=seed, **recipe.run_kwargs())
                 data = result.to_dict()
                 data["model"] = name
@@ -148,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune-epochs", type=int, help="override the demo recipe's 10")
     parser.add_argument("--pretrain-epochs", type=int, help="override the demo recipe's 30")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default); 1 is fastest for these tiny models")
     parser.add_argument("--quiet", action="store_true", help="print only the table")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -166,7 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError:
         parser.error('the demo needs scikit-learn for the embedded digits: pip install "tpp[demo]"')
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
-    demo = run_demo(out, args.ratios, methods, models, args.seed, args.finetune_epochs, args.pretrain_epochs, log)
+    demo = run_demo(out, args.ratios, methods, models, args.seed, args.finetune_epochs, args.pretrain_epochs, log,
+                    args.threads or None)
     print()
     print(demo["table"])
     print()

@@ -504,7 +504,7 @@ def run_pruning(
         orth_weight: λ of KernOrth/OrthConv (default :data:`tpp.baselines.DEFAULT_ORTH_WEIGHTS`).
         device: where to run (default: the model's device).
         jsv_samples: test samples for the mean JSV (one backward per class each time); 0 skips JSVs.
-        log_every: record strength/penalty/loss every this many iterations (default: ~500 points in all).
+        log_every: record strength/penalty/loss every this many iterations (default: ~200 points in all).
         progress: ``progress(phase, done, total, info)``, called every iteration of "regularize", "finetune".
         seed: seeds torch's RNG (initialization for scratch, dropout, ...); data order is the loaders' business.
         backend: TPPRegularizer backend. bn_map: for models torch.fx cannot trace.
@@ -545,7 +545,7 @@ def run_pruning(
     for name, value in (("reg_lr", reg_lr), ("finetune_lr", finetune_lr)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-    log_every = log_every or max(1, reg_iters // 500)
+    log_every = log_every or max(1, reg_iters // 200)
     run = _Run(locals())
     return run.run()
 
