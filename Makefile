@@ -20,8 +20,15 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check --select E,F,W,I --line-length 120 tpp tpp_kernels tests benchmarks
 
+# Benchmarks (benchmarks/run.py): the quick CPU subset, or the full set on a GPU; writes benchmarks/results/.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--only sweep" or BENCH_ARGS="--threads 1".
 bench: setup
-	$(PY) benchmarks/bench_gram_forms.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# The full set whatever the device (on a CPU it takes hours).
+.PHONY: bench-full
+bench-full: setup
+	$(PY) benchmarks/run.py --set full $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
