@@ -158,13 +158,14 @@ class OrthRegularizer:
 
     def layer_loss(self, module: nn.Module) -> Tensor:
         w = module.weight
+        w = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w   # half precision: accumulate in fp32
         if self.kind == "kernorth":
             return kernorth_loss(w, self.squared)
         return orthconv_loss(w, module.stride if isinstance(module, nn.Conv2d) else 1, self.squared)
 
     def penalty(self) -> Tensor:
         """``λ · Σ loss(W)``: a differentiable scalar."""
-        total = sum(self.layer_loss(m).float() for _, m in self.layers)
+        total = sum(self.layer_loss(m) for _, m in self.layers)
         return self.weight * total
 
     def apply_gradients(self) -> None:

@@ -181,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(demo["table"])
     print()
-    print(f"machine: {demo['meta']['machine']}, torch {demo['meta']['torch']}, {demo['meta']['threads']} threads")
+    print(f"machine: {demo['meta']['machine']}, torch {demo['meta']['torch']}, torch threads: "
+          f"{demo['meta']['threads']}")
     print(f"wall time: {demo['meta']['wall_time_s']:.1f} s; report: {out / 'report.md'}")
     return 0
 

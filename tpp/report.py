@@ -201,6 +201,7 @@ def plot_demo(rows: Sequence[Mapping], out_dir: Path) -> list[Path]:
                 ax.axhline(base[0], color="gray", linestyle="--", linewidth=1, label="unpruned")
             if log:
                 ax.set_yscale("log")
+            ax.set_xticks(sorted({float(r["ratio"]) for r in rows if r["model"] == model}))
             ax.set(title=model, xlabel="pruning ratio", ylabel=ylabel)
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -275,7 +276,8 @@ def write_demo_report(out_dir: Path, rows: Sequence[Mapping], meta: Mapping, plo
     lines = [
         "# tpp demo: pruning on the embedded 8×8 digits",
         "",
-        f"- machine: {meta.get('machine', '?')}; torch {meta.get('torch', '?')}, {meta.get('threads', '?')} threads",
+        f"- machine: {meta.get('machine', '?')}; torch {meta.get('torch', '?')}, torch threads: "
+        f"{meta.get('threads', '?')}",
         f"- wall time: {meta.get('wall_time_s', 0):.1f} s",
         f"- recipe: {meta.get('recipe', '')}",
         f"- command: `{meta.get('command', '')}`",
