@@ -1,0 +1,31 @@
+"""`tpp train`: the paper's settings end to end — one process or torchrun (DDP), AMP, channels_last, resumable
+phases, every paper recipe by name.
+
+* :mod:`tpp.train.run` — the command (``tpp train``, ``python -m tpp.train``);
+* :mod:`tpp.train.engine` — :class:`Engine`, the DDP/AMP/channels_last hooks of :func:`tpp.pipeline.run_pruning`;
+* :mod:`tpp.train.distributed` — torchrun environment, process group, rank agreement, rank-named logs;
+* :mod:`tpp.train.checkpoint` — atomic checkpoint files, keep-last-k and best, identity checks, RNG states;
+* :mod:`tpp.train.data` — resumable distributed sampler, per-sample seeded augmentation, ImageFolder at any size;
+* :mod:`tpp.train.recipes` — :data:`RECIPES`: ResNet56/CIFAR-10, VGG19/CIFAR-100, ResNet34/50 ImageNet;
+* :mod:`tpp.train.logs` — progress, args.yaml, summary.csv, TensorBoard.
+"""
+from .checkpoint import CheckpointManager, CheckpointMismatch, atomic_save
+from .recipes import RECIPES, TrainRecipe, get_recipe, list_recipes
+
+__all__ = ["main", "RECIPES", "TrainRecipe", "get_recipe", "list_recipes", "CheckpointManager", "CheckpointMismatch",
+           "atomic_save", "Engine"]
+
+
+def main(argv=None) -> int:
+    """`tpp train` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    from .run import main as _main
+
+    return _main(argv)
+
+
+def __getattr__(name):
+    if name == "Engine":
+        from .engine import Engine
+
+        return Engine
+    raise AttributeError(name)

@@ -1,0 +1,219 @@
+"""The training engine of `tpp train`: :class:`tpp.pipeline.TrainHooks` for DDP, AMP, channels_last, resumable
+distributed data passes, all-reduced evaluation, rank agreement and managed checkpoints.
+
+The loops are :mod:`tpp.pipeline`'s (one training loop in the project); this module only says how each step is done:
+
+* ``place``: model to ``cuda:LOCAL_RANK`` (or CPU), channels_last when asked, every parameter and buffer broadcast
+  from rank 0 — the filters are then selected from identical weights on every rank, and ``agree`` checks they are.
+* ``wrap``: ``DistributedDataParallel`` (rebuilt after removal, when the pipeline builds the finetuning optimizer).
+* ``train_step``: zero grads, forward under ``torch.autocast`` (bf16 or fp16), cross-entropy with optional label
+  smoothing, backward through the GradScaler (fp16), ``scaler.unscale_(optimizer)`` **before** the regularizer's
+  ``apply_gradients()`` (its gradients are unscaled and identical on every rank, added to the all-reduced ones),
+  ``scaler.step``, ``scaler.update``.
+* ``batches``: ``sampler.set_epoch(pass, start)`` of :class:`~tpp.train.data.ResumableDistributedSampler` (finetuning
+  passes are numbered apart from regularization passes).
+* ``sum``/``mean``: all-reduce; evaluation counts (top-1, top-5, loss) are summed over the ranks' disjoint shards.
+* ``sync``: BN running statistics broadcast from rank 0 (what DDP itself uses at the next forward) before anything
+  is evaluated, saved or removed, so every rank holds the same model.
+* ``agree``: hash all-gather; the pipeline calls it on the selected filters and on the pruned sets and weights right
+  before removal — no rank removes anything on its own.
+* ``state_dict``: GradScaler, the RNG states of every rank, the run identity; ``save`` hands the state to a
+  :class:`~tpp.train.checkpoint.CheckpointManager` (rank 0 writes).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..pipeline import TrainHooks
+from . import distributed as D
+from .checkpoint import CheckpointManager, check_identity, load_checkpoint, rng_state, set_rng_state
+
+__all__ = ["Engine", "AMP_MODES", "resolve_amp", "FINETUNE_PASS_OFFSET"]
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+FINETUNE_PASS_OFFSET = 1_000_000   # sampler epochs of finetuning passes: distinct permutations from regularization's
+
+
+def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``mode``: ``auto`` is bf16 on GPUs that support it (else fp16), none on CPU."""
+    if mode not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {mode!r}")
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+class Engine(TrainHooks):
+    """DDP/AMP/channels_last hooks for :func:`tpp.pipeline.run_pruning` (see the module docstring).
+
+    Args:
+        env: this process's :class:`~tpp.train.distributed.DistEnv`.
+        amp: autocast dtype (``torch.bfloat16``, ``torch.float16`` with a GradScaler) or ``None``.
+        channels_last: convert the model and 4-D inputs to ``torch.channels_last``.
+        label_smoothing: of the training cross-entropy (evaluation is plain cross-entropy).
+        checkpoints: where ``save`` writes; ``None`` writes nothing.
+        identity: the run's model/classes/method/ratio/skip, stored in checkpoints and compared on resume.
+        batch_size: per-rank training batch (the sampler's start of a resumed pass is ``skip × batch_size``).
+        seed: reseeds the RNGs of ranks whose states a checkpoint does not hold (another world size).
+        find_unused_parameters, static_graph: passed to DDP.
+    """
+
+    def __init__(self, env: D.DistEnv, *, amp: Optional[torch.dtype] = None, channels_last: bool = False,
+                 label_smoothing: float = 0.0, checkpoints: Optional[CheckpointManager] = None,
+                 identity: Optional[Mapping] = None, batch_size: int = 1, seed: int = 0,
+                 find_unused_parameters: bool = False, static_graph: bool = False):
+        if amp not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp must be torch.bfloat16, torch.float16 or None, got {amp!r}")
+        self.env, self.device = env, env.device
+        self.amp, self.channels_last = amp, channels_last
+        self.label_smoothing = float(label_smoothing)
+        self.checkpoints, self.identity = checkpoints, dict(identity or {})
+        self.batch_size, self.seed = batch_size, seed
+        self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters, "static_graph": static_graph}
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == torch.float16)
+        self.sync_loss = False              # the loop passes loss tensors: no host sync per step
+        self.pass_info = {"phase": None, "epoch": 0, "start": 0}
+
+    # ---------------------------------------------------------------- model
+    @torch.no_grad()
+    def place(self, model: nn.Module, device: torch.device) -> nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.env.distributed:
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t.data, src=0)
+        return model
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.env.distributed:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # buffers (BN statistics) are synced from rank 0 at every forward: DDP's default, under either of its names
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
+                                                   gradient_as_bucket_view=True, **self.ddp_kwargs)
+
+    def inputs(self, x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    # ----------------------------------------------------------------- data
+    def batches(self, loader: Iterable, phase: str, epoch: int, skip: int = 0):
+        sampler = getattr(loader, "sampler", None)
+        number = epoch + (FINETUNE_PASS_OFFSET if phase == "finetune" else 0)
+        self.pass_info = {"phase": phase, "epoch": number, "start": skip}
+        if hasattr(sampler, "start"):            # ResumableDistributedSampler: starts the pass part-way
+            sampler.set_epoch(number, skip * self.batch_size)
+            return iter(loader)
+        return super().batches(loader, phase, number, skip)
+
+    # ----------------------------------------------------------------- step
+    def train_step(self, net: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                   regularizer=None) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.cross_entropy(net(x), y, label_smoothing=self.label_smoothing)
+        if self.scaler.is_enabled():
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(optimizer)          # gradients are true gradients from here on
+            if regularizer is not None:
+                regularizer.apply_gradients()
+            self.scaler.step(optimizer)              # skipped (and the scale lowered) on inf/nan gradients
+            self.scaler.update()
+        else:
+            loss.backward()
+            if regularizer is not None:
+                regularizer.apply_gradients()
+            optimizer.step()
+        return loss.detach()
+
+    # ------------------------------------------------------------ collectives
+    def sum(self, value: Tensor) -> Tensor:
+        if not self.env.distributed:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def mean(self, value: Tensor) -> Tensor:
+        return self.sum(value) / self.env.world_size if self.env.distributed else value
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module) -> None:
+        if self.env.distributed:
+            for b in model.buffers():
+                dist.broadcast(b.data, src=0)
+
+    def agree(self, what: str, value) -> None:
+        D.agree(what, value, self.env)
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"identity": self.identity, "world_size": self.env.world_size,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "rng": D.all_gather_object(rng_state(self.device), self.env),
+                "sampler": dict(self.pass_info)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        states = state.get("rng") or []
+        if len(states) == self.env.world_size:
+            set_rng_state(states[self.env.rank], self.device)
+        else:
+            warnings.warn(f"the checkpoint was written by {len(states)} processes and this run has "
+                          f"{self.env.world_size}: RNG streams are reseeded (data order and crops stay exact, "
+                          "other randomness does not)", RuntimeWarning, stacklevel=2)
+            torch.manual_seed(self.seed + self.env.rank)
+
+    def save(self, state: dict, path: Path, event: str) -> None:
+        if self.checkpoints is None:
+            return
+        tag = {"iteration": f"{state['stage']}-it{state['iteration']:07d}" if state["stage"] == "regularize"
+               else f"{state['stage']}-ep{state['epoch']:03d}-b{state['finetune_position']['batch']:06d}",
+               "epoch": f"{state['stage']}-ep{state['epoch']:03d}"}.get(event, f"{state['stage']}-{event}")
+        self.checkpoints.save(state, event, tag)
+
+    def load(self, path: Path):
+        state = load_checkpoint(path)
+        if isinstance(state, Mapping):
+            check_identity((state.get("hooks") or {}).get("identity"), self.identity, f"checkpoint {path}")
+        return state
+
+
+def wrap_progress(progress: Optional[Callable], stop_after: Optional[int]) -> Optional[Callable]:
+    """``progress`` that raises :class:`StopRequested` after ``stop_after`` training iterations (debugging:
+    simulates a run killed at that point)."""
+    if not stop_after:
+        return progress
+    count = {"n": 0}
+
+    def wrapped(phase: str, done: int, total: int, info: dict) -> None:
+        if progress is not None:
+            progress(phase, done, total, info)
+        count["n"] += 1
+        if count["n"] >= stop_after:
+            raise StopRequested(f"stopped after {count['n']} training iterations (--stop-after-iters)")
+
+    return wrapped
+
+
+class StopRequested(Exception):
+    """Raised by ``--stop-after-iters``: the run ends as if killed; its last checkpoint resumes it."""
