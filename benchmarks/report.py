@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 FORMS = ("paper", "masked-full", "pruned-row", "compiled", "triton-layer", "triton-grouped", "cuda")
 COLORS = dict(zip(FORMS, ("#7f7f7f", "#bcbd22", "#1f77b4", "#9467bd", "#ff7f0e", "#d62728", "#2ca02c")))
@@ -193,6 +194,13 @@ def markdown(data: dict, plots: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ plots
+def _log_axis(axis, suffix: str) -> None:
+    """Log scale labelled 1, 2, 3, 5, 10, ... with ``suffix`` (e.g. "×")."""
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}{suffix}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _speedup_panel(ax, points: dict[str, list[tuple[float, float]]], title: str) -> None:
     for f in FORMS:
         if points.get(f):
@@ -200,8 +208,20 @@ def _speedup_panel(ax, points: dict[str, list[tuple[float, float]]], title: str)
             ax.plot(xs, ys, "o-", color=COLORS[f], label=f, markersize=4)
     ax.axhline(1.0, color=COLORS["paper"], lw=0.8, ls="--")
     ax.set_yscale("log")
+    _log_axis(ax.yaxis, "×")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+
+
+def _legend_below(fig, height_in: float) -> None:
+    """One legend for all panels, under them; ``height_in`` is the figure height in inches."""
+    entries = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    labels = [f for f in FORMS if f in entries]
+    fig.legend([entries[f] for f in labels], labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.45 / height_in, 1, 1))
 
 
 def plot_sweep_speedup(results: list[dict], path: Path, dtype: str) -> bool:
@@ -211,8 +231,9 @@ def plot_sweep_speedup(results: list[dict], path: Path, dtype: str) -> bool:
     if not table:
         return False
     ns, ds = sorted({k[1] for k in table}), sorted({k[2] for k in table})
-    fig, axes = plt.subplots(len(ds), len(ns), figsize=(3.2 * len(ns) + 1, 2.6 * len(ds) + 0.8),
-                             squeeze=False, sharex=True, sharey=True)
+    height = 2.6 * len(ds) + 1.2
+    fig, axes = plt.subplots(len(ds), len(ns), figsize=(3.2 * len(ns) + 1, height), squeeze=False, sharex=True,
+                             sharey=True)
     for i, d in enumerate(ds):
         for j, n in enumerate(ns):
             points = defaultdict(list)
@@ -226,11 +247,8 @@ def plot_sweep_speedup(results: list[dict], path: Path, dtype: str) -> bool:
         ax.set_xlabel("pruning ratio")
     for row in axes:
         row[0].set_ylabel("speedup vs paper")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9)
-    fig.suptitle(f"Gram term fwd+bwd, one layer, {dtype}: speedup against the paper's algorithm", y=0.995,
-                 fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.suptitle(f"Gram term fwd+bwd, one layer, {dtype}: speedup against the paper's algorithm", fontsize=11)
+    _legend_below(fig, height)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -250,13 +268,12 @@ def plot_layer_set_speedup(results: list[dict], path: Path) -> bool:
     models = {m: pts for m, pts in models.items() if len({x for p in pts.values() for x, _ in p}) >= 2}
     if not models:
         return False
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models) + 1, 4.2), squeeze=False)
     for ax, (model, points) in zip(axes[0], sorted(models.items())):
-        _speedup_panel(ax, points, f"{model} layer set")
+        _speedup_panel(ax, points, f"{model} layer set, fwd+bwd, float32")
         ax.set_xlabel("pruning ratio")
-    axes[0][0].set_ylabel("speedup vs paper (fwd+bwd)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+    axes[0][0].set_ylabel("speedup vs paper")
+    _legend_below(fig, 4.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -268,7 +285,8 @@ def plot_floor(results: list[dict], path: Path) -> bool:
     sweep = [r for r in results if r["kind"] == "sweep" and r["mode"] == "fwd+bwd"]
     if not sets and not sweep:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(13.0, 0.8 * len(sets) + 6), 4.8),
+                                      gridspec_kw={"width_ratios": [1.4, 1]})
     forms = _forms_in(sets)
     width = 0.8 / max(len(forms), 1)
     for i, f in enumerate(forms):
@@ -277,23 +295,21 @@ def plot_floor(results: list[dict], path: Path) -> bool:
         left.bar([x + i * width for x in xs], ys, width, color=COLORS[f], label=f)
     left.set_xticks([k + 0.4 - width / 2 for k in range(len(sets))], list(sets), rotation=30, ha="right",
                     fontsize=8)
-    left.set_yscale("log")
-    left.set_ylabel("fraction of floor (floor / median)")
     left.set_title("Layer sets, fwd+bwd, float32", fontsize=10)
-    left.axhline(1.0, color="k", lw=0.8)
-    left.legend(fontsize=7, ncol=2)
+    left.set_ylabel("fraction of floor (floor / median)")
     for f in FORMS:
         pts = [(r["flops"], r["floor_s"] / r["median"]) for r in sweep if r["form"] == f]
         if pts:
             right.scatter(*zip(*pts), s=10, color=COLORS[f], label=f, alpha=0.7)
     right.set_xscale("log")
-    right.set_yscale("log")
-    right.axhline(1.0, color="k", lw=0.8)
     right.set_xlabel("FLOPs of the case")
-    right.set_title("Sweep (one layer), fwd+bwd, all dtypes", fontsize=10)
+    right.set_title("Sweep (one layer), fwd+bwd, every dtype", fontsize=10)
     for ax in (left, right):
+        ax.set_yscale("log")
+        _log_axis(ax.yaxis, "")
+        ax.axhline(1.0, color="k", lw=0.8)
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    _legend_below(fig, 4.8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

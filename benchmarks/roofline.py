@@ -27,7 +27,7 @@ from timing import fastest_seconds
 MODES = ("fwd", "fwd+bwd", "in-place")
 
 # (copy buffer elements of float32, GEMM size) per device type
-_PROBE_SIZES = {"cuda": (1 << 28, 8192), "cpu": (1 << 26, 2048)}
+_PROBE_SIZES = {"cuda": (1 << 28, 8192), "cpu": (1 << 26, 1024)}
 
 
 def gram_work(n: int, d: int, p: int, mode: str, itemsize: int) -> tuple[int, int]:
@@ -63,18 +63,18 @@ class Rates:
 
 
 def measure(device: torch.device, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> Rates:
-    """Probe ``device``: the fastest of 10 copies and of 5 GEMMs per dtype, after warm-up."""
+    """Probe ``device``: the fastest of 20 copies and of 20 GEMMs per dtype, after warm-up."""
     elements, size = _PROBE_SIZES[device.type]
     rates = {}
     for dtype in dtypes:
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
-        rates[str(dtype).removeprefix("torch.")] = 2 * size**3 / fastest_seconds(lambda: a @ b, device, 2, 5)
+        rates[str(dtype).removeprefix("torch.")] = 2 * size**3 / fastest_seconds(lambda: a @ b, device, 3, 20)
     return Rates(_copy_bandwidth(elements, device), rates)
 
 
 def _copy_bandwidth(elements: int, device: torch.device) -> float:
     src = torch.ones(elements, device=device)
     dst = torch.empty_like(src)
-    seconds = fastest_seconds(lambda: dst.copy_(src), device, warmup=3, repeats=10)
+    seconds = fastest_seconds(lambda: dst.copy_(src), device, 3, 20)
     return 2 * src.numel() * src.element_size() / seconds

@@ -43,7 +43,7 @@ def _measure(benchmark, bench, rates: roofline.Rates, form, mode: str, weights: 
     benchmark.extra_info.update(info, form=form.name, mode=mode, dtype=dtype, flops=flops, bytes=nbytes,
                                 floor_s=rates.floor(flops, nbytes, dtype))
     fn, setup = _call(form, mode, weights, indices)
-    run_case(benchmark, fn, bench.device, bench.suite.policy(bench.device), setup)
+    run_case(benchmark, fn, bench.device, bench.suite.policy(bench.device, info["kind"]), setup)
 
 
 def test_sweep(benchmark, bench, rates, form, case, monkeypatch):

@@ -98,5 +98,5 @@ def test_train_step(benchmark, bench, step, variant):
     benchmark.group = "train step"
     benchmark.extra_info.update(kind="step", model=step.model, batch=step.batch, image=step.image, variant=variant,
                                 layer_set=step.layer_set, amp_bf16=amp, channels_last=amp)
-    run_case(benchmark, train_step, device, bench.suite.policy(device, step=True),
+    run_case(benchmark, train_step, device, bench.suite.policy(device, "step"),
              setup=lambda: optimizer.zero_grad(set_to_none=True))

@@ -86,11 +86,12 @@ class Suite:
     layer_sets: tuple[str, ...]
     steps: tuple[StepCase, ...]
 
-    def policy(self, device: torch.device, step: bool = False) -> Policy:
-        """Warm-up calls and the measuring budget per case (a step is ~100× a penalty call)."""
+    def policy(self, device: torch.device, kind: str) -> Policy:
+        """Warm-up calls and the measuring budget of one case of ``kind`` ("sweep", "layer_set" or "step")."""
         if device.type == "cuda":
-            return Policy(5, 3.0, 10, 30) if step else Policy(5, 0.1, 10, 100)
-        return Policy(2, 6.0, 3, 5) if step else Policy(2, 0.3, 3, 20)
+            return {"sweep": Policy(5, 0.05, 10, 50), "layer_set": Policy(5, 0.1, 10, 100),
+                    "step": Policy(5, 3.0, 10, 30)}[kind]
+        return {"sweep": Policy(2, 0.3, 3, 20), "layer_set": Policy(2, 0.3, 3, 20), "step": Policy(2, 5.0, 5, 12)}[kind]
 
 
 SUITES = {
