@@ -4,6 +4,8 @@
               --ratio "*layer*.conv1:0.5" --method tpp --out runs/resnet56-tpp-0.5
     tpp prune --model digits_cnn --data digits --ratio "features.3:0.7,features.7:0.7" --method l1
     tpp list                                  # models, datasets, methods, recipes
+    tpp train resnet50-imagenet-2.31x --data-root /data/imagenet   # a paper setting; also under torchrun
+                                                                   # (python -m tpp.train), see tpp.train.run
 
 ``tpp prune`` runs :func:`tpp.pipeline.run_pruning` — regularize → stabilize and zero-out → remove → finetune —
 and writes a run folder (never overwriting a non-empty one unless ``--overwrite``):
@@ -76,10 +78,16 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpp", description="Trainability Preserving Pruning (Wang & Fu, ICLR 2023)")
-    sub = parser.add_subparsers(dest="command", metavar="{prune,list}")
+    sub = parser.add_subparsers(dest="command", metavar="{prune,list,train}")
     sub.required = True
 
     sub.add_parser("list", help="list models, datasets, methods and recipes")
+
+    from .train.run import add_arguments as add_train_arguments
+
+    add_train_arguments(sub.add_parser(
+        "train", help="a paper setting (or your own) end to end: DDP under torchrun, AMP, resumable checkpoints",
+        description="Run a recipe (tpp train --list) end to end; under torchrun use python -m tpp.train."))
 
     p = sub.add_parser("prune", help="prune a model: regularize → zero-out → remove → finetune, write a run folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -513,6 +521,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "prune":
             return cmd_prune(args, argv)
+        if args.command == "train":
+            from .train.run import run_command
+
+            return run_command(args, argv[1:], prog="tpp train")
         return cmd_list(args, argv)
     except UsageError as err:
         print(f"tpp {args.command}: error: {err}", file=sys.stderr)

@@ -8,12 +8,17 @@ phases, every paper recipe by name.
 * :mod:`tpp.train.data` — resumable distributed sampler, per-sample seeded augmentation, ImageFolder at any size;
 * :mod:`tpp.train.recipes` — :data:`RECIPES`: ResNet56/CIFAR-10, VGG19/CIFAR-100, ResNet34/50 ImageNet;
 * :mod:`tpp.train.logs` — progress, args.yaml, summary.csv, TensorBoard.
+
+Submodules are imported on first use (``tpp --help`` stays quick).
 """
-from .checkpoint import CheckpointManager, CheckpointMismatch, atomic_save
-from .recipes import RECIPES, TrainRecipe, get_recipe, list_recipes
+import importlib
 
 __all__ = ["main", "RECIPES", "TrainRecipe", "get_recipe", "list_recipes", "CheckpointManager", "CheckpointMismatch",
            "atomic_save", "Engine"]
+
+_LAZY = {"RECIPES": "recipes", "TrainRecipe": "recipes", "get_recipe": "recipes", "list_recipes": "recipes",
+         "CheckpointManager": "checkpoint", "CheckpointMismatch": "checkpoint", "atomic_save": "checkpoint",
+         "Engine": "engine"}
 
 
 def main(argv=None) -> int:
@@ -24,8 +29,6 @@ def main(argv=None) -> int:
 
 
 def __getattr__(name):
-    if name == "Engine":
-        from .engine import Engine
-
-        return Engine
-    raise AttributeError(name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -124,8 +124,7 @@ class CheckpointManager:
         self.best_key = best_key or _finetune_top1
         self.on_saved = on_saved
         self.best: Optional[float] = None
-        if is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
+        if is_main and self.folder.is_dir():         # created by the first save, not before
             for p in self.folder.iterdir():          # left by a writer killed mid-save
                 if _TMP.match(p.name):
                     p.unlink(missing_ok=True)
@@ -165,6 +164,7 @@ class CheckpointManager:
             if is_best:
                 self.best = score
             return None
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.sequence += 1
         name = f"ckpt-{self.sequence:06d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', tag or event)}.pt"
         path = atomic_save(state, self.folder / name)

@@ -155,5 +155,5 @@ def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, eval_ba
     train_loader = DataLoader(SeededSamples(train_set), batch_size=batch_size, sampler=sampler, drop_last=True,
                               generator=torch.Generator().manual_seed(seed + rank), **common)
     val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=ShardSampler(len(val_set), world_size, rank),
-                            **common)
+                            generator=torch.Generator().manual_seed(seed), **common)   # never draws global RNG
     return train_loader, val_loader

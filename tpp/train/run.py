@@ -119,6 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="auto", help="TPPRegularizer backend: auto, torch, triton, cuda")
     g.add_argument("--workers", type=_count, default=None, help="DataLoader workers per process (default: 8 on "
                                                                   "GPUs, 0 on CPU)")
+    g.add_argument("--threads", type=_count, default=0,
+                   help="torch CPU threads per process (0: torch's default; torchrun sets 1 unless OMP_NUM_THREADS)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN/CUDA kernels (slower; default: cudnn.benchmark)")
 
@@ -410,6 +412,8 @@ def run(args, argv: Sequence[str], env) -> int:
         torch.backends.cudnn.benchmark = not args.deterministic
         if args.deterministic:
             torch.backends.cudnn.deterministic = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
