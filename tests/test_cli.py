@@ -169,6 +169,10 @@ def test_weights_or_checkpoint_for_another_architecture_exit_2(tmp_path, capsys,
             "written for another architecture", "(--model mlp7)", out=out)
     _fails(["prune", *CNN, "--method", "l1", "--resume", str(tpp_run / "checkpoint.pt"), "--out", str(out),
             *TINY], capsys, "method 'tpp'", out=out)
+    _fails(["prune", *CNN[:4], "--ratio", "features.3:0.7", "--resume", str(tpp_run / "checkpoint.pt"), "--out",
+            str(out), *TINY], capsys, "is a run at ratio 'features.3:0.5,features.7:0.5'", out=out)
+    _fails(["prune", *CNN, "--skip", "features.0", "--resume", str(tpp_run / "checkpoint.pt"), "--out", str(out),
+            *TINY], capsys, "skip", out=out)
     _fails(["prune", *CNN, "--resume", str(tpp_run / "pruned.pt"), "--out", str(out), *TINY], capsys,
            "not a tpp run checkpoint", out=out)
     _fails(["prune", *CNN, "--weights", str(tpp_run / "checkpoint.pt"), "--out", str(out), *TINY], capsys,

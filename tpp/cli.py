@@ -329,7 +329,7 @@ def _out_dir(args, resume: Optional[Path]) -> Path:
     return out
 
 
-def _check_resume(args, model) -> Optional[Path]:
+def _check_resume(args, model, ratio) -> Optional[Path]:
     if not args.resume:
         return None
     import torch
@@ -351,6 +351,13 @@ def _check_resume(args, model) -> Optional[Path]:
         raise UsageError(f"{err} (--model {args.model})") from None
     if state["method"] != args.method:
         raise UsageError(f"--resume {path} is a run of method {state['method']!r}, not --method {args.method!r}")
+    from .pipeline import _ratio_key
+
+    if state.get("ratio") != _ratio_key(ratio):
+        raise UsageError(f"--resume {path} is a run at ratio {state.get('ratio')}, not --ratio {args.ratio!r}")
+    skip = args.skip or ()
+    if state.get("skip") != (skip if isinstance(skip, str) else list(skip)):
+        raise UsageError(f"--resume {path} is a run with skip {state.get('skip')!r}, not --skip {args.skip!r}")
     args._resume_state = state
     return path
 
@@ -427,7 +434,7 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     torch.manual_seed(args.seed)
     model, model_kwargs = _build_model(args, train_set)
     _check_ratio_on_model(args, model, ratio)
-    resume = _check_resume(args, model)
+    resume = _check_resume(args, model, ratio)
     pretrain_epochs = args.pretrain_epochs
     if pretrain_epochs is None or resume is not None:  # a resumed run restores its weights from the checkpoint
         pretrain_epochs = recipe.pretrain_epochs if args.weights is None and resume is None else 0
