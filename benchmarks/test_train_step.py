@@ -13,16 +13,20 @@ Variants:
 * ``<backend>`` — ``loss + reg.penalty()`` with ``TPPRegularizer(backend=<backend>)``;
 * ``<backend>-inplace`` — ``reg.apply_gradients()`` after backward.
 
-The report gives the regularizer's share of a step: ``(t_variant − t_none) / t_variant``.
+Each regularized step is paired with an unregularized one run just before it (untimed by pytest-benchmark, timed
+apart): the regularizer's cost is the median of the per-round differences (``extra_info["paired_overhead_s"]``),
+which a busy or drifting machine disturbs far less than the difference of two separately measured medians. The
+report gives its share of the step: ``paired_overhead_s / t_variant``.
 """
 from __future__ import annotations
 
+import statistics
 from functools import lru_cache
 
 import pytest
 import torch
 import torch.nn.functional as F
-from timing import run_case
+from timing import run_case, time_call
 from workloads import LAYER_SETS, StepCase
 
 from tpp import TPPRegularizer, reference
@@ -77,16 +81,9 @@ def _regularizer(step: StepCase, variant: str, model: torch.nn.Module):
     return reg.penalty, None
 
 
-def test_train_step(benchmark, bench, step, variant):
-    """Time one training step of ``step`` regularized as ``variant`` says."""
-    device = bench.device
-    torch.backends.cudnn.benchmark = True
-    model, optimizer, x, y = _training(step, str(device))
-    penalty, after_backward = _regularizer(step, variant, model)
-    amp = device.type == "cuda"
-
+def _step(model, optimizer, x, y, amp: bool, penalty, after_backward):
     def train_step() -> None:
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(x), y)
         if penalty is not None:
             loss = loss + penalty()
@@ -94,9 +91,31 @@ def test_train_step(benchmark, bench, step, variant):
         if after_backward is not None:
             after_backward()
         optimizer.step()
+    return train_step
+
+
+def test_train_step(benchmark, bench, step, variant):
+    """Time one training step of ``step`` regularized as ``variant`` says, each paired with an unregularized one."""
+    device = bench.device
+    torch.backends.cudnn.benchmark = True
+    model, optimizer, x, y = _training(step, str(device))
+    amp = device.type == "cuda"
+    regularized = _step(model, optimizer, x, y, amp, *_regularizer(step, variant, model))
+    plain = _step(model, optimizer, x, y, amp, None, None)
+    plain_times = []
+
+    def setup() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if variant != "none":
+            plain_times.append(time_call(plain, device))
+            optimizer.zero_grad(set_to_none=True)
 
     benchmark.group = "train step"
     benchmark.extra_info.update(kind="step", model=step.model, batch=step.batch, image=step.image, variant=variant,
                                 layer_set=step.layer_set, amp_bf16=amp, channels_last=amp)
-    run_case(benchmark, train_step, device, bench.suite.policy(device, "step"),
-             setup=lambda: optimizer.zero_grad(set_to_none=True))
+    run_case(benchmark, regularized, device, bench.suite.policy(device, "step"), setup)
+    if plain_times:
+        timed = benchmark.stats.stats.data
+        pairs = list(zip(timed, plain_times[-len(timed):]))
+        benchmark.extra_info.update(paired_none_s=statistics.median(p for _, p in pairs),
+                                    paired_overhead_s=statistics.median(t - p for t, p in pairs))

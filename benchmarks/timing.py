@@ -66,6 +66,11 @@ def run_case(benchmark, fn: Callable[[], object], device: torch.device, policy: 
     benchmark.pedantic(target, setup=prepare, rounds=policy.rounds(last), iterations=1, warmup_rounds=0)
 
 
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one synchronized call of ``fn``."""
+    return _timed(fn, lambda: None, synchronizer(device))
+
+
 def fastest_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     """Shortest time of ``fn`` over ``repeats`` synchronized calls after ``warmup`` untimed ones: the roofline
     probes want what the device can do, not what a busy moment let it do."""
