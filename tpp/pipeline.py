@@ -53,7 +53,7 @@ from .schedule import GrowingSchedule
 from .selection import RatioSpec, select_filters
 
 __all__ = ["Recipe", "RECIPES", "default_recipe", "PruneResult", "run_pruning", "train", "evaluate",
-           "zero_pruned_", "model_signature", "CHECKPOINT_VERSION", "TrainHooks", "LR_SCHEDULES"]
+           "model_signature", "CHECKPOINT_VERSION", "TrainHooks", "LR_SCHEDULES"]
 
 Progress = Callable[[str, int, int, dict], None]
 CHECKPOINT_VERSION = 1
@@ -395,26 +395,6 @@ def _jsv(model: nn.Module, inputs: Optional[Tensor]) -> Optional[dict]:
     if inputs is None:
         return None
     return jsv_summary(jacobian_singular_values(model, inputs))
-
-
-@torch.no_grad()
-def zero_pruned_(model: nn.Module, pruned: Mapping[str, Tensor], bn_of: Mapping[str, Optional[str]]) -> float:
-    """Set W[P], b[P] and the following BN's γ[P], β[P] to 0; return the largest |value| they had before."""
-    modules = dict(model.named_modules())
-    largest = 0.0
-    for name, idx in pruned.items():
-        if idx.numel() == 0:
-            continue
-        layer = modules[name]
-        bn = modules.get(bn_of.get(name)) if bn_of.get(name) else None
-        params = [layer.weight, layer.bias] + ([bn.weight, bn.bias] if bn is not None else [])
-        for p in params:
-            if p is None:
-                continue
-            i = idx.to(p.device)
-            largest = max(largest, p.index_select(0, i).abs().max().item())
-            p.index_fill_(0, i, 0)
-    return largest
 
 
 def model_signature(model: nn.Module) -> dict[str, list[int]]:
@@ -780,8 +760,7 @@ class _Run:
         self.hooks.agree("the pruned filters and the weights before removal",
                          {"pruned": self.pruned, "state": self.model.state_dict()})
         if self.method.zero_out:
-            bn_of = {name: reg.graph.layers[name].bn for name in self.pruned}
-            self.metrics["max_abs_pruned_before_zero"] = zero_pruned_(self.model, self.pruned, bn_of)
+            self.metrics["max_abs_pruned_before_zero"] = reg.zero_pruned()
         if self.method.regularizes:
             self._measure("before_removal", self.model)
         else:  # nothing changed since the base measurement
