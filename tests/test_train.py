@@ -87,7 +87,8 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 def full_run(imagefolder, weights, tmp_path_factory):
     """One uninterrupted run (the reference of the resume tests)."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    assert main(_args(imagefolder, weights, out, "--checkpoint-every", "4", "--finetune-checkpoint-every", "2")) == 0
+    assert main(_args(imagefolder, weights, out, "--checkpoint-every", "4", "--finetune-checkpoint-every", "2",
+                      "--tensorboard")) == 0
     return out
 
 
@@ -120,6 +121,13 @@ def test_every_phase_and_artifact(full_run):
     assert settings["regularization_iterations"] == REG_ITERS and settings["iterations_per_epoch"] == EPOCH_ITERS
     yaml = (full_run / "args.yaml").read_text()
     assert "recipe:\n  name: smoke\n  model: resnet20\n" in yaml and "world_size: 1\n" in yaml
+
+    try:                                  # --tensorboard: scalars when tensorboard is installed, else a warning
+        import torch.utils.tensorboard  # noqa: F401
+        has_tensorboard = True
+    except ImportError:
+        has_tensorboard = False
+    assert (full_run / "tb").is_dir() == has_tensorboard
 
     ckpts = full_run / "checkpoints"
     assert len(C.list_checkpoints(ckpts)) == 2 and (ckpts / "best.pt").is_file()     # keep-last 2, best
@@ -481,7 +489,7 @@ def test_recipe_layer_sets_reach_the_papers_speedups(family):
             assert sparsity == pytest.approx(r.expected["param_sparsity_pct"], abs=0.1), r.name
 
 
-def test_tpp_cli_has_the_train_subcommand(capsys):
+def test_tpp_cli_has_the_train_subcommand(capsys, tmp_path):
     from tpp.cli import main as tpp_main
 
     assert tpp_main(["train", "--list"]) == 0
@@ -489,3 +497,10 @@ def test_tpp_cli_has_the_train_subcommand(capsys):
     assert tpp_main(["train", "resnet34-imagenet-1.32x", "--show", "--finetune-epochs", "3"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["finetune_epochs"] == 3 and shown["skip"][0] == "*layer1.0.conv1"
+    config = tmp_path / "mine.json"                      # a JSON file of recipe fields on top of a recipe
+    config.write_text(json.dumps({"lr_schedule": "cosine", "schedule": {"stabilize_iters": 123}}))
+    assert tpp_main(["train", "resnet50-imagenet-2.31x", "--config", str(config), "--label-smoothing", "0.1",
+                     "--show"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["lr_schedule"], shown["label_smoothing"], shown["schedule"]["stabilize_iters"],
+            shown["schedule"]["interval"]) == ("cosine", 0.1, 123, 5)

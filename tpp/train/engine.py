@@ -179,8 +179,10 @@ class Engine(TrainHooks):
             set_rng_state(states[self.env.rank], self.device)
         else:
             warnings.warn(f"the checkpoint was written by {len(states)} processes and this run has "
-                          f"{self.env.world_size}: RNG streams are reseeded (data order and crops stay exact, "
-                          "other randomness does not)", RuntimeWarning, stacklevel=2)
+                          f"{self.env.world_size}: RNG streams are reseeded and the interrupted data pass resumes "
+                          "at the same batch count with the new shards (some of its samples are seen twice or not "
+                          "at all); resume on the same world size for an exact continuation", RuntimeWarning,
+                          stacklevel=2)
             torch.manual_seed(self.seed + self.env.rank)
 
     def save(self, state: dict, path: Path, event: str) -> None:
