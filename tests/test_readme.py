@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -17,3 +19,8 @@ def test_readme_example_runs():
     model = scope["model"]
     for name, idx in reg.pruned.items():  # zeroed during stabilize, kept at zero
         assert not model.get_submodule(name).weight[idx].any()
+    small, x = scope["small"], scope["x"]
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    model.eval()
+    small.eval()
+    torch.testing.assert_close(small(x), model(x))
