@@ -91,7 +91,7 @@ class Suite:
         if device.type == "cuda":
             return {"sweep": Policy(5, 0.05, 10, 50), "layer_set": Policy(5, 0.1, 10, 100),
                     "step": Policy(5, 3.0, 10, 30)}[kind]
-        return {"sweep": Policy(2, 0.3, 3, 20), "layer_set": Policy(2, 0.3, 3, 20), "step": Policy(2, 5.0, 5, 12)}[kind]
+        return {"sweep": Policy(2, 0.3, 5, 20), "layer_set": Policy(2, 0.5, 5, 20), "step": Policy(2, 5.0, 5, 12)}[kind]
 
 
 SUITES = {
