@@ -552,6 +552,7 @@ class _Run:
         self.stage, self.iteration, self.epoch = "base", 0, 0
         self.data_epoch, self.data_batch = 0, 0     # regularization: pass over the training data, batches used in it
         self.ft_batch, self.ft_running = 0, None    # finetuning: batches done in the current epoch, their loss sum
+        self.window, self.window_seen = None, 0     # regularization: loss sum and count since the last history entry
         self.pruned: Optional[dict[str, Tensor]] = None
         self.reg = None
         self.optimizer, self.scheduler, self.ft_reg = None, None, None
@@ -594,6 +595,8 @@ class _Run:
             "regularizer": self.reg.state_dict() if self.reg is not None else None,
             "history": self.history, "metrics": self.metrics, "rng": torch.get_rng_state(),
             "data": {"epoch": self.data_epoch, "batch": self.data_batch},
+            "loss_window": {"sum": float(self.hooks.mean(self.window)) if self.window is not None else 0.0,
+                            "seen": self.window_seen},
             "finetune_position": {"batch": self.ft_batch, "loss_sum": float(running.get("loss_sum", 0.0)),
                                   "seen": int(running.get("seen", 0))},
             "hooks": self.hooks.state_dict(),
@@ -620,6 +623,10 @@ class _Run:
         self.metrics.setdefault("top5", {})
         data = state.get("data") or {}
         self.data_epoch, self.data_batch = int(data.get("epoch", 0)), int(data.get("batch", 0))
+        window = state.get("loss_window") or {}
+        self.window_seen = int(window.get("seen", 0))
+        self.window = torch.tensor(float(window.get("sum", 0.0)), dtype=torch.float64, device=self.device) \
+            if self.window_seen else None
         position = state.get("finetune_position") or {}
         self.ft_batch = int(position.get("batch", 0))
         self.ft_running = {"loss_sum": position.get("loss_sum", 0.0), "seen": position.get("seen", 0)} \
@@ -722,7 +729,6 @@ class _Run:
             return
         every = a["checkpoint_every"] or max(1, total // 10)
         self.net.train()
-        window, seen = None, 0
         batches = self._training_batches()
         while self.iteration < total:
             x, y = hooks.inputs(*next(batches), self.device)
@@ -730,15 +736,15 @@ class _Run:
             loss = hooks.train_step(self.net, self.optimizer, x, y, reg)
             reg.step()
             self.iteration += 1
-            window = loss.double() if window is None else window + loss.double()
-            seen += 1
+            self.window = loss.double() if self.window is None else self.window + loss.double()
+            self.window_seen += 1
             if self.iteration % a["log_every"] == 0 or self.iteration == total:
                 with torch.no_grad():
                     penalty = float(reg.penalty())
                 self.history["regularize"].append({
                     "iteration": self.iteration, "strength": strength, "penalty": penalty,
-                    "loss": float(hooks.mean(window)) / seen, "phase": reg.phase})
-                window, seen = None, 0
+                    "loss": float(hooks.mean(self.window)) / self.window_seen, "phase": reg.phase})
+                self.window, self.window_seen = None, 0
             if self.progress is not None:
                 self.progress("regularize", self.iteration, total,
                               {"strength": strength, "loss": loss.item() if hooks.sync_loss else loss,

@@ -139,6 +139,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", type=_count, default=2, help="numbered checkpoints kept (best.pt besides)")
     g.add_argument("--jsv-samples", type=_count, default=0, help="samples for the mean Jacobian singular value "
                                                                   "(one backward per class each; 0: skip)")
+    g.add_argument("--log-every", type=_count, default=None,
+                   help="record strength, penalty and loss every this many regularization iterations (default: "
+                        "~200 records per run)")
     g.add_argument("--log-interval", type=_number, default=30.0, help="seconds between progress lines in logs")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <out>/tb")
     g.add_argument("--quiet", action="store_true", help="warnings and errors only")
@@ -511,6 +514,7 @@ def run(args, argv: Sequence[str], env) -> int:
             finetune_epochs=recipe.finetune_epochs, finetune_lr=recipe.finetune_lr,
             lr_milestones=recipe.lr_milestones, lr_gamma=recipe.lr_gamma, lr_schedule=recipe.lr_schedule,
             device=env.device, jsv_samples=args.jsv_samples, progress=wrap_progress(progress, args.stop_after_iters),
+            log_every=args.log_every or None,
             seed=args.seed, inplace=True, backend=args.backend, checkpoint=out / "checkpoints",
             checkpoint_every=checkpoint_every, finetune_checkpoint_every=ft_every or None,
             resume=resume_state, hooks=engine)
