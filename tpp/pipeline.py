@@ -202,9 +202,10 @@ def _eval_counts(model: nn.Module, loader: Iterable, hooks: "TrainHooks", device
             k = min(5, out.shape[1])
             top = out.topk(k, dim=1).indices
             hit = top == y.unsqueeze(1)
-            counts += torch.stack([torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
-                                   hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
-                                   F.cross_entropy(out, y, reduction="sum").double()])
+            counts[0] += y.numel()                 # scalar operands: no host-to-device copies per batch
+            counts[1] += hit[:, 0].sum()
+            counts[2] += hit.any(dim=1).sum()
+            counts[3] += F.cross_entropy(out, y, reduction="sum").double()
     finally:
         model.train(was_training)
     return counts
