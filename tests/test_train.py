@@ -311,6 +311,20 @@ def test_atomic_save_crash_mid_write_keeps_previous(tmp_path, monkeypatch):
     assert again.save({"x": 1}, "iteration", "c").name == "ckpt-000002-c.pt"
 
 
+def test_overwrite_starts_over(full_run, imagefolder, weights, tmp_path):
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(full_run, out)
+    old_best = C.load_checkpoint(out / "checkpoints" / "best.pt")
+    assert main(_args(imagefolder, weights, out, "--overwrite", "--ratio", "*layer*.conv1:0.3",
+                      "--finetune-epochs", "1")) == 0
+    kept = [C.load_checkpoint(p) for p in C.list_checkpoints(out / "checkpoints")]
+    assert len(kept) == 2 and all("0.3" in k["hooks"]["identity"]["ratio"] for k in kept)   # only the new run's
+    best = C.load_checkpoint(out / "checkpoints" / "best.pt")
+    assert "0.3" in best["hooks"]["identity"]["ratio"] != old_best["hooks"]["identity"]["ratio"]
+
+
 def test_keep_last_and_best(tmp_path):
     manager = C.CheckpointManager(tmp_path, keep_last=2)
     for epoch, acc in enumerate([50.0, 70.0, 60.0, 65.0], 1):

@@ -137,6 +137,13 @@ class CheckpointManager:
             except Exception:   # unreadable best.pt: the next best epoch replaces it
                 self.best = None
 
+    def reset(self) -> None:
+        """Forget an earlier run in this folder: remove its numbered checkpoints and ``best.pt`` (main process)."""
+        if self.is_main:
+            for path in list_checkpoints(self.folder) + [self.folder / "best.pt"]:
+                path.unlink(missing_ok=True)
+        self.sequence, self.best = 0, None
+
     def latest(self) -> Optional[Path]:
         files = list_checkpoints(self.folder)
         return files[-1] if files else None

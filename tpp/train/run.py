@@ -469,6 +469,8 @@ def run(args, argv: Sequence[str], env) -> int:
             raise UsageError(f"--resume {resume}: cannot be read ({type(err).__name__}: {err})") from None
 
     # ---- from here on the run folder is written
+    if resume is None:
+        checkpoints.reset()          # --overwrite: checkpoints of an earlier run must not be resumed or kept as best
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "ranks").mkdir(exist_ok=True)
