@@ -484,10 +484,10 @@ def run(args, argv: Sequence[str], env) -> int:
     if ft_every is None:
         ft_every = 1000 if len(train_loader) > 2000 else 0
     settings = {
-        "command": " ".join(shlex.quote(a) for a in (sys.argv[:1] + list(argv))),
+        "command": " ".join([getattr(args, "prog", "tpp train")] + [shlex.quote(a) for a in argv]),
         "recipe": recipe.to_dict(), "weights": weights, "weights_from": weights_from, "data_root": args.data_root,
         "out": str(out), "resume": str(resume) if resume else None, "num_classes": num_classes,
-        "world_size": env.world_size, "batch_size_per_process": per_rank, "amp": str(amp).replace("torch.", ""),
+        "world_size": env.world_size, "batch_size_per_process": per_rank, "amp": str(amp or "none").replace("torch.", ""),
         "channels_last": channels_last, "backend": args.backend, "workers": workers, "seed": args.seed,
         "deterministic": args.deterministic, "checkpoint_every": checkpoint_every,
         "finetune_checkpoint_every": ft_every, "keep_last": args.keep_last, "jsv_samples": args.jsv_samples,
@@ -619,6 +619,7 @@ def run_command(args, argv: Sequence[str], prog: str = "tpp train") -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     log = D.setup_logging(env, args.quiet)
+    args.prog = prog
     try:
         return run(args, argv, env)
     except UsageError as err:
