@@ -440,7 +440,8 @@ def test_zero_pruned_clears_every_pruned_parameter_now():
     net = InvertedResidualNet()
     reg = TPPRegularizer(net, {"expand": 0.5}, schedule=TINY)
     idx = reg.pruned["expand"]
-    largest = max(float(p.detach()[idx].abs().max()) for p in (net.expand.weight, net.dw.weight, net.bn1.weight, net.bn2.weight))
+    carried = (net.expand.weight, net.dw.weight, net.bn1.weight, net.bn2.weight)
+    largest = max(float(p.detach()[idx].abs().max()) for p in carried)
     assert reg.zero_pruned() == largest > 0
     for p in (net.expand.weight, net.dw.weight, net.bn1.weight, net.bn1.bias, net.bn2.weight, net.bn2.bias):
         assert not p[idx].any()
