@@ -39,43 +39,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .arguments import EXIT_USAGE, UsageError, count, epoch_list, number
+
 __all__ = ["main", "build_parser", "UsageError"]
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as ``tpp <cmd>: error: <message>``, exit status 2."""
 
 
 # ------------------------------------------------------------------------------------------------- parser
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 60,90, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpp", description="Trainability Preserving Pruning (Wang & Fu, ICLR 2023)")
     sub = parser.add_subparsers(dest="command", metavar="{prune,list,train}")
@@ -103,29 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="tpp", help="tpp, l1, greg, diagonal, no-bn, kernorth, orthconv, orthp, "
                                                   "scratch, l1-kernorth, l1-orthconv")
     g.add_argument("--weights", help="state_dict of the model to prune (or 'torchvision' for published weights)")
-    g.add_argument("--pretrain-epochs", type=_positive_int,
+    g.add_argument("--pretrain-epochs", type=count,
                    help="train the model here first for this many epochs (default: the recipe's when no --weights)")
-    g.add_argument("--pretrain-lr", type=_positive_float, help="pretraining learning rate (default: the recipe's)")
+    g.add_argument("--pretrain-lr", type=number, help="pretraining learning rate (default: the recipe's)")
 
     g = p.add_argument_group("schedule and optimization (defaults: the recipe's; see tpp list)")
     g.add_argument("--recipe", help="cifar | imagenet | demo (default: by dataset)")
-    g.add_argument("--delta", type=_positive_float, help="Δ, strength added every --interval iterations")
-    g.add_argument("--interval", type=_positive_int, help="K_u, iterations between strength increments")
-    g.add_argument("--ceiling", type=_positive_float, help="strength at which growth stops")
-    g.add_argument("--stabilize-iters", type=_positive_int, help="iterations at the ceiling before removal")
-    g.add_argument("--zero-out-interval", type=_positive_int, help="iterations between zeroing consecutive layers")
-    g.add_argument("--reg-iters", type=_positive_int,
+    g.add_argument("--delta", type=number, help="Δ, strength added every --interval iterations")
+    g.add_argument("--interval", type=count, help="K_u, iterations between strength increments")
+    g.add_argument("--ceiling", type=number, help="strength at which growth stops")
+    g.add_argument("--stabilize-iters", type=count, help="iterations at the ceiling before removal")
+    g.add_argument("--zero-out-interval", type=count, help="iterations between zeroing consecutive layers")
+    g.add_argument("--reg-iters", type=count,
                    help="regularization iterations of kernorth/orthconv (default: the schedule's total)")
-    g.add_argument("--orth-weight", type=_positive_float, help="λ of KernOrth/OrthConv")
-    g.add_argument("--reg-lr", type=_positive_float, help="pruning-phase SGD learning rate (paper 1e-3)")
-    g.add_argument("--momentum", type=_positive_float, help="SGD momentum (paper 0.9)")
-    g.add_argument("--weight-decay", type=_positive_float, help="weight decay (paper 5e-4 CIFAR, 1e-4 ImageNet)")
-    g.add_argument("--batch-size", type=_positive_int, help="training batch size")
-    g.add_argument("--finetune-epochs", type=_positive_int, help="finetuning epochs")
-    g.add_argument("--finetune-lr", type=_positive_float, help="finetuning learning rate (paper 1e-2)")
-    g.add_argument("--lr-milestones", type=_int_list, help="epochs at which the finetuning lr is multiplied by "
+    g.add_argument("--orth-weight", type=number, help="λ of KernOrth/OrthConv")
+    g.add_argument("--reg-lr", type=number, help="pruning-phase SGD learning rate (paper 1e-3)")
+    g.add_argument("--momentum", type=number, help="SGD momentum (paper 0.9)")
+    g.add_argument("--weight-decay", type=number, help="weight decay (paper 5e-4 CIFAR, 1e-4 ImageNet)")
+    g.add_argument("--batch-size", type=count, help="training batch size")
+    g.add_argument("--finetune-epochs", type=count, help="finetuning epochs")
+    g.add_argument("--finetune-lr", type=number, help="finetuning learning rate (paper 1e-2)")
+    g.add_argument("--lr-milestones", type=epoch_list, help="epochs at which the finetuning lr is multiplied by "
                                                           "--lr-gamma, e.g. 60,90")
-    g.add_argument("--lr-gamma", type=_positive_float, help="lr decay factor")
+    g.add_argument("--lr-gamma", type=number, help="lr decay factor")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default runs/<model>-<data>-<method>-<time>)")
@@ -134,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after the run")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0, help="random seed (data split, order, initialization)")
-    g.add_argument("--workers", type=_positive_int, default=0, help="DataLoader worker processes")
-    g.add_argument("--threads", type=_positive_int, default=0,
+    g.add_argument("--workers", type=count, default=0, help="DataLoader worker processes")
+    g.add_argument("--threads", type=count, default=0,
                    help="torch CPU threads (0: torch's default; 1 is often fastest for small models)")
-    g.add_argument("--jsv-samples", type=_positive_int, default=64,
+    g.add_argument("--jsv-samples", type=count, default=64,
                    help="test samples for the mean Jacobian singular value (0: skip)")
     g.add_argument("--backend", default="auto", help="TPPRegularizer backend: auto, torch, triton, cuda")
     g.add_argument("--quiet", action="store_true", help="no progress output")

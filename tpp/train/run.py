@@ -35,43 +35,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..arguments import EXIT_USAGE, UsageError, count, epoch_list, number
+
 __all__ = ["main", "build_parser", "UsageError"]
 
-EXIT_USAGE, EXIT_STOPPED = 2, 3
-
-
-class UsageError(Exception):
-    """Bad input: reported as ``tpp train: error: ...`` with exit status 2."""
+EXIT_STOPPED = 3
 
 
 # ---------------------------------------------------------------------------------------------------- parser
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _epochs(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 30,60,75, got {text!r}") from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `tpp train` arguments (shared by ``tpp train`` and ``python -m tpp.train``)."""
     p.add_argument("recipe", nargs="?", help="recipe name (--list), or omit and give --config or "
@@ -85,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="imagefolder, cifar10, cifar100, mnist, digits")
     g.add_argument("--data-root", help="dataset folder (imagefolder: with train/ and val/)")
     g.add_argument("--download", action="store_true", help="download cifar/mnist into --data-root if missing")
-    g.add_argument("--image-size", type=_count, help="training crop / evaluation size (imagefolder, mnist)")
+    g.add_argument("--image-size", type=count, help="training crop / evaluation size (imagefolder, mnist)")
     g.add_argument("--ratio", help="pruning ratio: a number or 'pattern:ratio,...'")
     g.add_argument("--skip", help="comma-separated layer patterns never pruned")
     g.add_argument("--method", help="tpp (default) or another method of `tpp list`")
@@ -93,22 +64,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "weights (recipes: IMAGENET1K_V1), or 'none' (random init, smoke tests only)")
 
     g = p.add_argument_group("schedule and optimization (defaults: the recipe's)")
-    g.add_argument("--delta", type=_number, help="Δ, strength added every --interval iterations")
-    g.add_argument("--interval", type=_count, help="K_u, iterations between strength increments")
-    g.add_argument("--ceiling", type=_number, help="strength at which growth stops")
-    g.add_argument("--stabilize-iters", type=_count, help="iterations at the ceiling before removal")
-    g.add_argument("--zero-out-interval", type=_count, help="iterations between zeroing consecutive layers")
-    g.add_argument("--reg-lr", type=_number, help="pruning-phase SGD learning rate")
-    g.add_argument("--momentum", type=_number)
-    g.add_argument("--weight-decay", type=_number)
-    g.add_argument("--batch-size", type=_count, help="global training batch (split over the processes)")
-    g.add_argument("--eval-batch-size", type=_count, help="global evaluation batch")
-    g.add_argument("--finetune-epochs", type=_count)
-    g.add_argument("--finetune-lr", type=_number)
+    g.add_argument("--delta", type=number, help="Δ, strength added every --interval iterations")
+    g.add_argument("--interval", type=count, help="K_u, iterations between strength increments")
+    g.add_argument("--ceiling", type=number, help="strength at which growth stops")
+    g.add_argument("--stabilize-iters", type=count, help="iterations at the ceiling before removal")
+    g.add_argument("--zero-out-interval", type=count, help="iterations between zeroing consecutive layers")
+    g.add_argument("--reg-lr", type=number, help="pruning-phase SGD learning rate")
+    g.add_argument("--momentum", type=number)
+    g.add_argument("--weight-decay", type=number)
+    g.add_argument("--batch-size", type=count, help="global training batch (split over the processes)")
+    g.add_argument("--eval-batch-size", type=count, help="global evaluation batch")
+    g.add_argument("--finetune-epochs", type=count)
+    g.add_argument("--finetune-lr", type=number)
     g.add_argument("--lr-schedule", choices=("step", "cosine"))
-    g.add_argument("--lr-milestones", type=_epochs, help="epochs where the step schedule multiplies lr by --lr-gamma")
-    g.add_argument("--lr-gamma", type=_number)
-    g.add_argument("--label-smoothing", type=_number)
+    g.add_argument("--lr-milestones", type=epoch_list,
+                   help="epochs where the step schedule multiplies lr by --lr-gamma")
+    g.add_argument("--lr-gamma", type=number)
+    g.add_argument("--label-smoothing", type=number)
 
     g = p.add_argument_group("speed")
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
@@ -116,9 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="channels_last memory format (auto: on GPUs)")
     g.add_argument("--backend", default="auto", help="TPPRegularizer backend: auto, torch, triton, cuda")
-    g.add_argument("--workers", type=_count, default=None, help="DataLoader workers per process (default: 8 on "
-                                                                  "GPUs, 0 on CPU)")
-    g.add_argument("--threads", type=_count, default=0,
+    g.add_argument("--workers", type=count, default=None,
+                   help="DataLoader workers per process (default: 8 on GPUs, 0 on CPU)")
+    g.add_argument("--threads", type=count, default=0,
                    help="torch CPU threads per process (0: torch's default; torchrun sets 1 unless OMP_NUM_THREADS)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN/CUDA kernels (slower; default: cudnn.benchmark)")
@@ -131,21 +103,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "uses cuda:LOCAL_RANK")
     g.add_argument("--dist-backend", choices=("nccl", "gloo"), help="default: nccl on cuda, gloo on cpu")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint-every", type=_count, help="checkpoint every this many regularization "
+    g.add_argument("--checkpoint-every", type=count, help="checkpoint every this many regularization "
                                                            "iterations (default: 1000, at most a tenth of them)")
-    g.add_argument("--finetune-checkpoint-every", type=_count, default=None,
+    g.add_argument("--finetune-checkpoint-every", type=count, default=None,
                    help="also checkpoint every this many finetuning iterations (default: 1000 on ImageNet-size "
                         "epochs, else per epoch only; 0: per epoch only)")
-    g.add_argument("--keep-last", type=_count, default=2, help="numbered checkpoints kept (best.pt besides)")
-    g.add_argument("--jsv-samples", type=_count, default=0, help="samples for the mean Jacobian singular value "
+    g.add_argument("--keep-last", type=count, default=2, help="numbered checkpoints kept (best.pt besides)")
+    g.add_argument("--jsv-samples", type=count, default=0, help="samples for the mean Jacobian singular value "
                                                                   "(one backward per class each; 0: skip)")
-    g.add_argument("--log-every", type=_count, default=None,
+    g.add_argument("--log-every", type=count, default=None,
                    help="record strength, penalty and loss every this many regularization iterations (default: "
                         "~200 records per run)")
-    g.add_argument("--log-interval", type=_number, default=30.0, help="seconds between progress lines in logs")
+    g.add_argument("--log-interval", type=number, default=30.0, help="seconds between progress lines in logs")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <out>/tb")
     g.add_argument("--quiet", action="store_true", help="warnings and errors only")
-    g.add_argument("--stop-after-iters", type=_count, help="debugging: stop (as if killed) after this many "
+    g.add_argument("--stop-after-iters", type=count, help="debugging: stop (as if killed) after this many "
                                                            "training iterations; exit status 3")
 
 
@@ -622,7 +594,9 @@ def run_command(args, argv: Sequence[str], prog: str = "tpp train") -> int:
     log = D.setup_logging(env, args.quiet)
     args.prog = prog
     try:
-        return run(args, argv, env)
+        code = run(args, argv, env)
+        D.barrier(env)  # every rank is done communicating before any tears its connections down
+        return code
     except UsageError as err:
         log.error("%s: error: %s", prog, err)
         return EXIT_USAGE

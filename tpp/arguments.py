@@ -1,0 +1,43 @@
+"""Command-line argument types and the usage error shared by ``tpp prune`` and ``tpp train``."""
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["EXIT_USAGE", "UsageError", "count", "number", "epoch_list"]
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as ``tpp <cmd>: error: <message>``, exit status ``EXIT_USAGE``."""
+
+
+def count(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def number(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def epoch_list(text: str) -> tuple[int, ...]:
+    """Comma-separated epochs, e.g. ``30,60,75``."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 30,60,75, got {text!r}") from None
