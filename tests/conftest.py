@@ -34,3 +34,12 @@ def pytest_runtest_makereport(item, call):
         seeds = [v for k, v in item.user_properties if k == "seed"]
         if seeds:
             item.add_report_section(call.when, "seed", f"seed={seeds[0]} base TPP_TEST_SEED={BASE_SEED}")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one torch thread, and are then not slowed down by other busy processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ from tpp.models import MLP, digits_cnn
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one torch thread is fastest and is not slowed down by other busy processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:

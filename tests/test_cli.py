@@ -24,13 +24,7 @@ ARTIFACTS = {"config.json", "metrics.json", "report.md", "strength_penalty.png",
              "pruned.pt", "pretrained.pt"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one torch thread is fastest and is not slowed down by other busy processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

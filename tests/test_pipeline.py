@@ -18,13 +18,7 @@ FAST = dict(schedule=SCHEDULE, finetune_epochs=1, lr_milestones=(), reg_lr=1e-2,
 CNN_SKIP = ("features.0",)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one torch thread is fastest and is not slowed down by other busy processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

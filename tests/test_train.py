@@ -32,13 +32,7 @@ EPOCH_ITERS = 6          # 48 images / batch 8
 FINETUNE_ITERS = 2 * EPOCH_ITERS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is fastest and is not slowed down by other busy processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
