@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .arguments import EXIT_USAGE, UsageError, count, epoch_list, number
+from .files import write_text_atomic
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -377,9 +378,7 @@ def _versions() -> dict:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # -------------------------------------------------------------------------------------------------- prune

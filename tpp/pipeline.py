@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .baselines import Method, OrthRegularizer, get_method, make_regularizer, orthogonalize_, reinitialize_
+from .files import atomic_save
 from .metrics import count_flops, count_params, jacobian_singular_values, jsv_summary
 from .schedule import GrowingSchedule
 from .selection import RatioSpec, select_filters
@@ -293,9 +294,7 @@ class TrainHooks:
     def save(self, state: dict, path: Path, event: str) -> None:
         """Write checkpoint ``state`` to ``path`` (atomically: temporary file, then rename). ``event`` is
         ``"start"``, ``"iteration"``, ``"removed"``, ``"epoch"`` or ``"done"``."""
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_save(state, path)
 
     def load(self, path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)

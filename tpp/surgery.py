@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
@@ -31,6 +30,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from .files import atomic_save
 from .graph import ModelGraph, analyze_model
 
 __all__ = ["prune_model", "save_pruned", "load_pruned", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
@@ -267,18 +267,7 @@ def save_pruned(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
     spec = {name: _as_indices(idx, None, f"pruned indices of layer {name!r}").tolist() for name, idx in pruned.items()}
     checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": arch, "pruned": spec,
                   "state_dict": model.state_dict(), "extra": extra}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save(checkpoint, path)
 
 
 def _check_plain(value, where: str) -> None:

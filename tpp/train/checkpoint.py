@@ -21,9 +21,11 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
+
+from ..files import atomic_save, fsync_dir
 
 __all__ = ["atomic_save", "CheckpointManager", "CheckpointMismatch", "check_identity", "rng_state",
            "set_rng_state", "list_checkpoints", "load_checkpoint"]
@@ -35,41 +37,6 @@ _TMP = re.compile(r"^\..+\.tmp-\d+$")
 
 class CheckpointMismatch(ValueError):
     """A checkpoint written by a run with another model or pruning specification."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj: Any, path: PathLike, save: Optional[Callable[[Any, Any], None]] = None) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically: temporary file beside it, flush + fsync, rename, fsync folder.
-    On any error the temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save = save or torch.save
-    try:
-        with open(tmp, "wb") as f:
-            save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -89,7 +56,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def list_checkpoints(folder: PathLike) -> list[Path]:

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -19,16 +18,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ..files import write_text_atomic
+
 __all__ = ["to_yaml", "write_text_atomic", "write_json", "write_csv", "Progress", "TensorBoard"]
 
 
 # ----------------------------------------------------------------------------------------------- files
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
