@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["EXIT_USAGE", "UsageError", "count", "number", "epoch_list"]
+__all__ = ["EXIT_USAGE", "UsageError", "count", "number", "epoch_list", "add_schedule_arguments"]
 
 EXIT_USAGE = 2
 
@@ -41,3 +41,12 @@ def epoch_list(text: str) -> tuple[int, ...]:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 30,60,75, got {text!r}") from None
+
+
+def add_schedule_arguments(group) -> None:
+    """The :class:`tpp.GrowingSchedule` overrides, each defaulting to ``None`` (= the recipe's value)."""
+    group.add_argument("--delta", type=number, help="Δ, strength added every --interval iterations")
+    group.add_argument("--interval", type=count, help="K_u, iterations between strength increments")
+    group.add_argument("--ceiling", type=number, help="strength at which growth stops")
+    group.add_argument("--stabilize-iters", type=count, help="iterations at the ceiling before removal")
+    group.add_argument("--zero-out-interval", type=count, help="iterations between zeroing consecutive layers")

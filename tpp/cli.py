@@ -39,7 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .arguments import EXIT_USAGE, UsageError, count, epoch_list, number
+from .arguments import EXIT_USAGE, UsageError, add_schedule_arguments, count, epoch_list, number
 from .files import write_text_atomic
 
 __all__ = ["main", "build_parser", "UsageError"]
@@ -79,11 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("schedule and optimization (defaults: the recipe's; see tpp list)")
     g.add_argument("--recipe", help="cifar | imagenet | demo (default: by dataset)")
-    g.add_argument("--delta", type=number, help="Δ, strength added every --interval iterations")
-    g.add_argument("--interval", type=count, help="K_u, iterations between strength increments")
-    g.add_argument("--ceiling", type=number, help="strength at which growth stops")
-    g.add_argument("--stabilize-iters", type=count, help="iterations at the ceiling before removal")
-    g.add_argument("--zero-out-interval", type=count, help="iterations between zeroing consecutive layers")
+    add_schedule_arguments(g)
     g.add_argument("--reg-iters", type=count,
                    help="regularization iterations of kernorth/orthconv (default: the schedule's total)")
     g.add_argument("--orth-weight", type=number, help="λ of KernOrth/OrthConv")

@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..arguments import EXIT_USAGE, UsageError, count, epoch_list, number
+from ..arguments import EXIT_USAGE, UsageError, add_schedule_arguments, count, epoch_list, number
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -64,11 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "weights (recipes: IMAGENET1K_V1), or 'none' (random init, smoke tests only)")
 
     g = p.add_argument_group("schedule and optimization (defaults: the recipe's)")
-    g.add_argument("--delta", type=number, help="Δ, strength added every --interval iterations")
-    g.add_argument("--interval", type=count, help="K_u, iterations between strength increments")
-    g.add_argument("--ceiling", type=number, help="strength at which growth stops")
-    g.add_argument("--stabilize-iters", type=count, help="iterations at the ceiling before removal")
-    g.add_argument("--zero-out-interval", type=count, help="iterations between zeroing consecutive layers")
+    add_schedule_arguments(g)
     g.add_argument("--reg-lr", type=number, help="pruning-phase SGD learning rate")
     g.add_argument("--momentum", type=number)
     g.add_argument("--weight-decay", type=number)
