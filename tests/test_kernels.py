@@ -5,6 +5,8 @@ and TPP_AUTOTUNE=0); with one, the same tests run the compiled kernels on CUDA t
 """
 import pytest
 import torch
+from tolerances import KERNEL_TF32_TOLERANCE as TF32_TOL
+from tolerances import KERNEL_TOLERANCES as TOL
 
 import tpp_kernels
 from tpp import reference
@@ -14,12 +16,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On CPU without the interpreter, the ops run tpp.reference: the kernel-specific tests are skipped.
 needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not config.INTERPRET, reason="CPU ops run tpp.reference")
 
-# Tolerances, relative to the largest magnitude of the float64 reference: (loss, gradients). Products of fp16/bf16
-# operands are exact in fp32 and accumulate in fp32, so the loss keeps fp32 accuracy in every dtype; gradients are
-# rounded into the weight dtype: half an ulp is 2^-11 (fp16), 2^-8 (bf16; the interpreter truncates fp32 -> bf16
-# instead of rounding: up to 2^-7). Comparisons use "ieee" dots, except test_tf32 (operands rounded to 10 bits).
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 1e-3), torch.bfloat16: (1e-5, 8e-3)}
-TF32_TOL = (5e-3, 5e-3)
 
 
 def assert_close(actual, expected, tol, what=""):
