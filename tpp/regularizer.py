@@ -201,7 +201,7 @@ class TPPRegularizer:
         """``E − L_cls`` (module docstring) at the current strength: a differentiable scalar."""
         r = self.strength
         if not self._layers:
-            return torch.zeros(())
+            return torch.zeros((), device=next(self.model.parameters()).device)
         idx = self._indices()
         weights = [layer.module.weight for layer in self._layers]
         total = torch.zeros((), dtype=reference.accumulation_dtype(weights[0].dtype), device=weights[0].device)
