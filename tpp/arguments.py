@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["EXIT_USAGE", "UsageError", "count", "number", "epoch_list", "add_schedule_arguments"]
+__all__ = ["EXIT_USAGE", "UsageError", "count", "number", "epoch_list", "parse_ratio", "add_schedule_arguments"]
 
 EXIT_USAGE = 2
 
@@ -50,3 +50,25 @@ def add_schedule_arguments(group) -> None:
     group.add_argument("--ceiling", type=number, help="strength at which growth stops")
     group.add_argument("--stabilize-iters", type=count, help="iterations at the ceiling before removal")
     group.add_argument("--zero-out-interval", type=count, help="iterations between zeroing consecutive layers")
+
+
+def parse_ratio(text):
+    """``--ratio``: a number in [0, 1), or a ``'pattern:ratio,...'`` spec whose ratios lie in [0, 1); else
+    :class:`UsageError`. Numbers (e.g. from a JSON config) pass through the same check."""
+    from .selection import parse_ratio_spec
+
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is not None:
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise UsageError(f"--ratio {text!r}: the pruning ratio must lie in [0, 1) (0 keeps every filter, "
+                             "1 would remove all)")
+        return value
+    try:
+        parse_ratio_spec(text)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--ratio {text!r}: {err}; expected a number in [0, 1) or 'pattern:ratio,...' with "
+                         "ratios in [0, 1)") from None
+    return text

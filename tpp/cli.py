@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -39,7 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .arguments import EXIT_USAGE, UsageError, add_schedule_arguments, count, epoch_list, number
+from .arguments import EXIT_USAGE, UsageError, add_schedule_arguments, count, epoch_list, number, parse_ratio
 from .files import write_text_atomic
 
 __all__ = ["main", "build_parser", "UsageError"]
@@ -138,27 +137,6 @@ def _check_names(args) -> None:
     elif args.model not in list_models():
         raise UsageError(f"unknown model {args.model!r}; allowed: {_allowed(list_models())}, "
                          "or torchvision:<name>")
-
-
-def _parse_ratio(text: str):
-    """A float, or a 'pattern:ratio,...' spec, each ratio checked to lie in [0, 1)."""
-    from .selection import parse_ratio_spec
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is not None:
-        if not (math.isfinite(value) and 0 <= value < 1):
-            raise UsageError(f"--ratio {text!r}: the pruning ratio must lie in [0, 1) (0 keeps every filter, "
-                             "1 would remove all)")
-        return value
-    try:
-        parse_ratio_spec(text)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"--ratio {text!r}: {err}; expected a number in [0, 1) or 'pattern:ratio,...' with "
-                         "ratios in [0, 1)") from None
-    return text
 
 
 def _dataset_kwargs(data: str, model: str) -> dict:
@@ -382,7 +360,7 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     from .baselines import METHODS
 
     _check_names(args)
-    ratio = _parse_ratio(args.ratio)
+    ratio = parse_ratio(args.ratio)
     recipe = _recipe(args)
     reg_iters = args.reg_iters
     if METHODS[args.method].regularizer == "tpp" and reg_iters is not None \

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shlex
 import sys
@@ -35,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..arguments import EXIT_USAGE, UsageError, add_schedule_arguments, count, epoch_list, number
+from ..arguments import EXIT_USAGE, UsageError, add_schedule_arguments, count, epoch_list, number, parse_ratio
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -149,7 +148,7 @@ def resolve_recipe(args):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     if args.ratio is not None:
-        values["ratio"] = _parse_ratio(args.ratio)
+        values["ratio"] = parse_ratio(args.ratio)
     if args.skip is not None:
         values["skip"] = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     sched = {k: getattr(args, k) for k in ("delta", "interval", "ceiling", "stabilize_iters", "zero_out_interval")
@@ -168,29 +167,8 @@ def resolve_recipe(args):
             msg += " (give a recipe name, --config, or --model/--data/--ratio)"
         raise UsageError(msg) from None
     if isinstance(recipe.ratio, str):
-        recipe = replace(recipe, ratio=_parse_ratio(recipe.ratio))
+        recipe = replace(recipe, ratio=parse_ratio(recipe.ratio))
     return recipe
-
-
-def _parse_ratio(text):
-    from ..selection import parse_ratio_spec
-
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-    if value is not None:
-        if not (math.isfinite(value) and 0 <= value < 1):
-            raise UsageError(f"--ratio {text!r}: the pruning ratio must lie in [0, 1)")
-        return value
-    try:
-        parse_ratio_spec(text)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"--ratio {text!r}: {err}") from None
-    return text
 
 
 def _check_recipe(recipe, world: int) -> None:
