@@ -426,8 +426,10 @@ def test_zero_out_makes_removal_exact(make, seed):
                 p.add_(torch.randn_like(p), alpha=0.01)
         reg.step()
     if isinstance(net, InvertedResidualNet):
-        expand = reg._layers[0]
-        assert expand.name == "expand" and expand.depthwise == (net.dw,) and expand.bns == (net.bn1, net.bn2)
+        roles = [(slot.role, id(slot.param)) for slot in reg.slots("expand")]
+        expected = [("gram", net.expand.weight), ("l2", net.dw.weight), ("bn", net.bn1.weight), ("bn", net.bn1.bias),
+                    ("bn", net.bn2.weight), ("bn", net.bn2.bias)]
+        assert roles == [(role, id(p)) for role, p in expected]
     small = reg.prune()
     x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
     net.eval()

@@ -27,27 +27,62 @@ from .graph import analyze_model
 from .schedule import GrowingSchedule
 from .selection import RatioSpec, select_filters
 
-__all__ = ["TPPRegularizer"]
+__all__ = ["TPPRegularizer", "Slot"]
 
 STATE_VERSION = 1
 
 
+ROLES = ("gram", "l2", "bn", "zero")
+
+
 @dataclass(frozen=True)
-class _Layer:
-    name: str
-    index: int                       # execution order among all Conv2d/Linear layers (zero-out timing)
-    module: nn.Module                # the Conv2d/Linear
-    depthwise: tuple[nn.Module, ...]  # depthwise convs carrying its output channels on (MobileNet-style)
-    bns: tuple[nn.Module, ...]       # affine BatchNorms normalizing those channels: its own, then the carriers'
-    pruned: Tensor                   # sorted int64 indices on the module's device
+class Slot:
+    """A parameter read as ``[segments, units, length]`` in memory order: unit ``i`` owns ``[:, i, :]``.
 
-    def own_params(self) -> list[Tensor]:
-        """Weights and biases of the pruned filters (and their depthwise carriers): the L2 term's parameters."""
-        return [p for m in (self.module, *self.depthwise) for p in (m.weight, m.bias) if p is not None]
+    ``role``: ``"gram"`` (gram term and L2 term), ``"l2"`` (L2 term: biases, depthwise carriers), ``"bn"`` (BN γ/β
+    term) or ``"zero"`` (only cleared by the zero-out, e.g. an out-projection's input columns). A Conv2d/Linear
+    weight is one segment of length D (its rows, whatever its memory format); a bias or BN vector one segment of
+    length 1; the q, k, v rows of attention head ``i`` of a packed ``[3E, E]`` projection three segments of
+    length ``d_h·E``.
+    """
 
-    def all_params(self) -> list[Tensor]:
-        """Everything indexed by the pruned channels, zeroed by the zero-out: own params, then BN γ and β."""
-        return self.own_params() + [p for bn in self.bns for p in (bn.weight, bn.bias) if p is not None]
+    param: nn.Parameter
+    role: str
+    segments: int = 1
+    segment_length: int = 0  # length of one unit's segment; 0: a whole row (one segment)
+
+    @property
+    def units(self) -> int:
+        return self.param.shape[0] if self.segments == 1 else self.param.numel() // (self.segments * self.length)
+
+    @property
+    def length(self) -> int:
+        return self.segment_length or self.param.numel() // self.param.shape[0]
+
+    def indexed(self, t: Tensor) -> tuple[Tensor, int]:
+        """``t`` (the parameter or its gradient) as a tensor whose dim ``dim`` indexes units: ``(t, 0)`` for one
+        segment, else the contiguous ``t`` viewed ``[segments, units, length]`` and 1."""
+        return (t, 0) if self.segments == 1 else (t.view(self.segments, -1, self.length), 1)
+
+    def rows(self, t: Tensor) -> Tensor:
+        """``t`` as ``[units, segments·length]``: unit ``i``'s entries as row ``i`` (a copy if segments > 1)."""
+        if self.segments == 1:
+            return t
+        return t.view(self.segments, -1, self.length).transpose(0, 1).reshape(self.units, -1)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What one pruned index set applies to: ``names`` (listed in ``reg.pruned``), zero-out slot ``index``
+    (execution order), the sorted pruned unit indices and every parameter slot they index."""
+
+    names: tuple[str, ...]
+    index: int
+    pruned: Tensor                   # sorted int64 indices on the parameters' device
+    slots: tuple[Slot, ...]
+
+    def of_role(self, *roles: str) -> list[Slot]:
+        return [s for s in self.slots if s.role in roles]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -133,11 +168,11 @@ class TPPRegularizer:
         self._strength_override: float | None = None
         self._bind(select_filters(self.model, pruning_ratio, skip, graph=self.graph))
 
-    # ------------------------------------------------------------------ layers
+    # ------------------------------------------------------------------- units
     def _bind(self, pruned: Mapping[str, Tensor]) -> None:
-        """Attach pruned index sets to the model's modules (execution order) and check the zero-out timing."""
+        """Attach pruned index sets to the model's parameters (execution order) and check the zero-out timing."""
         modules = dict(self.model.named_modules())
-        layers = []
+        units = []
         for name, idx in pruned.items():
             info = self.graph.layers.get(name)
             if info is None:
@@ -149,31 +184,43 @@ class TPPRegularizer:
             if not info.independent:
                 raise ValueError(f"layer {name!r} cannot be pruned on its own: {info.coupling}")
             carried = [modules[use.module] for use in info.uses if use.role in ("bn", "depthwise")]
-            depthwise = tuple(m for m in carried if isinstance(m, nn.Conv2d))
-            bns = tuple(m for m in carried if not isinstance(m, nn.Conv2d) and m.weight is not None)
-            idx = idx.to(torch.int64).sort().values
-            layers.append(_Layer(name, info.index, module, depthwise, bns, idx.to(module.weight.device)))
-        layers.sort(key=lambda layer: layer.index)
-        self.pruned = {layer.name: layer.pruned.cpu() for layer in layers}
-        self._layers = layers
-        if layers:
-            needed = self.schedule.zero_out_interval * (layers[-1].index + 1)
+            depthwise = [m for m in carried if isinstance(m, nn.Conv2d)]
+            bns = [m for m in carried if not isinstance(m, nn.Conv2d) and m.weight is not None]
+            slots = [Slot(module.weight, "gram")]
+            slots += [Slot(p, "l2") for m in (module, *depthwise) for p in (m.weight, m.bias)
+                      if p is not None and p is not module.weight]
+            slots += [Slot(p, "bn") for bn in bns for p in (bn.weight, bn.bias) if p is not None]
+            idx = idx.to(torch.int64).sort().values.to(module.weight.device)
+            units.append(_Unit((name,), info.index, idx, tuple(slots)))
+        units.sort(key=lambda unit: unit.index)
+        self.pruned = {name: unit.pruned.cpu() for unit in units for name in unit.names}
+        self._units = units
+        if units:
+            needed = self.schedule.zero_out_interval * (units[-1].index + 1)
             if self.schedule.stabilize_iters < needed:
                 raise ValueError(
                     f"schedule.stabilize_iters ({self.schedule.stabilize_iters}) is shorter than the layer-wise "
                     f"zero-out needs: zero_out_interval × (execution index of the last pruned layer "
-                    f"{layers[-1].name!r} + 1) = {needed}. Lengthen stabilize_iters or shorten zero_out_interval.")
+                    f"{units[-1].names[0]!r} + 1) = {needed}. Lengthen stabilize_iters or shorten zero_out_interval.")
 
     def _indices(self) -> list[Tensor]:
         """Pruned index tensors, following the parameters if the model was moved to another device."""
         moved = False
-        for i, layer in enumerate(self._layers):
-            if layer.pruned.device != layer.module.weight.device:
-                self._layers[i] = replace(layer, pruned=layer.pruned.to(layer.module.weight.device))
+        for i, unit in enumerate(self._units):
+            device = unit.slots[0].param.device
+            if unit.pruned.device != device:
+                self._units[i] = replace(unit, pruned=unit.pruned.to(device))
                 moved = True
         if moved:
-            self.backend = resolve_backend(self.backend.name, self._layers[0].module.weight.device)
-        return [layer.pruned for layer in self._layers]
+            self.backend = resolve_backend(self.backend.name, self._units[0].slots[0].param.device)
+        return [unit.pruned for unit in self._units]
+
+    def slots(self, name: str) -> list[Slot]:
+        """The parameter slots the pruned set of layer ``name`` indexes: what the penalty and the zero-out touch."""
+        for unit in self._units:
+            if name in unit.names:
+                return list(unit.slots)
+        raise KeyError(f"{name!r} has no pruned units; pruned layers: {sorted(self.pruned)}")
 
     # ---------------------------------------------------------------- schedule
     @property
@@ -197,80 +244,95 @@ class TPPRegularizer:
         return self.schedule.phase(self.iteration)
 
     # ------------------------------------------------------------------- terms
+    def _slots(self, idx: list[Tensor], *roles: str) -> list[tuple[Slot, Tensor]]:
+        """Every (slot, pruned indices) of the given roles, in unit order."""
+        return [(slot, i) for unit, i in zip(self._units, idx) for slot in unit.of_role(*roles)]
+
+    def _square_roles(self) -> tuple[str, ...]:
+        """Roles whose pruned entries are in the ``(r/2)·Σ x²`` part: weights and carriers, BN γ/β."""
+        return ("gram", "l2") * self.weight_l2 + ("bn",) * self.bn
+
     def penalty(self) -> Tensor:
         """``E − L_cls`` (module docstring) at the current strength: a differentiable scalar."""
         r = self.strength
-        if not self._layers:
+        if not self._units:
             return torch.zeros((), device=next(self.model.parameters()).device)
         idx = self._indices()
-        weights = [layer.module.weight for layer in self._layers]
-        total = torch.zeros((), dtype=reference.accumulation_dtype(weights[0].dtype), device=weights[0].device)
+        grams = self._slots(idx, "gram")
+        total = torch.zeros((), dtype=reference.accumulation_dtype(grams[0][0].param.dtype),
+                            device=grams[0][0].param.device)
         if r == 0:
             return total
         if self.gram_weight:
-            gram = self.backend.gram_penalty(weights, idx, self.variant, self.reduction)
+            gram = self.backend.gram_penalty([s.rows(s.param) for s, _ in grams], [i for _, i in grams],
+                                             self.variant, self.reduction)
             total = total + (r * self.gram_weight) * gram
-        if self.weight_l2:
-            squares = [self._rows(p, i).square().sum() for layer, i in zip(self._layers, idx)
-                       for p in layer.own_params()]
+        squares = [self._pruned_entries(slot, slot.param, i).square().sum()
+                   for slot, i in self._slots(idx, *self._square_roles())]
+        if squares:
             total = total + (r / 2) * torch.stack(squares).sum()
-        gammas, betas, bn_idx = self._bn_lists(idx)
-        if self.bn and gammas:
-            total = total + (r / 2) * self.backend.bn_penalty(gammas, betas, bn_idx)
         return total
 
-    def _bn_lists(self, idx: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """γ, β and pruned indices of every affine BatchNorm carrying pruned channels."""
-        pairs = [(bn, i) for layer, i in zip(self._layers, idx) for bn in layer.bns]
-        return [bn.weight for bn, _ in pairs], [bn.bias for bn, _ in pairs], [i for _, i in pairs]
-
     @staticmethod
-    def _rows(param: Tensor, idx: Tensor) -> Tensor:
-        rows = param.index_select(0, idx)
+    def _pruned_entries(slot: Slot, t: Tensor, idx: Tensor) -> Tensor:
+        """The pruned units' entries of ``t`` (``slot.param`` or its gradient), in the accumulation dtype."""
+        view, dim = slot.indexed(t)
+        rows = view.index_select(dim, idx)
         return rows.to(reference.accumulation_dtype(rows.dtype))
 
     @torch.no_grad()
     def apply_gradients(self) -> None:
         """Add ∂penalty()/∂θ into ``.grad`` in place (creating zero grads where missing), without autograd."""
         r = self.strength
-        if r == 0 or not self._layers:
+        if r == 0 or not self._units:
             return
         idx = self._indices()
-        weights = [layer.module.weight for layer in self._layers]
         if self.gram_weight:
-            self.backend.add_gram_grad_(weights, [_grad_of(w) for w in weights], idx, r * self.gram_weight,
-                                        self.variant, self.reduction)
-        if self.weight_l2:
-            for layer, i in zip(self._layers, idx):
-                for p in layer.own_params():
-                    _grad_of(p).index_add_(0, i, (self._rows(p, i) * r).to(p.dtype))
-        gammas, betas, bn_idx = self._bn_lists(idx)
-        if self.bn and gammas:
-            self.backend.add_bn_grad_(gammas, betas, [_grad_of(g) for g in gammas], [_grad_of(b) for b in betas],
-                                      bn_idx, r / 2)
+            grams = self._slots(idx, "gram")
+            dense = [(s, i) for s, i in grams if s.segments == 1]
+            if dense:
+                weights = [s.param for s, _ in dense]
+                self.backend.add_gram_grad_(weights, [_grad_of(w) for w in weights], [i for _, i in dense],
+                                            r * self.gram_weight, self.variant, self.reduction)
+            for s, i in grams:  # units spread over segments: through a [units, segments·length] copy
+                if s.segments > 1:
+                    rows = s.rows(s.param)
+                    grad = torch.zeros_like(rows)
+                    self.backend.add_gram_grad_([rows], [grad], [i], r * self.gram_weight, self.variant,
+                                                self.reduction)
+                    _grad_of(s.param).view(s.segments, -1, s.length).add_(
+                        grad.view(s.units, s.segments, s.length).transpose(0, 1))
+        for slot, i in self._slots(idx, *self._square_roles()):
+            view, dim = slot.indexed(_grad_of(slot.param))
+            view.index_add_(dim, i, (self._pruned_entries(slot, slot.param, i) * r).to(view.dtype))
+
+    @torch.no_grad()
+    def _zero(self, unit: _Unit, idx: Tensor) -> None:
+        for slot in unit.slots:
+            view, dim = slot.indexed(slot.param)
+            view.index_fill_(dim, idx, 0)
 
     @torch.no_grad()
     def zero_pruned(self) -> float:
         """Set every pruned W, b, γ, β (and carrier rows) to 0 now, as the zero-out does; returns the largest
         magnitude that was cleared (0.0 when the schedule's zero-out had already done it)."""
         cleared = 0.0
-        for layer, i in zip(self._layers, self._indices()):
-            for p in layer.all_params():
-                rows = p.index_select(0, i)
+        for unit, i in zip(self._units, self._indices()):
+            for slot in unit.slots:
+                rows = self._pruned_entries(slot, slot.param, i)
                 if rows.numel():
                     cleared = max(cleared, float(rows.abs().max()))
-                p.index_fill_(0, i, 0)
+            self._zero(unit, i)
         return cleared
 
     @torch.no_grad()
     def step(self) -> None:
-        """Mark one training iteration done: zero the pruned W, b, γ, β of every layer whose zero-out is due
+        """Mark one training iteration done: zero the pruned W, b, γ, β of every unit whose zero-out is due
         (see :class:`GrowingSchedule`), then advance the schedule."""
         t = self.iteration
-        for layer, i in zip(self._layers, self._indices()):
-            if self.schedule.zero_out_due(t, layer.index):
-                for p in layer.all_params():
-                    p.index_fill_(0, i, 0)
+        for unit, i in zip(self._units, self._indices()):
+            if self.schedule.zero_out_due(t, unit.index):
+                self._zero(unit, i)
         self.iteration = t + 1
 
     def prune(self) -> nn.Module:
