@@ -28,7 +28,7 @@ without that proof (scalar loads). Every device table is uploaded when the plan 
 """
 import itertools
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -606,20 +606,20 @@ def _plan_penalty_bwd(plan: int, grad: Tensor, strength: Tensor, r: Tensor, tens
 def _(plan, grad, strength, r, tensors):
     out = []
     for launch in _plans[plan].launches:
-        out += [launch.anchor_w.new_empty(max(launch.gflat_numel, 1)),
-                launch.anchor_x.new_empty(max(launch.xflat_numel, 1))]
+        out += [r.new_empty(max(launch.gflat_numel, 1), dtype=launch.anchor_w.dtype),
+                r.new_empty(max(launch.xflat_numel, 1), dtype=launch.anchor_x.dtype)]
     return out
 
 
 def _setup_context(ctx, inputs, output):
     plan, strength, tensors = inputs
     ctx.plan = plan
-    ctx.save_for_backward(strength, output[1])
+    ctx.save_for_backward(strength, output[1], *tensors)
 
 
 def _backward(ctx, grad_loss, grad_r):
-    strength, r = ctx.saved_tensors
-    flats = _plan_penalty_bwd(ctx.plan, grad_loss, strength, r, _plans[ctx.plan].tensors)
+    strength, r, *tensors = ctx.saved_tensors
+    flats = _plan_penalty_bwd(ctx.plan, grad_loss, strength, r, tensors)
     return None, None, _plans[ctx.plan]._views(flats)
 
 
