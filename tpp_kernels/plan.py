@@ -529,8 +529,7 @@ class PenaltyPlan:
     def penalty(self, strength: Tensor) -> Tensor:
         """The penalty at strength ``strength`` (0-d float tensor on the device): a differentiable float32 scalar
         (one launch per dtype group and one sum; the backward one launch per dtype group)."""
-        loss, _ = _plan_penalty(self.id, strength, self.tensors)
-        return loss
+        return _PenaltyFunction.apply(self.id, strength, *self.tensors)
 
     def _forward(self, strength: Tensor) -> Tuple[Tensor, Tensor]:
         r = torch.empty(self.r_numel, dtype=torch.float32, device=self.device)
@@ -611,16 +610,18 @@ def _(plan, grad, strength, r, tensors):
     return out
 
 
-def _setup_context(ctx, inputs, output):
-    plan, strength, tensors = inputs
-    ctx.plan = plan
-    ctx.save_for_backward(strength, output[1], *tensors)
+class _PenaltyFunction(torch.autograd.Function):
+    """Autograd of the two ops (a plain ``autograd.Function``: its per-call cost stays small with ~100 inputs)."""
 
+    @staticmethod
+    def forward(ctx, plan: int, strength: Tensor, *tensors: Tensor) -> Tensor:
+        loss, r = _plan_penalty(plan, strength, list(tensors))
+        ctx.plan = plan
+        ctx.save_for_backward(strength, r, *tensors)
+        return loss
 
-def _backward(ctx, grad_loss, grad_r):
-    strength, r, *tensors = ctx.saved_tensors
-    flats = _plan_penalty_bwd(ctx.plan, grad_loss, strength, r, tensors)
-    return None, None, _plans[ctx.plan]._views(flats)
-
-
-_plan_penalty.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        strength, r, *tensors = ctx.saved_tensors
+        flats = _plan_penalty_bwd(ctx.plan, grad_loss, strength, r, tensors)
+        return None, None, *_plans[ctx.plan]._views(flats)
