@@ -29,7 +29,6 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import tpp_kernels  # noqa: E402
 from tpp import GrowingSchedule, TPPRegularizer  # noqa: E402
 
 SPEC = "*layer[1-3]*conv[1-2]:0.6,*layer4*conv[1-2]:0.21"

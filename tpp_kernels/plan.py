@@ -42,11 +42,15 @@ from .tables import dtype_groups
 
 # Tile kinds (first column of a tile table; the others: tensor position, first pruned/row position, segment,
 # first column).
-_R, _SQUARES, _PRUNED_ROWS, _KEPT_ROWS = 0, 1, 2, 3
+_R, _SQUARES, _PRUNED_ROWS, _KEPT_ROWS, _GRAM_SQUARES = 0, 1, 2, 3, 4
 _TILE = 5
 # Per gram tensor ``p_gmeta[l]`` = (N, S, L, p, o_idx, o_r, aligned, 0); per squares tensor ``p_smeta[q]`` =
 # (N, S, L, p, o_idx, aligned, 0, 0). ``p_order[o_idx:o_idx+N]`` lists P then K (squares: P only), ``p_m`` is m.
 _META = 8
+# Launch configurations on a GPU, chosen without timing (so identical on every DDP rank): 64×64 tiles, 32-wide
+# reduction chunks, 3 pipeline stages; the forward on 8 warps keeps its accumulator and pipelined operands in
+# registers without spills (benchmarks/ptx_report.py). The interpreter runs config.default_config's small blocks.
+GPU_CONFIGS = {"fwd": config.Config(64, 64, 32, 8, 3), "bwd": config.Config(64, 64, 32, 4, 3)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,9 +68,8 @@ def _aligned(x, V: tl.constexpr):
 def _r_tile(p_wl, o_rows, m_a, o_j, m_j, N, S, L,
             INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(R[a, j] for pruned positions a and units j, Σ_a ‖W_{P_a}‖²) over the S segments of length L."""
+    """R[a, j] for pruned positions a and units j, over the S segments of length L."""
     b_r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    b_sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for i_s in range(0, S):
         p_s = p_wl + i_s * N * L
         for i_k in range(0, L, BLOCK_K):
@@ -74,11 +77,10 @@ def _r_tile(p_wl, o_rows, m_a, o_j, m_j, N, S, L,
             m_k = o_k < L
             b_wp = tl.load(p_s + o_rows[:, None] * L + o_k[None, :], mask=m_a[:, None] & m_k[None, :], other=0.)
             b_wt = tl.load(p_s + o_j[None, :] * L + o_k[:, None], mask=m_k[:, None] & m_j[None, :], other=0.)
-            b_sq += b_wp.to(tl.float32) * b_wp.to(tl.float32)
             if DOT_FP32:
                 b_wp, b_wt = b_wp.to(tl.float32), b_wt.to(tl.float32)
             b_r = tl.dot(b_wp, b_wt, b_r, input_precision=INPUT_PRECISION)
-    return b_r, tl.sum(tl.sum(b_sq, axis=1), axis=0)
+    return b_r
 
 
 @triton.jit
@@ -99,8 +101,9 @@ def _fwd_kernel(p_w, p_ow, p_gmeta, p_x, p_ox, p_smeta, p_tiles, p_order, p_m, p
                 LOSS: tl.constexpr, MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                 VEC_W: tl.constexpr, VEC_X: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tile ``(kind, l, a0, b, 0)``: an R tile (kind _R, columns b…) or a squares tile (kind _SQUARES, segment
-    b); with LOSS, ``r ×`` its loss share into ``p_part[t]``."""
+    """Tile ``(kind, l, a0, b, 0)``: an R tile (kind _R, columns b…), a squares tile (kind _SQUARES, segment b)
+    or the squares of a gram tensor's pruned rows (kind _GRAM_SQUARES, segment b, times l2_weight); with LOSS,
+    ``r ×`` its loss share into ``p_part[t]``."""
     i_t = tl.program_id(0)
     kind = tl.load(p_tiles + i_t * 5)
     i_l = tl.load(p_tiles + i_t * 5 + 1)
@@ -117,39 +120,49 @@ def _fwd_kernel(p_w, p_ow, p_gmeta, p_x, p_ox, p_smeta, p_tiles, p_order, p_m, p
         o_r = tl.load(p_meta + 5)
         o_w = tl.load(p_ow + i_l)
         m_a = o_a < P
-        o_j = i_b + tl.arange(0, BLOCK_N)
+        o_j = _aligned(i_b, BLOCK_N) + tl.arange(0, BLOCK_N)
         m_j = o_j < N
         o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0).to(tl.int64)
         if tl.load(p_meta + 6) != 0:
-            b_r, b_sq = _r_tile(p_w + _aligned(o_w, VEC_W), o_rows, m_a, o_j, m_j, N, S, _aligned(L, VEC_W),
-                                INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+            b_r = _r_tile(p_w + _aligned(o_w, VEC_W), o_rows, m_a, o_j, m_j, N, S, _aligned(L, VEC_W),
+                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+            N_v = _aligned(N, 4)
+            tl.store(p_r + _aligned(o_r, 4) + o_a[:, None] * N_v + o_j[None, :], b_r,
+                     mask=m_a[:, None] & (o_j < N_v)[None, :])
         else:
-            b_r, b_sq = _r_tile(p_w + o_w, o_rows, m_a, o_j, m_j, N, S, L,
-                                INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.store(p_r + o_r + o_a[:, None] * N + o_j[None, :], b_r, mask=m_a[:, None] & m_j[None, :])
+            b_r = _r_tile(p_w + o_w, o_rows, m_a, o_j, m_j, N, S, L,
+                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.store(p_r + o_r + o_a[:, None] * N + o_j[None, :], b_r, mask=m_a[:, None] & m_j[None, :])
         if LOSS:
             b_m = tl.load(p_m + o_idx + o_j, mask=m_j, other=0).to(tl.float32)
             b_loss = tl.sum(tl.sum(b_r * b_r * (1. + b_m)[None, :], axis=1), axis=0) * gram_weight
             if MEAN:
                 b_loss = b_loss / (N * N).to(tl.float32)
-            if i_b == 0:  # the first column tile of each row block carries the rows' L2 share
-                b_loss += 0.5 * l2_weight * b_sq
             tl.store(p_part + i_t, b_loss * tl.load(p_strength).to(tl.float32))
+    elif kind == 1:
+        b_sq = _squares_of(p_x, tl.load(p_ox + i_l), p_smeta + i_l * 8, 5, p_order, o_a, i_b, VEC_X, BLOCK_M, BLOCK_K)
+        if LOSS:  # (squares tiles are in the loss tables only)
+            tl.store(p_part + i_t, 0.5 * b_sq * tl.load(p_strength).to(tl.float32))
     else:
-        p_meta = p_smeta + i_l * 8
-        N = tl.load(p_meta)
-        L = tl.load(p_meta + 2)
-        P = tl.load(p_meta + 3)
-        o_idx = tl.load(p_meta + 4)
-        o_x = tl.load(p_ox + i_l)
-        m_a = o_a < P
-        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0).to(tl.int64)
-        if tl.load(p_meta + 5) != 0:
-            b_sq = _squares_tile(p_x + _aligned(o_x, VEC_X), o_rows, m_a, i_b, N, _aligned(L, VEC_X),
-                                 BLOCK_M, BLOCK_K)
-        else:
-            b_sq = _squares_tile(p_x + o_x, o_rows, m_a, i_b, N, L, BLOCK_M, BLOCK_K)
-        tl.store(p_part + i_t, 0.5 * b_sq * tl.load(p_strength).to(tl.float32))
+        b_sq = _squares_of(p_w, tl.load(p_ow + i_l), p_gmeta + i_l * 8, 6, p_order, o_a, i_b, VEC_W, BLOCK_M, BLOCK_K)
+        if LOSS:
+            tl.store(p_part + i_t, 0.5 * l2_weight * b_sq * tl.load(p_strength).to(tl.float32))
+
+
+@triton.jit
+def _squares_of(p_t, o_t, p_meta, ALIGNED: tl.constexpr, p_order, o_a, i_s, VEC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ x² over segment i_s of the pruned units at positions o_a of the tensor at ``p_t + o_t`` whose metadata
+    row (N, S, L, p, o_idx, …) is at ``p_meta``, column ``ALIGNED`` its alignment flag."""
+    N = tl.load(p_meta)
+    L = tl.load(p_meta + 2)
+    m_a = o_a < tl.load(p_meta + 3)
+    o_rows = tl.load(p_order + tl.load(p_meta + 4) + o_a, mask=m_a, other=0).to(tl.int64)
+    if tl.load(p_meta + ALIGNED) != 0:
+        b_sq = _squares_tile(p_t + _aligned(o_t, VEC), o_rows, m_a, i_s, N, _aligned(L, VEC), BLOCK_M, BLOCK_K)
+    else:
+        b_sq = _squares_tile(p_t + o_t, o_rows, m_a, i_s, N, L, BLOCK_M, BLOCK_K)
+    return b_sq
 
 
 @triton.jit
@@ -249,14 +262,15 @@ def _bwd_kernel(p_w, p_ow, p_gmeta, p_gout, p_ogout, p_x, p_ox, p_smeta, p_xout,
         b_gram = 4. * gram_weight * b_scale
         if MEAN:
             b_gram = b_gram / (N * N).to(tl.float32)
-        o_d = i_d + tl.arange(0, BLOCK_D)
+        o_d = _aligned(i_d, BLOCK_D) + tl.arange(0, BLOCK_D)
         o_seg = i_g * N * L
         if tl.load(p_meta + 6) != 0:
             L_v = _aligned(L, VEC_W)
             o_seg_v = _aligned(o_seg, VEC_W)
             _gram_grad_tile(p_w + _aligned(tl.load(p_ow + i_l), VEC_W) + o_seg_v,
                             p_gout + _aligned(tl.load(p_ogout + i_l), VEC_W) + o_seg_v,
-                            p_rl, p_order, o_idx, kind, i_s, o_d, N, L_v, P, b_gram, b_scale * l2_weight,
+                            p_r + _aligned(tl.load(p_meta + 5), 4), p_order, o_idx, kind, i_s, o_d,
+                            _aligned(N, 4), L_v, P, b_gram, b_scale * l2_weight,
                             ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J)
         else:
             _gram_grad_tile(p_w + tl.load(p_ow + i_l) + o_seg, p_gout + tl.load(p_ogout + i_l) + o_seg,
@@ -328,9 +342,9 @@ class _Launch:
     """One dtype pairing: gram tensors ``grams`` (one dtype) and squares tensors ``squares`` (one dtype), their
     device tables, tile tables and the R and partials regions they own."""
 
-    def __init__(self, grams: Sequence[Rows], squares: Sequence[Rows], o_r: int, o_part: int,
+    def __init__(self, grams: Sequence[Rows], squares: Sequence[Rows], l2: bool, o_r: int, o_part: int,
                  fwd: config.Config, bwd: config.Config, device: torch.device):
-        self.grams, self.squares = list(grams), list(squares)
+        self.grams, self.squares, self.l2 = list(grams), list(squares), l2
         self.fwd_cfg, self.bwd_cfg = fwd, bwd
         tensors = [rows.tensor for rows in (*grams, *squares)]
         self.vec_w = _vec(grams[0].tensor) if grams else 1
@@ -382,7 +396,8 @@ class _Launch:
         tensors = [r.tensor for r in (self.grams if column == 6 else self.squares)]
         anchor = self.anchor_w if column == 6 else self.anchor_x
         for row, t, o_t, o in zip(rows, tensors, _offsets(tensors, anchor), o_out):
-            row[column] = int(row[2] % vec == 0 and o_t % vec == 0 and o % vec == 0
+            r_aligned = column == 5 or (row[0] % 4 == 0 and row[5] % 4 == 0)  # gram tensors: R rows too
+            row[column] = int(row[2] % vec == 0 and o_t % vec == 0 and o % vec == 0 and r_aligned
                               and anchor.data_ptr() % 16 == 0)
         return torch.tensor(rows, dtype=torch.int64).to(device)
 
@@ -392,6 +407,8 @@ class _Launch:
                 for a in range(0, r.pruned.numel(), cfg.block_rows) for j in range(0, r.units, cfg.block_cols)]
         if loss:
             rows += [(_SQUARES, q, a, s, 0) for q, r in enumerate(self.squares)
+                     for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
+            rows += [(_GRAM_SQUARES, i, a, s, 0) for i, r in enumerate(self.grams) if self.l2
                      for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
         return rows
 
@@ -452,12 +469,13 @@ class PenaltyPlan:
         self.device = device
         self.gram_weight, self.l2_weight, self.mean = float(gram_weight), float(l2_weight), bool(mean)
         self.precision = config.input_precision(input_precision)
-        fwd, bwd = config.default_config("gram_fwd"), config.default_config("gram_bwd")
+        fwd, bwd = (config.default_config("gram_fwd"), config.default_config("gram_bwd")) if config.INTERPRET \
+            else (GPU_CONFIGS["fwd"], GPU_CONFIGS["bwd"])
         gram_groups = [[grams[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in grams])]
         square_groups = [[squares[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in squares])]
         self.launches, o_r, o_part = [], 0, 0
         for g, s in itertools.zip_longest(gram_groups, square_groups, fillvalue=[]):
-            launch = _Launch(g, s, o_r, o_part, fwd, bwd, device)
+            launch = _Launch(g, s, bool(self.l2_weight), o_r, o_part, fwd, bwd, device)
             self.launches.append(launch)
             o_r, o_part = launch.r_end, o_part + launch.n_part
         self.r_numel, self.n_part = o_r, o_part
