@@ -28,7 +28,7 @@ without that proof (scalar loads). Every device table is uploaded when the plan 
 """
 import itertools
 import weakref
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -38,6 +38,7 @@ from torch import Tensor
 from tpp.reference import check_pruned_indices
 
 from . import config
+from .checks import rows_dense
 from .tables import dtype_groups
 
 # Tile kinds (first column of a tile table; the others: tensor position, first pruned/row position, segment,
@@ -45,12 +46,15 @@ from .tables import dtype_groups
 _R, _SQUARES, _PRUNED_ROWS, _KEPT_ROWS, _GRAM_SQUARES = 0, 1, 2, 3, 4
 _TILE = 5
 # Per gram tensor ``p_gmeta[l]`` = (N, S, L, p, o_idx, o_r, aligned, 0); per squares tensor ``p_smeta[q]`` =
-# (N, S, L, p, o_idx, aligned, 0, 0). ``p_order[o_idx:o_idx+N]`` lists P then K (squares: P only), ``p_m`` is m.
+# (N, S, L, p, o_idx, aligned, 0, 0), int32 (index arithmetic stays 32-bit: every tensor and the R buffer hold
+# fewer than 2^31 elements; tensors are addressed as an anchor pointer plus an int64 offset).
+# ``p_order[o_idx:o_idx+N]`` lists P then K (squares: P only), ``p_m`` is m.
 _META = 8
-# Launch configurations on a GPU, chosen without timing (so identical on every DDP rank): 64×64 tiles, 32-wide
-# reduction chunks, 3 pipeline stages; the forward on 8 warps keeps its accumulator and pipelined operands in
-# registers without spills (benchmarks/ptx_report.py). The interpreter runs config.default_config's small blocks.
-GPU_CONFIGS = {"fwd": config.Config(64, 64, 32, 8, 3), "bwd": config.Config(64, 64, 32, 4, 3)}
+# Launch configurations on a GPU, chosen without timing (so identical on every DDP rank): the largest tiles that
+# compile for sm_90 without register spills (benchmarks/ptx_report.py), which minimize the modelled traffic
+# (benchmarks/traffic.py): 128×128 R tiles, 64 gradient rows × 128 columns, 32-wide reduction chunks, 8 warps,
+# 3 pipeline stages. The interpreter runs config.default_config's small blocks.
+GPU_CONFIGS = {"fwd": config.Config(128, 128, 32, 8, 3), "bwd": config.Config(64, 128, 32, 8, 3)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,19 +71,21 @@ def _aligned(x, V: tl.constexpr):
 @triton.jit
 def _r_tile(p_wl, o_rows, m_a, o_j, m_j, N, S, L,
             INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """R[a, j] for pruned positions a and units j, over the S segments of length L."""
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """R[a, j] for pruned positions a and units j, over the S segments of length L (loads pipelined in STAGES
+    stages; None: the launch's num_stages)."""
     b_r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i_s in range(0, S):
         p_s = p_wl + i_s * N * L
-        for i_k in range(0, L, BLOCK_K):
+        for i_k in tl.range(0, L, BLOCK_K, num_stages=STAGES):
             o_k = i_k + tl.arange(0, BLOCK_K)
             m_k = o_k < L
             b_wp = tl.load(p_s + o_rows[:, None] * L + o_k[None, :], mask=m_a[:, None] & m_k[None, :], other=0.)
-            b_wt = tl.load(p_s + o_j[None, :] * L + o_k[:, None], mask=m_k[:, None] & m_j[None, :], other=0.)
+            b_w = tl.load(p_s + o_j[:, None] * L + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.)
             if DOT_FP32:
-                b_wp, b_wt = b_wp.to(tl.float32), b_wt.to(tl.float32)
-            b_r = tl.dot(b_wp, b_wt, b_r, input_precision=INPUT_PRECISION)
+                b_wp, b_w = b_wp.to(tl.float32), b_w.to(tl.float32)
+            # both operands K-major (tf32 tensor-core dots read no other layout from shared memory)
+            b_r = tl.dot(b_wp, tl.trans(b_w), b_r, input_precision=INPUT_PRECISION)
     return b_r
 
 
@@ -122,16 +128,16 @@ def _fwd_kernel(p_w, p_ow, p_gmeta, p_x, p_ox, p_smeta, p_tiles, p_order, p_m, p
         m_a = o_a < P
         o_j = _aligned(i_b, BLOCK_N) + tl.arange(0, BLOCK_N)
         m_j = o_j < N
-        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0).to(tl.int64)
+        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0)
         if tl.load(p_meta + 6) != 0:
             b_r = _r_tile(p_w + _aligned(o_w, VEC_W), o_rows, m_a, o_j, m_j, N, S, _aligned(L, VEC_W),
-                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, None)
             N_v = _aligned(N, 4)
             tl.store(p_r + _aligned(o_r, 4) + o_a[:, None] * N_v + o_j[None, :], b_r,
                      mask=m_a[:, None] & (o_j < N_v)[None, :])
         else:
-            b_r = _r_tile(p_w + o_w, o_rows, m_a, o_j, m_j, N, S, L,
-                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+            b_r = _r_tile(p_w + o_w, o_rows, m_a, o_j, m_j, N, S, L,  # (unaligned: unpipelined, few registers)
+                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, 1)
             tl.store(p_r + o_r + o_a[:, None] * N + o_j[None, :], b_r, mask=m_a[:, None] & m_j[None, :])
         if LOSS:
             b_m = tl.load(p_m + o_idx + o_j, mask=m_j, other=0).to(tl.float32)
@@ -157,7 +163,7 @@ def _squares_of(p_t, o_t, p_meta, ALIGNED: tl.constexpr, p_order, o_a, i_s, VEC:
     N = tl.load(p_meta)
     L = tl.load(p_meta + 2)
     m_a = o_a < tl.load(p_meta + 3)
-    o_rows = tl.load(p_order + tl.load(p_meta + 4) + o_a, mask=m_a, other=0).to(tl.int64)
+    o_rows = tl.load(p_order + tl.load(p_meta + 4) + o_a, mask=m_a, other=0)
     if tl.load(p_meta + ALIGNED) != 0:
         b_sq = _squares_tile(p_t + _aligned(o_t, VEC), o_rows, m_a, i_s, N, _aligned(L, VEC), BLOCK_M, BLOCK_K)
     else:
@@ -167,10 +173,10 @@ def _squares_of(p_t, o_t, p_meta, ALIGNED: tl.constexpr, p_order, o_a, i_s, VEC:
 
 @triton.jit
 def _pruned_rows(p_r, p_wl, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Σ_j R[o_s, j] W[j, o_d] (``p_wl``: the segment's first element; rows L apart)."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i_j in range(0, N, BLOCK_J):
+    for i_j in tl.range(0, N, BLOCK_J, num_stages=STAGES):
         o_j = i_j + tl.arange(0, BLOCK_J)
         m_j = o_j < N
         b_r = tl.load(p_r + o_s[:, None] * N + o_j[None, :], mask=m_s[:, None] & m_j[None, :], other=0.)
@@ -181,14 +187,14 @@ def _pruned_rows(p_r, p_wl, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION: tl.conste
 
 @triton.jit
 def _kept_rows(p_r, p_wl, p_order, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Σ_a R[a, o_rows] W[P_a, o_d] for kept units o_rows (columns of R)."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i_b in range(0, P, BLOCK_J):
+    for i_b in tl.range(0, P, BLOCK_J, num_stages=STAGES):
         o_b = i_b + tl.arange(0, BLOCK_J)
         m_b = o_b < P
         b_rt = tl.load(p_r + o_b[None, :] * N + o_rows[:, None], mask=m_s[:, None] & m_b[None, :], other=0.)
-        o_pb = tl.load(p_order + o_b, mask=m_b, other=0).to(tl.int64)
+        o_pb = tl.load(p_order + o_b, mask=m_b, other=0)
         b_wp = tl.load(p_wl + o_pb[:, None] * L + o_d[None, :], mask=m_b[:, None] & m_d[None, :], other=0.)
         b_acc = tl.dot(b_rt, b_wp.to(tl.float32), b_acc, input_precision=INPUT_PRECISION)
     return b_acc
@@ -197,23 +203,23 @@ def _kept_rows(p_r, p_wl, p_order, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISI
 @triton.jit
 def _gram_grad_tile(p_w, p_out, p_r, p_order, o_idx, kind, i_s, o_d, N, L, P, b_gram, b_l2,
                     ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Gradient rows order[i_s…] (all pruned for kind _PRUNED_ROWS, all kept otherwise), columns o_d of one
     segment (``p_w``/``p_out`` point at the segment's first element)."""
     o_s = i_s + tl.arange(0, BLOCK_M)
     m_d = o_d < L
     if kind == 2:
         m_s = o_s < P
-        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0).to(tl.int64)
+        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0)
         b_out = b_gram * _pruned_rows(p_r, p_w, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION,
-                                      BLOCK_M, BLOCK_D, BLOCK_J)
+                                      BLOCK_M, BLOCK_D, BLOCK_J, STAGES)
         b_w = tl.load(p_w + o_rows[:, None] * L + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.)
         b_out += b_l2 * b_w.to(tl.float32)
     else:
         m_s = o_s < N
-        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0).to(tl.int64)
+        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0)
         b_out = b_gram * _kept_rows(p_r, p_w, p_order + o_idx, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISION,
-                                    BLOCK_M, BLOCK_D, BLOCK_J)
+                                    BLOCK_M, BLOCK_D, BLOCK_J, STAGES)
     p_o = p_out + o_rows[:, None] * L + o_d[None, :]
     m_o = m_s[:, None] & m_d[None, :]
     if ACCUMULATE:
@@ -271,11 +277,11 @@ def _bwd_kernel(p_w, p_ow, p_gmeta, p_gout, p_ogout, p_x, p_ox, p_smeta, p_xout,
                             p_gout + _aligned(tl.load(p_ogout + i_l), VEC_W) + o_seg_v,
                             p_r + _aligned(tl.load(p_meta + 5), 4), p_order, o_idx, kind, i_s, o_d,
                             _aligned(N, 4), L_v, P, b_gram, b_scale * l2_weight,
-                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J)
+                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J, None)
         else:
             _gram_grad_tile(p_w + tl.load(p_ow + i_l) + o_seg, p_gout + tl.load(p_ogout + i_l) + o_seg,
                             p_rl, p_order, o_idx, kind, i_s, o_d, N, L, P, b_gram, b_scale * l2_weight,
-                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J)
+                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J, 1)
     else:
         p_meta = p_smeta + i_l * 8
         N = tl.load(p_meta)
@@ -284,7 +290,7 @@ def _bwd_kernel(p_w, p_ow, p_gmeta, p_gout, p_ogout, p_x, p_ox, p_smeta, p_xout,
         o_idx = tl.load(p_meta + 4)
         o_a = i_s + tl.arange(0, BLOCK_M)
         m_a = o_a < P
-        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0).to(tl.int64)
+        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0)
         o_seg = i_g * N * L
         if tl.load(p_meta + 5) != 0:
             o_seg_v = _aligned(o_seg, VEC_X)
@@ -399,7 +405,7 @@ class _Launch:
             r_aligned = column == 5 or (row[0] % 4 == 0 and row[5] % 4 == 0)  # gram tensors: R rows too
             row[column] = int(row[2] % vec == 0 and o_t % vec == 0 and o % vec == 0 and r_aligned
                               and anchor.data_ptr() % 16 == 0)
-        return torch.tensor(rows, dtype=torch.int64).to(device)
+        return torch.tensor(rows, dtype=torch.int32).to(device)
 
     def _fwd_rows(self, loss: bool) -> List[Tuple[int, ...]]:
         cfg = self.fwd_cfg
@@ -425,8 +431,25 @@ class _Launch:
                  for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
         return rows
 
-    @staticmethod
-    def _tiles(rows: Sequence[Tuple[int, ...]], device: torch.device) -> Tensor:
+    def _work(self, tile: Tuple[int, ...]) -> int:
+        """Elements a program streams (operand tiles over its reduction), to launch the longest first."""
+        kind, i, a, b, d = tile
+        if kind in (_SQUARES, _GRAM_SQUARES):
+            rows = self.squares[i] if kind == _SQUARES else self.grams[i]
+            return min(self.fwd_cfg.block_rows, rows.pruned.numel() - a) * rows.length
+        rows = self.grams[i]
+        n, p, length = rows.units, rows.pruned.numel(), rows.length
+        if kind == _R:
+            m, cols = min(self.fwd_cfg.block_rows, p - a), min(self.fwd_cfg.block_cols, n - b)
+            return (m + cols) * rows.segments * length
+        cols = min(self.bwd_cfg.block_cols, length - d)
+        if kind == _PRUNED_ROWS:
+            return (min(self.bwd_cfg.block_rows, p - a) + cols) * n
+        return (min(self.bwd_cfg.block_rows, n - a) + cols) * p
+
+    def _tiles(self, rows: Sequence[Tuple[int, ...]], device: torch.device) -> Tensor:
+        """The tile table, longest programs first (the GPU starts them in order: the short ones fill the tail)."""
+        rows = sorted(rows, key=self._work, reverse=True)
         return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), _TILE).to(device)
 
     def bind_grads(self, grads: Sequence[Tensor], device: torch.device) -> None:
@@ -453,10 +476,13 @@ class PenaltyPlan:
     ``gram_weight`` is c, ``l2_weight`` (0 or 1) switches the gram tensors' ``½‖W_P‖²``, ``mean`` divides each gram
     term by N². Tensors must be float32/float16/bfloat16 on one device (CUDA, or CPU under ``TRITON_INTERPRET=1``),
     rows dense; empty pruned sets are dropped. Indices are validated here (a device sync), never per call.
+    ``configs`` ({"fwd": …, "bwd": …}) overrides the launch configurations (the traffic model builds GPU tile tables
+    on a CPU with it).
     """
 
     def __init__(self, grams: Sequence[Rows], squares: Sequence[Rows], *, gram_weight: float, l2_weight: float,
-                 mean: bool, input_precision: Optional[str] = None):
+                 mean: bool, input_precision: Optional[str] = None,
+                 configs: Optional[Dict[str, config.Config]] = None):
         grams = [r for r in grams if r.pruned.numel()]
         squares = [r for r in squares if r.pruned.numel()]
         everything = [*grams, *squares]
@@ -469,8 +495,10 @@ class PenaltyPlan:
         self.device = device
         self.gram_weight, self.l2_weight, self.mean = float(gram_weight), float(l2_weight), bool(mean)
         self.precision = config.input_precision(input_precision)
-        fwd, bwd = (config.default_config("gram_fwd"), config.default_config("gram_bwd")) if config.INTERPRET \
-            else (GPU_CONFIGS["fwd"], GPU_CONFIGS["bwd"])
+        if configs is None:
+            configs = {"fwd": config.default_config("gram_fwd"), "bwd": config.default_config("gram_bwd")} \
+                if config.INTERPRET else GPU_CONFIGS
+        fwd, bwd = configs["fwd"], configs["bwd"]
         gram_groups = [[grams[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in grams])]
         square_groups = [[squares[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in squares])]
         self.launches, o_r, o_part = [], 0, 0
@@ -479,6 +507,8 @@ class PenaltyPlan:
             self.launches.append(launch)
             o_r, o_part = launch.r_end, o_part + launch.n_part
         self.r_numel, self.n_part = o_r, o_part
+        if o_r >= 2**31:
+            raise ValueError(f"the pruned rows' gram blocks need {o_r} elements, more than 2^31 - 1")
         self.tensors = [r.tensor for launch in self.launches for r in (*launch.grams, *launch.squares)]
         self._r = torch.empty(self.r_numel, dtype=torch.float32, device=device)  # scratch of add_grads_
         self.id = next(_plan_ids)
@@ -587,12 +617,11 @@ def _check_rows(rows: Rows, device: torch.device, what: str) -> None:
         raise TypeError(f"{what}: float32, float16 or bfloat16 expected, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{what} is on {t.device}, expected {device}")
-    if rows.segments == 1:
-        from .checks import rows_dense
-
-        if not rows_dense(t):
-            raise ValueError(f"{what}: rows must be dense (contiguous or channels-last)")
-    elif not t.is_contiguous() or t.numel() % (rows.segments * rows.length):
+    if rows.segments == 1 and not rows_dense(t):
+        raise ValueError(f"{what}: rows must be dense (contiguous or channels-last)")
+    if t.numel() >= 2**31:
+        raise ValueError(f"{what} has {t.numel()} elements; the kernels index up to 2^31 - 1")
+    if rows.segments > 1 and (not t.is_contiguous() or t.numel() % (rows.segments * rows.length)):
         raise ValueError(f"{what}: a tensor read in {rows.segments} segments must be contiguous and a multiple of "
                          f"segments × segment_length elements")
     check_pruned_indices(rows.pruned, rows.units, what)
