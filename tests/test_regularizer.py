@@ -340,7 +340,7 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match=r"\$TPP_BACKEND"):
         TPPRegularizer(net, 0.5, schedule=TINY)
     monkeypatch.setenv("TPP_BACKEND", "cuda")
-    monkeypatch.setitem(sys.modules, "tpp.cuda_ops", None)  # the extension neither built nor buildable
+    monkeypatch.setitem(sys.modules, "tpp_kernels.cuda", None)  # the extension neither built nor buildable
     with pytest.raises(ValueError, match="backend 'cuda' is unavailable"):
         TPPRegularizer(net, 0.5, schedule=TINY, backend="torch")
     monkeypatch.setenv("TPP_BACKEND", "triton")
