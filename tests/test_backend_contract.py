@@ -242,6 +242,26 @@ def test_nothing_pruned_is_zero(case, seed):
     assert all(torch.equal(a, b) for a, b in zip(grads, before))
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="TF32 exists on CUDA only")
+@pytest.mark.parametrize("setting", ["highest", "high"])
+def test_fp32_follows_matmul_precision(case, setting, seed):
+    """fp32 weights on a GPU: ieee dots under "highest", TF32 otherwise (then not the ieee result), every backend."""
+    if case.device != "cuda":
+        pytest.skip("TF32 exists on CUDA only")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        weights, idxs = random_layers(seed, device=case.device, count=3)
+        ieee = case.ops.gram_penalty_multi(weights, idxs, "decorrelate", "sum")
+        torch.set_float32_matmul_precision(setting)
+        assert parity_precision(case.device) == ("ieee" if setting == "highest" else "tf32")
+        check_gram(case, weights, idxs, "sum")
+        loss = case.ops.gram_penalty_multi(weights, idxs, "decorrelate", "sum")
+        assert torch.equal(loss, ieee) == (setting == "highest") or float(ieee) == 0.0
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 # --- gram: the in-place path --------------------------------------------------------------------------------------
 
 

@@ -59,6 +59,24 @@ def test_ieee_requested(seed):
     check_gram(weights, idxs, TOL[torch.float32], input_precision="ieee")
 
 
+@pytest.fixture
+def restore_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("setting, expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_default_precision_follows_torch(monkeypatch, restore_matmul_precision, setting, expected):
+    """Compiled kernels: fp32 dots at torch's fp32 matmul precision unless one is requested; the interpreter: ieee."""
+    torch.set_float32_matmul_precision(setting)
+    monkeypatch.setattr(config, "INTERPRET", False)
+    assert config.input_precision(None) == expected
+    assert config.input_precision("ieee") == "ieee" and config.input_precision("tf32") == "tf32"
+    monkeypatch.setattr(config, "INTERPRET", True)
+    assert config.input_precision(None) == "ieee"
+
+
 def test_unknown_input_precision():
     with pytest.raises(ValueError, match="input_precision must be"):
         tpp_kernels.gram_penalty_multi([torch.randn(8, 4, device=DEVICE)], [torch.tensor([1], device=DEVICE)],

@@ -170,8 +170,9 @@ def gram_penalty_multi(weights: Sequence[Tensor], pruned_idxs: Sequence[Tensor],
 
     ``weights[l]``: ``[N, ...]`` (read as ``[N, D]``), float32/float16/bfloat16, all on one device;
     ``pruned_idxs[l]``: its distinct pruned filter indices (any integer dtype; p = 0 allowed). Differentiable;
-    returns a float32 0-d tensor (0 without any launch of ours if nothing is pruned). ``variant="diagonal"`` needs
-    the whole gram and runs ``tpp_kernels.reference``.
+    returns a float32 0-d tensor (0 without any launch of ours if nothing is pruned). fp32 GEMMs (cuBLAS through
+    ATen) run at torch's fp32 matmul precision, TF32 unless ``torch.get_float32_matmul_precision()`` is "highest":
+    the precision policy of every backend. ``variant="diagonal"`` needs the whole gram and runs the reference.
     """
     weights, pruned_idxs = _gram_layers(weights, pruned_idxs, variant, reduction)
     if not weights:

@@ -438,9 +438,9 @@ def gram_penalty_multi(weights: Sequence[Tensor], pruned_idxs: Sequence[Tensor],
     ``weights[i]`` is ``[N, ...]`` (conv or linear weight, read as ``[N, D]``), float32/float16/bfloat16;
     ``pruned_idxs[i]`` its distinct pruned filter indices (any integer dtype, same device; p = 0 allowed).
     Differentiable; returns a float32 0-d tensor. One forward and one backward launch per weight dtype, none if no
-    layer has a pruned filter. ``input_precision`` ("ieee" | "tf32") applies to fp32 dot operands; default "tf32",
-    "ieee" under the Triton interpreter. ``variant="diagonal"`` runs the reference (it needs the whole gram).
-    """
+    layer has a pruned filter. ``input_precision`` ("ieee" | "tf32") applies to fp32 dot operands; default: torch's
+    fp32 matmul precision ("tf32" unless ``torch.get_float32_matmul_precision()`` is "highest"), "ieee" under the
+    Triton interpreter. ``variant="diagonal"`` runs the reference (it needs the whole gram)."""
     checks.options(variant, reduction, input_precision)
     weights, pruned_idxs = checks.layers(weights, pruned_idxs, "weights", "pruned_idxs", min_dim=2)
     if not weights:
