@@ -166,16 +166,17 @@ def test_ops_check_their_arguments(ops):
 
 # --- TPPRegularizer(backend="cuda") -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["penalty", "apply_gradients"])
-def test_regularizer_cuda_backend_equals_torch_backend(ops, path, seed, monkeypatch):
-    nets = {name: make_net(seed, torch.float32) for name in ("torch", "cuda", "env")}
+def test_regularizer_cuda_backend_equals_torch_backend(ops, path, device, seed, monkeypatch):
+    nets = {name: make_net(seed, torch.float32).to(device) for name in ("torch", "cuda", "env")}
     regs = {"torch": TPPRegularizer(nets["torch"], 0.5, schedule=TINY, backend="torch"),
             "cuda": TPPRegularizer(nets["cuda"], 0.5, schedule=TINY, backend="cuda")}
     monkeypatch.setenv("TPP_BACKEND", "cuda")
     regs["env"] = TPPRegularizer(nets["env"], 0.5, schedule=TINY)
     monkeypatch.delenv("TPP_BACKEND")
     assert [reg.backend.name for reg in regs.values()] == ["torch", "cuda", "cuda"]
-    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(seed)).to(device)
     for name, reg in regs.items():
         reg.strength = 0.7
         loss = nets[name](x).square().sum()
