@@ -39,6 +39,13 @@ clean:
 cuda: setup
 	$(PY) -m tpp_kernels.cuda_build --verbose
 
+# On a GPU host, offline, with its own python3 (no venv, no pip): build csrc/, the GPU tests, the regularizer smoke, the
+# ResNet50 2.31x timing table, the training throughput; <= 8 min; results in benchmarks/results/ (and $$OUT when set).
+# GPU_CHECK_ARGS="--dry-run" runs every stage's plumbing on tiny CPU shapes.
+.PHONY: gpu-check
+gpu-check:
+	env -u TRITON_INTERPRET PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
 # The offline demo: L1 vs OrthP vs TPP on the embedded digits (MLP-7-Linear and a small CNN), a few minutes on a CPU.
 .PHONY: demo
 demo: setup
