@@ -8,7 +8,7 @@ indices), reduction "mean" as the reference run:
 * ``compiled``       — ``torch.compile(dynamic=True)`` of the pruned-row functions (one graph for all layers);
 * ``triton-layer``   — ``tpp_kernels.gram_penalty`` once per layer (the per-layer launch baseline);
 * ``triton-grouped`` — ``tpp_kernels.gram_penalty_multi``: every layer in one launch per stage;
-* ``cuda``           — ``tpp.cuda_ops.gram_penalty_multi``, the CUDA extension.
+* ``cuda``           — ``tpp_kernels.cuda.gram_penalty_multi``, the CUDA extension.
 
 Each form has ``penalty(weights, pruned) -> loss`` (autograd; timed as "fwd" and "fwd+bwd") and, except the two
 full-gram forms, ``add_grad(weights, grads, pruned)``, the in-place gradient path of ``apply_gradients``
@@ -89,7 +89,7 @@ def _load(name: str) -> Form:
         return _module_form(name, tpp_kernels)
     if name == "cuda":
         try:
-            from tpp import cuda_ops
+            from tpp_kernels import cuda as cuda_ops
         except (ImportError, OSError) as e:
             raise RuntimeError(f"CUDA extension unavailable: {e}") from e
         if not cuda_ops.has_cuda_kernels():

@@ -1,8 +1,8 @@
 """tpp — Trainability Preserving Pruning (Wang & Fu, ICLR 2023) for PyTorch.
 
 Public API (see README): the regularizer and its schedule, filter selection, the model graph, physical removal
-and pruned checkpoints, the metrics, and the whole prune pipeline. Triton kernels live in the separate
-``tpp_kernels`` package and the CUDA extension in ``tpp.cuda_ops``; both are imported only when a backend needs them.
+and pruned checkpoints, the metrics, and the whole prune pipeline. The penalty ops (reference, Triton kernels, CUDA
+extension) live in the separate ``tpp_kernels`` package; its backends are imported only when a regularizer needs them.
 """
 from .graph import ModelGraph, analyze_model
 from .metrics import count_flops, count_params, jacobian_singular_values, jsv_summary
