@@ -35,10 +35,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tpp.reference import check_pruned_indices
-
 from . import config
 from .checks import rows_dense
+from .reference import check_pruned_indices
 from .tables import dtype_groups
 
 # Tile kinds (first column of a tile table; the others: tensor position, first pruned/row position, segment,
@@ -467,6 +466,7 @@ class _Launch:
 
 
 _plans: "weakref.WeakValueDictionary[int, PenaltyPlan]" = weakref.WeakValueDictionary()
+_view_specs: Dict[int, Tuple] = {}  # plan id -> PenaltyPlan._view_specs()
 _plan_ids = itertools.count()
 
 
@@ -513,6 +513,8 @@ class PenaltyPlan:
         self._r = torch.empty(self.r_numel, dtype=torch.float32, device=device)  # scratch of add_grads_
         self.id = next(_plan_ids)
         _plans[self.id] = self
+        _view_specs[self.id] = self._view_specs()
+        weakref.finalize(self, _view_specs.pop, self.id, None)
 
     # -------------------------------------------------------------- launches
     def _launch_fwd(self, launch: _Launch, tiles: Tensor, r: Tensor, partials: Optional[Tensor],
@@ -600,15 +602,16 @@ class PenaltyPlan:
                 flats += [gflat, xflat]
         return flats
 
-    def _views(self, flats: Sequence[Tensor]) -> List[Tensor]:
-        """Each tensor's gradient as a view of the flat buffers of :meth:`_grads`."""
-        views = []
-        for launch, gflat, xflat in zip(self.launches, flats[0::2], flats[1::2]):
-            views += [gflat.as_strided(r.tensor.shape, r.tensor.stride(), o)
+    def _view_specs(self) -> Tuple[Tuple[int, Tuple[int, ...], Tuple[int, ...], int], ...]:
+        """(flat buffer position, shape, strides, offset) of each tensor's gradient in the buffers of
+        :meth:`_grads`: plain data, so that the autograd backward can be traced by torch.compile."""
+        specs = []
+        for k, launch in enumerate(self.launches):
+            specs += [(2 * k, tuple(r.tensor.shape), r.tensor.stride(), o)
                       for r, o in zip(launch.grams, launch.o_gflat)]
-            views += [xflat.as_strided(r.tensor.shape, r.tensor.stride(), o)
+            specs += [(2 * k + 1, tuple(r.tensor.shape), r.tensor.stride(), o)
                       for r, o in zip(launch.squares, launch.o_xflat)]
-        return views
+        return tuple(specs)
 
 
 def _check_rows(rows: Rows, device: torch.device, what: str) -> None:
@@ -671,4 +674,5 @@ class _PenaltyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         strength, r, *tensors = ctx.saved_tensors
         flats = _plan_penalty_bwd(ctx.plan, grad_loss, strength, r, tensors)
-        return None, None, *_plans[ctx.plan]._views(flats)
+        return None, None, *(flats[k].as_strided(shape, stride, offset)
+                             for k, shape, stride, offset in _view_specs[ctx.plan])
