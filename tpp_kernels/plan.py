@@ -635,29 +635,43 @@ def _check_rows(rows: Rows, device: torch.device, what: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("tpp::plan_penalty", mutates_args=())
-def _plan_penalty(plan: int, strength: Tensor, tensors: List[Tensor]) -> Tuple[Tensor, Tensor]:
+# Registered with torch.library.Library rather than custom_op: the plan's ops take ~100 tensors, and custom_op's
+# per-call Python (aliasing checks, dynamo-disable wrappers) cost more than the rest of the step's host work.
+# Autograd is the plain autograd.Function below; the fake kernels give torch.compile the output shapes.
+_lib = torch.library.Library("tpp", "FRAGMENT")
+_lib.define("plan_penalty(int plan, Tensor strength, Tensor[] tensors) -> (Tensor, Tensor)")
+_lib.define("plan_penalty_bwd(int plan, Tensor grad, Tensor strength, Tensor r, Tensor[] tensors) -> Tensor[]")
+
+
+def _plan_penalty_impl(plan: int, strength: Tensor, tensors: List[Tensor]) -> Tuple[Tensor, Tensor]:
     return _plans[plan]._forward(strength)
 
 
-@_plan_penalty.register_fake
+def _plan_penalty_bwd_impl(plan: int, grad: Tensor, strength: Tensor, r: Tensor, tensors: List[Tensor]) -> List[Tensor]:
+    return _plans[plan]._grads(grad, strength, r)
+
+
+_lib.impl("plan_penalty", _plan_penalty_impl, "CompositeExplicitAutograd")
+_lib.impl("plan_penalty_bwd", _plan_penalty_bwd_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("tpp::plan_penalty", lib=_lib)
 def _(plan, strength, tensors):
     return strength.new_empty((), dtype=torch.float32), strength.new_empty(_plans[plan].r_numel,
                                                                             dtype=torch.float32)
 
 
-@torch.library.custom_op("tpp::plan_penalty_bwd", mutates_args=())
-def _plan_penalty_bwd(plan: int, grad: Tensor, strength: Tensor, r: Tensor, tensors: List[Tensor]) -> List[Tensor]:
-    return _plans[plan]._grads(grad, strength, r)
-
-
-@_plan_penalty_bwd.register_fake
+@torch.library.register_fake("tpp::plan_penalty_bwd", lib=_lib)
 def _(plan, grad, strength, r, tensors):
     out = []
     for launch in _plans[plan].launches:
         out += [r.new_empty(max(launch.gflat_numel, 1), dtype=launch.anchor_w.dtype),
                 r.new_empty(max(launch.xflat_numel, 1), dtype=launch.anchor_x.dtype)]
     return out
+
+
+_plan_penalty = torch.ops.tpp.plan_penalty.default
+_plan_penalty_bwd = torch.ops.tpp.plan_penalty_bwd.default
 
 
 class _PenaltyFunction(torch.autograd.Function):
