@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-FORMS = ("paper", "masked-full", "pruned-row", "compiled", "triton-layer", "triton-grouped", "cuda")
+FORMS = ("paper", "masked-full", "pruned-row", "compiled", "triton-layer", "triton-grouped", "triton-plan", "cuda")
 COLORS = dict(zip(FORMS, ("#7f7f7f", "#bcbd22", "#1f77b4", "#9467bd", "#ff7f0e", "#d62728", "#2ca02c")))
 MODES = ("fwd", "fwd+bwd", "in-place")
 HEADLINE = "resnet50-2.31x"

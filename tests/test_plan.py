@@ -138,6 +138,20 @@ def test_bad_input_is_refused_before_any_launch():
     plan = PenaltyPlan([Rows(w, torch.tensor([1], device=DEVICE))], [], gram_weight=1, l2_weight=1, mean=True)
     with pytest.raises(ValueError, match="layout"):
         plan.add_grads_(torch.tensor(1.0, device=DEVICE))
+    with pytest.raises(ValueError, match="2 gradients for 1 tensors"):
+        plan.add_grads_(torch.tensor(1.0, device=DEVICE), [torch.zeros_like(w)] * 2)
+
+
+def test_add_grads_into_given_buffers(seed):
+    grams, squares = random_terms(seed)
+    plan = PenaltyPlan(grams, squares, gram_weight=2.0, l2_weight=1.0, mean=True, input_precision="ieee")
+    tensors = [r.tensor for r in (*grams, *squares)]
+    buffers = [torch.zeros_like(t) for t in tensors]
+    plan.add_grads_(torch.tensor(1.0, device=DEVICE), buffers)
+    assert all(t.grad is None for t in tensors)
+    _, ref_grads = reference_penalty(grams, squares, 1.0, 2.0, 1.0, True)
+    for i, (b, ref) in enumerate(zip(buffers, ref_grads)):
+        assert_close(b, ref, TOL[torch.float32][1], f"gradient {i}")
 
 
 def test_ops_pass_opcheck(seed):

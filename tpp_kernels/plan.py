@@ -544,14 +544,15 @@ class PenaltyPlan:
 
     # ------------------------------------------------------------------ paths
     @torch.no_grad()
-    def add_grads_(self, strength: Tensor) -> None:
-        """Add the penalty's gradients at strength ``strength`` (0-d float tensor on the device) into the
-        ``.grad`` of every tensor, creating zero gradients where missing: two launches per dtype group."""
-        grads = [t.grad for t in self.tensors]
+    def add_grads_(self, strength: Tensor, grads: Optional[Sequence[Tensor]] = None) -> None:
+        """Add the penalty's gradients at strength ``strength`` (0-d float tensor on the device) into ``grads``
+        (one per tensor, laid out like it), by default the tensors' ``.grad`` (created as zeros where missing):
+        two launches per dtype group."""
+        if grads is None:
+            grads = [t.grad for t in self.tensors]
         ptrs = [None if g is None else g.data_ptr() for g in grads]
         if ptrs != self._grad_ptrs:
-            self._bind_grads()
-            grads = [t.grad for t in self.tensors]
+            self._bind_grads(grads)
         with config.on_device(self._r):
             for launch in self.launches:
                 if launch.grams:
@@ -561,20 +562,25 @@ class PenaltyPlan:
 
     _grad_ptrs: Optional[List[Optional[int]]] = None
 
-    def _bind_grads(self) -> None:
-        for t in self.tensors:
-            if t.grad is None:
-                t.grad = torch.zeros_like(t)
-            elif t.grad.stride() != t.stride() or t.grad.dtype != t.dtype or t.grad.device != t.device:
-                raise ValueError(f"a .grad of shape {tuple(t.grad.shape)} has another layout, dtype or device than "
-                                 f"its parameter (strides {t.grad.stride()} vs {t.stride()}): the penalty's "
-                                 "gradients are added in the parameter's memory order")
+    def _bind_grads(self, grads: Sequence[Optional[Tensor]]) -> None:
+        """Check ``grads`` (a ``None`` becomes the tensor's new zero ``.grad``) and upload their offsets."""
+        if len(grads) != len(self.tensors):
+            raise ValueError(f"{len(grads)} gradients for {len(self.tensors)} tensors")
+        grads = list(grads)
+        for i, (t, g) in enumerate(zip(self.tensors, grads)):
+            if g is None:
+                grads[i] = t.grad = torch.zeros_like(t)
+            elif g.shape != t.shape or g.stride() != t.stride() or g.dtype != t.dtype or g.device != t.device:
+                raise ValueError(f"gradient {i} (shape {tuple(g.shape)}, strides {g.stride()}, {g.dtype}, {g.device}) "
+                                 f"has another layout, dtype or device than its tensor (shape {tuple(t.shape)}, "
+                                 f"strides {t.stride()}, {t.dtype}, {t.device}): gradients are added in the "
+                                 "tensor's memory order")
         start = 0
         for launch in self.launches:
             count = len(launch.grams) + len(launch.squares)
-            launch.bind_grads([t.grad for t in self.tensors[start:start + count]], self.device)
+            launch.bind_grads(grads[start:start + count], self.device)
             start += count
-        self._grad_ptrs = [t.grad.data_ptr() for t in self.tensors]
+        self._grad_ptrs = [g.data_ptr() for g in grads]
 
     def penalty(self, strength: Tensor) -> Tensor:
         """The penalty at strength ``strength`` (0-d float tensor on the device): a differentiable float32 scalar
