@@ -334,12 +334,12 @@ def _offsets(tensors: Sequence[Tensor], anchor: Tensor) -> List[int]:
     return [(t.data_ptr() - anchor.data_ptr()) // anchor.element_size() for t in tensors]
 
 
-def _padded_offsets(tensors: Sequence[Tensor], vec: int) -> Tuple[List[int], int]:
-    """Consecutive offsets in one flat buffer, each rounded up to a multiple of ``vec``, and the buffer's size."""
+def _flat_offsets(tensors: Sequence[Tensor]) -> Tuple[List[int], int]:
+    """Consecutive offsets of ``tensors`` in one flat buffer (every element written: no gaps), and its size."""
     offsets, end = [], 0
     for t in tensors:
         offsets.append(end)
-        end += -(-t.numel() // vec) * vec
+        end += t.numel()
     return offsets, end
 
 
@@ -381,11 +381,11 @@ class _Launch:
         self.bwd_tiles = self._tiles(self._bwd_rows(), device)
         self.o_part = o_part
         self.n_part = self.fwd_tiles_loss.shape[0]
-        # the autograd path writes gradients into flat buffers, each tensor at a 16-byte-aligned offset
-        self.o_gflat, self.gflat_numel = _padded_offsets([r.tensor for r in grams], self.vec_w)
-        self.o_xflat, self.xflat_numel = _padded_offsets([r.tensor for r in squares], self.vec_x)
-        self.gmeta = self._meta(gmeta, 6, [0] * len(grams), self.vec_w, device)
-        self.smeta = self._meta(smeta, 5, [0] * len(squares), self.vec_x, device)
+        # the autograd path writes gradients into flat buffers, tensor after tensor
+        self.o_gflat, self.gflat_numel = _flat_offsets([r.tensor for r in grams])
+        self.o_xflat, self.xflat_numel = _flat_offsets([r.tensor for r in squares])
+        self.gmeta = self._meta(gmeta, 6, self.o_gflat, self.vec_w, device)
+        self.smeta = self._meta(smeta, 5, self.o_xflat, self.vec_x, device)
         self.o_gflat_t, self.o_xflat_t = self._upload(self.o_gflat, device), self._upload(self.o_xflat, device)
         self.grad_ptrs: Optional[List[int]] = None
 
@@ -601,7 +601,8 @@ class PenaltyPlan:
         flats = []
         with config.on_device(r):
             for launch in self.launches:
-                gflat = launch.anchor_w.new_empty(max(launch.gflat_numel, 1))
+                gflat = launch.anchor_w.new_empty(launch.gflat_numel) if launch.gflat_numel \
+                    else launch.anchor_w.new_zeros(1)  # (no gram tensor: a placeholder, fully written)
                 xflat = launch.anchor_x.new_zeros(max(launch.xflat_numel, 1))
                 self._launch_bwd(launch, r, (gflat, launch.o_gflat_t, xflat, launch.o_xflat_t),
                                  (launch.gmeta, launch.smeta), strength, grad, False)
