@@ -167,7 +167,7 @@ def test_resume_refuses_another_architecture_or_method(digits, cnn, tmp_path):
     run_pruning(cnn, *digits, "l1", 0.5, skip=CNN_SKIP, checkpoint=ckpt, **dict(FAST, finetune_epochs=0))
     with pytest.raises(ValueError, match="another architecture"):
         run_pruning(MLP(64, 32, 3, 10), *digits, "l1", 0.5, resume=ckpt, **FAST)
-    with pytest.raises(ValueError, match="method 'l1'"):
+    with pytest.raises(ValueError, match="another pruning spec — method: checkpoint 'l1', this run 'orthp'"):
         run_pruning(cnn, *digits, "orthp", 0.5, skip=CNN_SKIP, resume=ckpt, **FAST)
     with pytest.raises(ValueError, match="ratio"):
         run_pruning(cnn, *digits, "l1", 0.7, skip=CNN_SKIP, resume=ckpt, **FAST)
