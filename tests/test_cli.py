@@ -243,3 +243,42 @@ def test_help_shows_real_defaults_and_loads_no_torch(tmp_path):
     assert "--seed SEED random seed (data split, order, initialization) (default: 0)" in text
     assert "--amp {auto,none,bf16,fp16} autocast dtype; fp16 adds a GradScaler; auto: bf16 on GPUs, none on CPU " \
            "(default: none)" in text
+
+
+# ------------------------------------------------------------------------------------------------- export
+def test_export_torchscript_matches_pytorch(tpp_run, tmp_path, capsys):
+    out = tmp_path / "model.ts"
+    assert main(["export", str(tpp_run), "--format", "torchscript", "--out", str(out)]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    scripted = torch.jit.load(str(out))
+    model = load_pruned(tpp_run / "pruned.pt").eval()
+    _, test = load_digits_split(seed=0)
+    x = test.tensors[0][:32]
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+    assert dict(scripted.named_parameters())["features.3.weight"].shape[0] == 16     # the pruned architecture
+
+
+def test_export_onnx_without_the_extra_exits_2(tpp_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)         # as if not installed
+    assert main(["export", str(tpp_run), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpp export: error: ") and 'pip install "tpp[export]"' in err and "onnxruntime" in err
+    assert len(err.strip().splitlines()) == 1 and not (tpp_run / "pruned.onnx").exists()
+
+
+def test_export_onnx_matches_pytorch(tpp_run, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(tpp_run), "--format", "onnx", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0 and "ok at atol" in capsys.readouterr().out
+
+
+def test_export_bad_input_exits_2(tmp_path, tpp_run, capsys):
+    assert main(["export", str(tmp_path), "--format", "torchscript"]) == 2
+    assert "no pruned.pt" in capsys.readouterr().err
+    assert main(["export", str(tpp_run / "config.json"), "--format", "torchscript"]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert main(["export", str(tpp_run), "--format", "torchscript", "--input-shape", "3,x"]) == 2
+    assert "--input-shape" in capsys.readouterr().err

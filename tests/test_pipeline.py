@@ -200,3 +200,36 @@ def test_recipes_hold_the_paper_settings():
     assert default_recipe("cifar100", "vgg19").batch_size == 256 and default_recipe("cifar10").batch_size == 128
     demo = RECIPES["demo"]
     assert demo.schedule.total_iters == 600 and demo.run_kwargs()["schedule"] is demo.schedule
+
+
+def test_run_config_is_typed_and_a_run_traces_its_model_once(digits, cnn, monkeypatch):
+    import dataclasses
+
+    import tpp.graph
+    from tpp.pipeline import RunConfig
+
+    config = RunConfig(method="tpp", ratio=0.5, skip="features.0", **{k: v for k, v in FAST.items()
+                                                                       if k not in ("jsv_samples", "seed")})
+    assert config.reg_iters == SCHEDULE.total_iters and config.skip == ("features.0",) and config.log_every == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.reg_lr = 1.0
+    with pytest.raises(TypeError, match="either config= or method"):
+        run_pruning(cnn, *digits, "tpp", 0.5, config=config)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'reg_lrr'"):
+        run_pruning(cnn, *digits, "tpp", 0.5, reg_lrr=1.0)
+    assert RunConfig.from_recipe(RECIPES["demo"], method="l1", ratio=0.3).finetune_epochs == 10
+
+    traced = []
+    real = tpp.graph.analyze_model
+
+    def counting(model, bn_map=None):
+        traced.append(type(model).__name__)
+        return real(model, bn_map=bn_map)
+
+    for module in ("tpp.graph", "tpp.pipeline", "tpp.regularizer", "tpp.selection", "tpp.surgery"):
+        monkeypatch.setattr(f"{module}.analyze_model", counting)
+    result = run_pruning(cnn, *digits, config=dataclasses.replace(config, finetune_epochs=0))
+    assert traced == ["VGGCifar"]                     # regularizer, selection and removal share one trace
+    assert set(result.pruned) == {"features.3", "features.7"}
+    latency = result.metrics["latency_s"]
+    assert latency["base"] > 0 and latency["pruned"] > 0 and latency["batch"] == 1

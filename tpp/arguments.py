@@ -24,26 +24,24 @@ class UsageError(Exception):
     """Bad command-line input: printed as ``tpp <cmd>: error: <message>``, exit status ``EXIT_USAGE``."""
 
 
+def _typed(text: str, convert, ok, expected: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def count(text: str) -> int:
     """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _typed(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def number(text: str) -> float:
     """A finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _typed(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def epoch_list(text: str) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ kept, the largest difference printed); 2 bad input or a missing optional package
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -73,18 +74,25 @@ def export(model, example, fmt: str, out: Path, opset: int = 17):
     return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
 
+def _missing(modules: Sequence[str]) -> list[str]:
+    """The modules of ``modules`` that cannot be imported."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def cmd_export(args, argv: Sequence[str], prog: str = "tpp export") -> int:
     run = Path(args.run)
     path = run / "pruned.pt" if run.is_dir() else run
     if not path.is_file():
         raise UsageError(f"{args.run}: no pruned.pt (a tpp prune / tpp train run folder, or a pruned.pt file)")
-    if args.format == "onnx":
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as err:
-            raise UsageError(f"--format onnx needs onnx and onnxruntime ({err}): pip install \"tpp[export]\"") \
-                from None
+    missing = _missing(("onnx", "onnxruntime")) if args.format == "onnx" else []
+    if missing:
+        raise UsageError(f"--format onnx needs {' and '.join(missing)} (not installed): pip install \"tpp[export]\"")
     import torch
 
     from .surgery import load_pruned

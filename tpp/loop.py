@@ -139,16 +139,24 @@ class TrainHooks:
 
     def train_step(self, net: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
                    regularizer=None) -> Tensor:
-        """One optimization step on ``(x, y)``: zero grads, forward, cross-entropy, backward, the regularizer's
-        ``apply_gradients()``, ``optimizer.step()``. Returns the detached loss. (``regularizer.step()`` is the
-        caller's.)"""
+        """One optimization step on ``(x, y)``: zero grads, forward under :meth:`autocast`, :meth:`criterion`,
+        then :meth:`backward_step`. Returns the detached loss. (``regularizer.step()`` is the caller's.)"""
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x), y)
+        with self.autocast():
+            loss = self.criterion(net(x), y)
+        self.backward_step(loss, optimizer, regularizer)
+        return loss.detach()
+
+    def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The training loss: cross-entropy."""
+        return F.cross_entropy(logits, y)
+
+    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer, regularizer=None) -> None:
+        """Backward, the regularizer's ``apply_gradients()`` on the true gradients, ``optimizer.step()``."""
         loss.backward()
         if regularizer is not None:
             regularizer.apply_gradients()
         optimizer.step()
-        return loss.detach()
 
     def mean(self, value: Tensor) -> Tensor:
         """``value`` averaged over ranks (identity in one process)."""

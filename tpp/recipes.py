@@ -157,25 +157,24 @@ VGG19 = {0.1: (74.02, 1.23, 19.24), 0.3: (73.19, 1.97, 51.01), 0.5: (71.61, 3.60
 VGG19_L1 = {0.1: 74.01, 0.3: 73.01, 0.5: 71.49, 0.7: 66.05, 0.9: 51.36}
 
 
+def _cifar(name: str, model: str, data: str, ratio: str, skip: tuple[str, ...], batch_size: int, table: str,
+           base_top1: float, scores: tuple, l1_top1: float, description: str) -> Recipe:
+    top1, speedup, sparsity = scores
+    return Recipe(name, model, data, ratio, skip=skip, schedule=CIFAR_SCHEDULE, weight_decay=5e-4,
+                  batch_size=batch_size, finetune_epochs=120, lr_milestones=(60, 90),
+                  expected={"source": f"paper {table} (TPP, finetuning lr 1e-2, mean of 3 runs)",
+                            "base_top1": base_top1, "top1": top1, "l1_top1": l1_top1, "flops_speedup": speedup,
+                            "param_sparsity_pct": sparsity},
+                  description=description)
+
+
 def _cifar_recipes() -> list[Recipe]:
-    out = []
-    for r, (top1, speedup, sparsity) in RESNET56.items():
-        out.append(Recipe(
-            f"resnet56-cifar10-{r}", "resnet56", "cifar10", f"*layer*.conv1:{r}", schedule=CIFAR_SCHEDULE,
-            weight_decay=5e-4, batch_size=128, finetune_epochs=120, lr_milestones=(60, 90),
-            expected={"source": "paper Table 1 (TPP, finetuning lr 1e-2, mean of 3 runs)", "base_top1": 93.78,
-                      "top1": top1, "l1_top1": RESNET56_L1[r], "flops_speedup": speedup,
-                      "param_sparsity_pct": sparsity},
-            description=f"ResNet56 on CIFAR-10, first conv of every block pruned at {r}"))
-    for r, (top1, speedup, sparsity) in VGG19.items():
-        out.append(Recipe(
-            f"vgg19-cifar100-{r}", "vgg19", "cifar100", f"features.*:{r}", skip=("features.0",),
-            schedule=CIFAR_SCHEDULE, weight_decay=5e-4, batch_size=256, finetune_epochs=120, lr_milestones=(60, 90),
-            expected={"source": "paper Table 2 (TPP, finetuning lr 1e-2, mean of 3 runs)", "base_top1": 74.02,
-                      "top1": top1, "l1_top1": VGG19_L1[r], "flops_speedup": speedup,
-                      "param_sparsity_pct": sparsity},
-            description=f"VGG19 on CIFAR-100, every conv but the first pruned at {r}"))
-    return out
+    return [*(_cifar(f"resnet56-cifar10-{r}", "resnet56", "cifar10", f"*layer*.conv1:{r}", (), 128, "Table 1",
+                     93.78, scores, RESNET56_L1[r], f"ResNet56 on CIFAR-10, first conv of every block pruned at {r}")
+              for r, scores in RESNET56.items()),
+            *(_cifar(f"vgg19-cifar100-{r}", "vgg19", "cifar100", f"features.*:{r}", ("features.0",), 256, "Table 2",
+                     74.02, scores, VGG19_L1[r], f"VGG19 on CIFAR-100, every conv but the first pruned at {r}")
+              for r, scores in VGG19.items())]
 
 
 def _imagenet(name: str, model: str, ratio: str, skip: tuple[str, ...], expected: dict, description: str):

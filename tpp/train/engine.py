@@ -6,10 +6,10 @@ The loops are :mod:`tpp.loop`'s (one training loop in the project); this module 
 * ``place``: model to ``cuda:LOCAL_RANK`` (or CPU), channels_last when asked, every parameter and buffer broadcast
   from rank 0 — the filters are then selected from identical weights on every rank, and ``agree`` checks they are.
 * ``wrap``: ``DistributedDataParallel`` (rebuilt after removal, when the pipeline builds the finetuning optimizer).
-* ``train_step``: zero grads, forward under ``torch.autocast`` (bf16 or fp16), cross-entropy with optional label
-  smoothing, backward through the GradScaler (fp16), ``scaler.unscale_(optimizer)`` **before** the regularizer's
-  ``apply_gradients()`` (its gradients are unscaled and identical on every rank, added to the all-reduced ones),
-  ``scaler.step``, ``scaler.update``.
+* ``train_step`` (the loop's): forward under ``torch.autocast`` (bf16 or fp16); ``criterion``: cross-entropy with
+  optional label smoothing; ``backward_step``: backward through the GradScaler (fp16),
+  ``scaler.unscale_(optimizer)`` **before** the regularizer's ``apply_gradients()`` (its gradients are unscaled and
+  identical on every rank, added to the all-reduced ones), ``scaler.step``, ``scaler.update``.
 * ``batches``: ``sampler.set_epoch(pass, start)`` of :class:`~tpp.train.data.ResumableDistributedSampler` (finetuning
   passes are numbered apart from regularization passes).
 * ``sum``/``mean``: all-reduce; evaluation counts (top-1, top-5, loss) are summed over the ranks' disjoint shards.
@@ -125,24 +125,18 @@ class Engine(TrainHooks):
         return super().batches(loader, phase, number, skip)
 
     # ----------------------------------------------------------------- step
-    def train_step(self, net: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                   regularizer=None) -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = F.cross_entropy(net(x), y, label_smoothing=self.label_smoothing)
-        if self.scaler.is_enabled():
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(optimizer)          # gradients are true gradients from here on
-            if regularizer is not None:
-                regularizer.apply_gradients()
-            self.scaler.step(optimizer)              # skipped (and the scale lowered) on inf/nan gradients
-            self.scaler.update()
-        else:
-            loss.backward()
-            if regularizer is not None:
-                regularizer.apply_gradients()
-            optimizer.step()
-        return loss.detach()
+    def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+
+    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer, regularizer=None) -> None:
+        if not self.scaler.is_enabled():
+            return super().backward_step(loss, optimizer, regularizer)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)          # gradients are true gradients from here on
+        if regularizer is not None:
+            regularizer.apply_gradients()
+        self.scaler.step(optimizer)              # skipped (and the scale lowered) on inf/nan gradients
+        self.scaler.update()
 
     # ------------------------------------------------------------ collectives
     def sum(self, value: Tensor) -> Tensor:
