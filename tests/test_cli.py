@@ -80,6 +80,9 @@ def test_weights_and_resume_reuse_a_run(tpp_run, tmp_path, capsys):
     base = json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"]["base"]
     assert json.loads((out / "metrics.json").read_text())["metrics"]["accuracy"]["base"] == base
     assert "l1" in capsys.readouterr().out
+    # a finished run (its checkpoint removed) is not started over by --resume auto
+    _fails(["prune", *CNN, "--method", "l1", "--weights", str(tpp_run / "pretrained.pt"), "--out", str(out),
+            "--resume", "auto", *TINY], capsys, "holds no checkpoint to resume", "--overwrite", out=out)
     # resuming the finished run rewrites its artifacts in its own folder
     before = json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"]
     code = main(["prune", *CNN, "--method", "tpp", "--resume", str(tpp_run / "checkpoint.pt"), "--keep-checkpoint",

@@ -178,14 +178,18 @@ def resolve_out(args, layout: Layout, default_name: str, env) -> tuple[Path, Opt
             existing = list_checkpoints(out / "checkpoints") if series else \
                 [p for p in (out / "checkpoint.pt",) if p.is_file()]
             resume = None
+            non_empty = out.is_dir() and any(out.iterdir())
             if args.resume == "auto":
                 resume = existing[-1] if existing else None
+                if resume is None and non_empty and not args.overwrite:   # e.g. a finished run: keep its files
+                    raise UsageError(f"--out {out} holds no checkpoint to resume and is not empty; choose another "
+                                     "folder, or pass --overwrite to start a new run there")
             elif args.resume:
                 resume = Path(args.resume)
                 if not resume.is_file():
                     raise UsageError(f"--resume {resume}: no such file (the checkpoint of a run folder, or "
                                      "--resume auto)")
-            elif out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            elif non_empty and not args.overwrite:
                 hint = ("it holds checkpoints of a run: pass --resume auto to continue it, or --overwrite to start "
                         "over" if existing else "choose another folder, or pass --overwrite to write into it (files "
                                                 "of the same name are replaced)")
@@ -249,15 +253,18 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     sample = train_set[0][0]
     kwargs = model_kwargs(recipe.model, sample)
     config = _run_config(args, recipe, num_classes, recipe.eval_batch_size // env.world_size)
+    named = recipe.name in RECIPES and RECIPES[recipe.name].complete
+    out, resume = resolve_out(args, layout, recipe.name if named else f"{recipe.model}-{recipe.data}-{recipe.method}",
+                              env)
     weights = recipe.weights or None
     pretrain_epochs = 0                  # a resumed run restores its weights from the checkpoint
-    if layout.pretrain and not args.resume:
+    if layout.pretrain and resume is None:
         explicit = getattr(args, "pretrain_epochs", None)
         pretrain_epochs = explicit if explicit is not None else (recipe.pretrain_epochs if weights is None else 0)
         if weights is None and pretrain_epochs == 0:
             raise UsageError("no model to prune: pass --weights <state_dict> (or --weights torchvision), or "
                              "--pretrain-epochs N to train one here first")
-    elif weights is None and not args.resume:
+    elif weights is None and resume is None:
         raise UsageError(f"recipe {recipe.name!r} has no pretrained weights: pass --weights <state_dict file> "
                          "(the model to prune), or --weights none for a smoke test from random initialization")
     model, weights_from = load_weights(recipe.model, weights, num_classes, kwargs, sample, recipe.data, env)
@@ -278,10 +285,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         raise UsageError(f"{len(train_set)} training samples make no batch of {per_rank} per process "
                          f"(--batch-size {recipe.batch_size} over {env.world_size} processes)")
 
-    # ---- run folder, checkpoints, resume state and its identity
-    named = recipe.name in RECIPES and RECIPES[recipe.name].complete
-    out, resume = resolve_out(args, layout, recipe.name if named else f"{recipe.model}-{recipe.data}-{recipe.method}",
-                              env)
+    # ---- checkpoints, resume state and its identity
     identity = RunIdentity.of(model, recipe.method, recipe.ratio, recipe.skip, arch=recipe.model,
                               num_classes=num_classes)
     engine, checkpoints, images_per_epoch = _engine(args, layout, out, env, amp, channels_last, recipe, per_rank,

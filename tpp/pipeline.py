@@ -28,6 +28,8 @@ The settings of a run are one typed, frozen :class:`RunConfig` (``RunConfig.from
 resolved to per-layer ratios once, then handed to the regularizer, the selection and the removal. The loop itself is
 :mod:`tpp.loop`; recipes are :mod:`tpp.recipes`; the checkpoint identity is :mod:`tpp.identity`.
 
+(About 520 lines: the run's stages and the checkpointed state they resume from are one class, kept together.)
+
 Every device-, process- and precision-specific action of the loops goes through a :class:`TrainHooks` object
 (``hooks=`` of :func:`run_pruning` and :func:`train`): placing and wrapping the model, the data order of each pass,
 one optimization step, evaluation, agreement checks and checkpoint files. The default hooks are plain
