@@ -92,6 +92,18 @@ def test_weights_and_resume_reuse_a_run(tpp_run, tmp_path, capsys):
                  *TINY])
     assert code == 0
     assert json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"] == before
+    # a run folder of tpp 0.1: its checkpoint.pt (identity in top-level keys, plain hooks) still resumes
+    import shutil
+
+    old = tmp_path / "old-run"
+    shutil.copytree(tpp_run, old)
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    del state["identity"]
+    state.update(skip=[], hooks={})
+    torch.save(state, old / "checkpoint.pt")
+    assert main(["prune", *CNN, "--method", "tpp", "--resume", str(old / "checkpoint.pt"), *TINY]) == 0
+    assert json.loads((old / "metrics.json").read_text())["metrics"]["accuracy"] == before
+    assert not (old / "checkpoint.pt").exists()                  # removed at the end, as always without --keep
 
 
 def _fails(args, capsys, *needles, out=None):
