@@ -93,7 +93,7 @@ def run_command(args, command: str, command_line: str, prog: str) -> int:
     try:
         env = D.init_distributed(args.device, getattr(args, "dist_backend", None))
     except (ValueError, RuntimeError) as err:
-        print(f"{prog}: error: --device {args.device}: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     log = D.setup_logging(env, args.quiet)
     try:

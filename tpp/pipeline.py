@@ -391,13 +391,15 @@ class _Run:
         self.metrics["jsv_mean"][when] = summary["mean"] if summary else None
 
     def _latency(self, when: str) -> None:
-        """Median forward time of the model now (eval mode, ``latency_batch`` test samples) on the run's device."""
+        """Median forward time of the model now (eval mode, ``latency_batch`` test samples, the run's autocast) on
+        the run's device."""
         if not self.cfg.latency:
             return
         x = first_samples(self.test_loader, self.cfg.latency_batch)
         x, _ = self.hooks.inputs(x, torch.zeros(0, dtype=torch.long), self.device)
         latency = self.metrics.setdefault("latency_s", {"batch": int(x.shape[0]), "device": str(self.device)})
-        latency[when] = measure_latency(self.model, x, warmup=3, iters=20)
+        with self.hooks.autocast():                 # as the run computes: AMP when it trains with AMP
+            latency[when] = measure_latency(self.model, x, warmup=3, iters=20)
         if "base" in latency and "pruned" in latency:
             latency["speedup"] = latency["base"] / max(latency["pruned"], 1e-12)
 
