@@ -242,22 +242,21 @@ def test_progress_printer_without_a_terminal():
 
 def test_help_shows_real_defaults_and_loads_no_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = ("import sys\nfrom tpp.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom tpp.cli import main\n"
+            "for argv in (['--help'], ['prune', '--help'], ['train', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'triton') or "
             "m in ('tpp.pipeline', 'tpp.graph', 'tpp.regularizer'))\nprint('HEAVY', heavy)")
-    for argv in (["--help"], ["prune", "--help"], ["train", "--help"]):
-        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
-                              cwd=tmp_path)
-        assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
-        assert "(default: None)" not in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "tpp", "prune", "--help"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
+    assert "usage: tpp train" in proc.stdout and "(default: None)" not in proc.stdout
     text = " ".join(proc.stdout.split())
     assert "--reg-lr REG_LR pruning-phase SGD learning rate (default: from the recipe: cifar 0.001, imagenet " \
            "0.001, demo 0.01)" in text
     assert "--seed SEED random seed (data split, order, initialization) (default: 0)" in text
     assert "--amp {auto,none,bf16,fp16} autocast dtype; fp16 adds a GradScaler; auto: bf16 on GPUs, none on CPU " \
-           "(default: none)" in text
+           "(default: none)" in text                                            # tpp prune: fp32 as before
+    assert "auto: bf16 on GPUs, none on CPU (default: auto)" in text                # tpp train
 
 
 # ------------------------------------------------------------------------------------------------- export

@@ -2,13 +2,14 @@
 
     flags (tpp.arguments) → recipe → data → model and weights (tpp.weights) → one torch.fx trace, ratio resolved
     → run folder, resume checkpoint and its RunIdentity checked → [prune: pretraining] → tpp.pipeline.run_pruning
-    with tpp.train.engine.Engine → metrics.json, report.md + plots, summary.csv, regularize.csv, pruned.pt
+    with tpp.train.engine.Engine → metrics.json (latency included), summary.csv, regularize.csv, pruned.pt
 
 Everything a user can get wrong is checked before the run folder is touched, and reported as one line
 (``tpp <cmd>: error: ...``, exit status 2). The two commands differ only in their :class:`Layout`:
 
 * ``tpp prune`` — settings in ``config.json``; one ``checkpoint.pt`` (removed at the end unless
-  ``--keep-checkpoint``); without ``--weights`` the model is trained here first (``pretrained.pt``); fp32 by default.
+  ``--keep-checkpoint``); without ``--weights`` the model is trained here first (``pretrained.pt``); ``report.md``
+  with plots; fp32 by default.
 * ``tpp train`` — settings in ``args.yaml``/``args.json``; ``checkpoints/ckpt-*.pt`` (the last ``--keep-last``) and
   ``best.pt``; ``ranks/rank<r>.json`` digests; ``--weights`` required (a recipe may name torchvision's); AMP and
   channels_last on GPUs by default.
@@ -39,11 +40,12 @@ class Layout:
     checkpoints: str                    # "file": <out>/checkpoint.pt; "series": <out>/checkpoints/ckpt-*.pt
     ranks: bool                         # ranks/rank<r>.json digests
     pretrain: bool                      # train the model first when no --weights are given
+    report: bool                        # report.md and its plots (matplotlib) besides metrics.json
 
 
 LAYOUTS = {
-    "prune": Layout("prune", ("config.json",), "file", ranks=False, pretrain=True),
-    "train": Layout("train", ("args.yaml", "args.json"), "series", ranks=True, pretrain=False),
+    "prune": Layout("prune", ("config.json",), "file", ranks=False, pretrain=True, report=True),
+    "train": Layout("train", ("args.yaml", "args.json"), "series", ranks=True, pretrain=False, report=False),
 }
 
 
@@ -452,7 +454,7 @@ def _comparison(metrics: dict, expected) -> dict:
 
 
 def _write_results(out: Path, layout: Layout, result, recipe, settings: dict, images_per_epoch: int, env) -> None:
-    """metrics.json, the tables, report.md and plots, pruned.pt (rank 0), ranks/ digests (every rank)."""
+    """metrics.json, the tables, pruned.pt, report.md and plots (rank 0); ranks/ digests (every rank)."""
     from .files import write_json
     from .report import format_table, plot_run, summary_row, write_run_report
     from .surgery import save_pruned
@@ -477,7 +479,8 @@ def _write_results(out: Path, layout: Layout, result, recipe, settings: dict, im
                 extra={"num_classes": settings["num_classes"], "model_kwargs": settings["model_kwargs"],
                        "input_shape": settings["input_shape"], "data": recipe.data, "recipe": recipe.name,
                        "method": recipe.method, "ratio": recipe.ratio})
-    write_run_report(out, settings, data, plot_run(data, out))
+    if layout.report:
+        write_run_report(out, settings, data, plot_run(data, out))
     print(format_table([summary_row(data, model=recipe.model)]))
     if recipe.expected.get("top1") is not None:
         acc = result.metrics["accuracy"]

@@ -16,7 +16,6 @@ The run folder (``--out``):
     summary.csv            one row per finetuning epoch: lr, train loss, val top-1/top-5/loss, time, images/s
     regularize.csv         strength, penalty, loss over the regularization iterations
     metrics.json           all measurements (latency included), the pruned filter sets, the paper's numbers beside ours
-    report.md, *.png       the same as a readable report, with plots
     pruned.pt              the pruned, finetuned model (tpp.load_pruned(path))
     ranks/rank<r>.json     each rank's digest of its pruned sets and final weights (all equal, or the run failed)
     tb/                    TensorBoard scalars with --tensorboard
