@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .backends import resolve_backend
-from .graph import analyze_model
+from .graph import ModelGraph, analyze_model
 from .schedule import GrowingSchedule
 from .selection import RatioSpec, select_filters
 
@@ -132,12 +132,14 @@ class TPPRegularizer:
         schedule: a :class:`GrowingSchedule` (default: the reference CIFAR run).
         backend: ``"auto" | "torch" | "triton" | "cuda"``; ``$TPP_BACKEND`` overrides it.
         bn_map: ``{layer: bn or None}`` for models torch.fx cannot trace (see :func:`tpp.graph.analyze_model`).
+        graph: an existing :func:`tpp.graph.analyze_model` of ``model`` (not traced again).
     """
 
     def __init__(self, model: nn.Module, pruning_ratio: RatioSpec, skip: str | Iterable[str] = (),
                  variant: str = "decorrelate", gram_weight: float = 1000.0, reduction: str = "mean",
                  bn: bool = True, weight_l2: bool = True, schedule: GrowingSchedule | None = None,
-                 backend: str = "auto", *, bn_map: Mapping[str, str | None] | None = None):
+                 backend: str = "auto", *, bn_map: Mapping[str, str | None] | None = None,
+                 graph: ModelGraph | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if variant not in reference.VARIANTS:
@@ -157,7 +159,7 @@ class TPPRegularizer:
         self.model = unwrap_model(model)
         self.variant, self.gram_weight, self.reduction = variant, float(gram_weight), reduction
         self.bn, self.weight_l2, self.schedule = bn, weight_l2, schedule
-        self.graph = analyze_model(self.model, bn_map=bn_map)
+        self.graph = analyze_model(self.model, bn_map=bn_map) if graph is None else graph
         params = list(self.model.parameters())
         if not params:
             raise ValueError("model has no parameters to regularize")

@@ -39,6 +39,7 @@ __all__ = [
     "resnet110",
     "vgg19",
     "digits_cnn",
+    "TORCHVISION_ALIASES",
 ]
 
 _TPP_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -52,6 +53,7 @@ _TPP_MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": digits_cnn,
 }
 _TORCHVISION_ALIASES = ("resnet18", "resnet34", "resnet50", "vgg11_bn", "mobilenet_v2")
+TORCHVISION_ALIASES = _TORCHVISION_ALIASES  # public: torchvision classifiers build_model knows by their plain name
 _TORCHVISION_PREFIX = "torchvision:"
 
 Pretrained = Union[bool, str, os.PathLike]
