@@ -4,9 +4,6 @@ Modes: "fwd" — the loss, recording the autograd graph (the weights require gra
 "fwd+bwd" — the loss and its backward into fresh ``.grad`` tensors (cleared before each call, untimed);
 "in-place" — the gradient added into preallocated buffers without autograd (``TPPRegularizer.apply_gradients``).
 Every case records in ``extra_info`` its shape, FLOPs, bytes and floor (:mod:`roofline`).
-
-Sweep cases run the Triton kernels with their pinned default tile configuration (``TPP_AUTOTUNE=0``: tuning each
-of the sweep's shapes would take longer than the sweep itself); layer sets are autotuned, as in training.
 """
 from __future__ import annotations
 
@@ -46,9 +43,8 @@ def _measure(benchmark, bench, rates: roofline.Rates, form, mode: str, weights: 
     run_case(benchmark, fn, bench.device, bench.suite.policy(bench.device, info["kind"]), setup)
 
 
-def test_sweep(benchmark, bench, rates, form, case, monkeypatch):
+def test_sweep(benchmark, bench, rates, form, case):
     """One layer: N filters of D inputs, ⌈ratio·N⌉ pruned."""
-    monkeypatch.setenv("TPP_AUTOTUNE", "0")
     w, p = sweep_layer(case.n, case.d, case.ratio, case.dtype, str(bench.device))
     _measure(benchmark, bench, rates, form, case.mode, [w], [p], "sweep",
              kind="sweep", n=case.n, d=case.d, ratio=case.ratio, p=p.numel())

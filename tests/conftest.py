@@ -1,6 +1,6 @@
 """Test-wide setup.
 
-* Without a GPU, Triton kernels run in the interpreter (set before they are imported) with one pinned config.
+* Without a GPU, Triton kernels run in the interpreter (set before they are imported).
 * Random inputs use fresh seeds on every run; the header prints the base seed and ``TPP_TEST_SEED`` replays it.
 """
 import os
@@ -12,7 +12,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TPP_AUTOTUNE", "0")
 
 BASE_SEED = int(os.environ.get("TPP_TEST_SEED", random.SystemRandom().randrange(2**31)))
 

@@ -2,7 +2,7 @@
 registration. The backend contract (values and gradients against float64, every backend) is test_backend_contract.py.
 
 Without a GPU the kernels run in the Triton interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1
-and TPP_AUTOTUNE=0); with one, the same tests run the compiled kernels on CUDA tensors.
+); with one, the same tests run the compiled kernels on CUDA tensors.
 """
 import pytest
 import torch
@@ -14,7 +14,7 @@ from tolerances import assert_same_arithmetic
 pytest.importorskip("triton")
 
 import tpp_kernels  # noqa: E402
-from tpp_kernels import bn, config, gram, tables  # noqa: E402
+from tpp_kernels import config, gram, plan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On CPU without the interpreter, the ops run tpp_kernels.reference: the kernel-specific tests are skipped.
@@ -127,9 +127,8 @@ class _Forbidden:
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    for module, name in [(gram, "_gram_fwd_kernel"), (gram, "_gram_bwd_kernel"), (bn, "_bn_fwd_kernel"),
-                         (bn, "_bn_bwd_kernel")]:
-        monkeypatch.setattr(module, name, _Forbidden())
+    for name in ("_fwd_kernel", "_bwd_kernel"):
+        monkeypatch.setattr(plan, name, _Forbidden())
 
 
 def test_nothing_pruned_launches_nothing(no_launch, seed):
@@ -156,51 +155,17 @@ def test_nothing_pruned_launches_nothing(no_launch, seed):
 
 
 @needs_kernels
-def test_layout_cached_until_pruned_set_changes(monkeypatch, seed):
-    calls = []
-    monkeypatch.setattr(tables, "check_pruned_indices", lambda *args: calls.append(args[2]))
-    gram._layouts.clear()
+def test_plan_cached_until_pruned_set_changes(monkeypatch, seed):
+    built = []
+    monkeypatch.setattr(gram, "PenaltyPlan", lambda *a, **k: built.append(1) or plan.PenaltyPlan(*a, **k))
+    gram._plans.clear()
     weights, idxs = layers(seed)
     for _ in range(2):
         check_gram(weights, idxs, TOL[torch.float32], input_precision="ieee")
-    assert len(calls) == len(weights)  # validated once, at the first call
+    assert len(built) == 1  # built (and the indices validated) at the first call
     idxs[0][...] = torch.randperm(weights[0].shape[0])[:idxs[0].numel()].to(DEVICE)  # in place: new version
     check_gram(weights, idxs, TOL[torch.float32], input_precision="ieee")
-    assert len(calls) == 2 * len(weights)
-
-
-def test_autotune_picks_fastest_once(monkeypatch):
-    timings = {cfg: 1.0 + i for i, cfg in enumerate(config._CANDIDATES["gram_fwd"])}
-    fastest = config._CANDIDATES["gram_fwd"][3]
-    timings[fastest] = 0.5
-    benched = []
-
-    def bench(fn):
-        fn()
-        benched.append(1)
-        return timings.get(launched[-1], 1.0)
-
-    launched = []
-    monkeypatch.setattr(config, "autotune_enabled", lambda: True)
-    monkeypatch.setattr(config, "_bench", bench)
-    monkeypatch.setattr(config, "_best", {})
-    assert config.pick("gram_fwd", "sig", launched.append) == fastest
-    assert config.pick("gram_fwd", "sig", launched.append) == fastest
-    assert len(benched) == len(config._CANDIDATES["gram_fwd"])
-
-
-@needs_kernels
-def test_autotuned_launches_stay_correct(monkeypatch, seed):
-    """Tuning launches every candidate (large blocks) into scratch buffers: results and .grad stay exact."""
-    monkeypatch.setattr(config, "autotune_enabled", lambda: True)
-    monkeypatch.setattr(config, "_bench", lambda fn: (fn(), 1.0)[1])
-    monkeypatch.setattr(config, "_best", {})
-    weights, idxs = layers(seed)
-    check_gram(weights, idxs, TOL[torch.float32], input_precision="ieee")
-    grads = [torch.zeros_like(w) for w in weights]
-    tpp_kernels.add_gram_penalty_grad_([w.detach() for w in weights], grads, idxs, 1.0, input_precision="ieee")
-    for g, ref_g in zip(grads, reference_gram(weights, idxs)[1]):
-        assert_close(g, ref_g, TOL[torch.float32][1])
+    assert len(built) == 2
 
 
 # --- torch.library, torch.compile -------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ They are backed by ``torch.ops.tpp.*`` custom ops (torch.compile-able). On CPU t
 interpreter. They are imported on first use (PEP 562), so ``tpp_kernels.reference`` and ``tpp_kernels.cuda`` work
 without Triton installed.
 
-Modules: ``reference.py`` (pure-PyTorch forms, the ground truth), ``gram.py`` and ``bn.py`` (Triton kernels →
-launchers → ops → public functions, math and design in their docstrings), ``tables.py`` (host-built launch tables and
-their caches), ``config.py`` (block sizes, precision, lazy autotuning), ``checks.py`` (argument validation shared by
-every backend), ``cuda.py`` and ``cuda_build.py`` (the bindings of csrc/ and its build).
+Modules: ``reference.py`` (pure-PyTorch forms, the ground truth), ``plan.py`` (the Triton kernels and the launch plan
+the regularizer owns: every term of every layer in two launches per dtype), ``gram.py`` and ``bn.py`` (functional
+ops over cached plans, math in their docstrings), ``tables.py`` (caches, dtype grouping), ``config.py`` (precision,
+the launch device, tile configurations), ``checks.py`` (argument validation shared by every backend), ``cuda.py``
+and ``cuda_build.py`` (the bindings of csrc/ and its build).
 """
 import importlib
 

@@ -1,172 +1,53 @@
-"""BatchNorm penalty of TPP for many layers at once: kernels → launchers → ops → public functions.
+"""BatchNorm penalty of TPP for many layers at once, as functional ops over :mod:`tpp_kernels.plan`.
 
 Math (tpp-method.md §2, paper eq. 5): for the BatchNorm after a pruned layer, with pruned channels P,
 ``L_bn = Σ_{j∈P} γ_j² + β_j²`` and ``∂L_bn/∂γ_j = 2γ_j`` (``∂L_bn/∂β_j = 2β_j``) for ``j ∈ P``, 0 for kept ``j``.
 
-One program per ``(layer, channel block)`` for every layer of one dtype: the forward writes one partial per
-tile (summed afterwards: deterministic), the backward writes both gradients of the tile's channels — or adds the
-pruned ones into existing ``.grad`` tensors, leaving kept channels untouched. Same tables and op design as
+Every γ and β is a squares tensor of one cached :class:`~tpp_kernels.plan.PenaltyPlan` (``½Σx²`` at strength 2):
+one launch forward (a partial per tile, summed afterwards: deterministic), one backward writing both gradients —
+or adding the pruned channels into existing ``.grad`` tensors, leaving kept channels untouched. Same op design as
 gram.py (see its docstring for why the ops are opaque ``custom_op`` s).
 """
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from . import checks, config, reference, tables
-from .tables import LRU, flat_views
+from . import checks, config, reference
+from .plan import PenaltyPlan, Rows, flat_layout
+from .tables import LRU, tensors_key
 
-# ----------------------------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------------------------
-# Per layer l: `p_meta[l]` = (C, o_idx) (int64), m (int8, 0 = pruned) at `p_m[o_idx:o_idx+C]`; γ_l and β_l are
-# read at `p_x + p_ox[2l]` and `p_x + p_ox[2l+1]`, their gradients written at `p_out + p_oout[2l]`, `[2l+1]`.
-
-
-@triton.jit
-def _bn_fwd_kernel(p_x, p_ox, p_meta, p_tiles, p_m, p_part, BLOCK_C: tl.constexpr):
-    """Tile `p_tiles[t] = (l, c0)`: Σ_{c0 ≤ j < c0+BC, j∈P} γ_j² + β_j² of layer l into p_part[t]."""
-    i_t = tl.program_id(0)
-    i_l = tl.load(p_tiles + i_t * 2)
-    i_c = tl.load(p_tiles + i_t * 2 + 1)
-    C = tl.load(p_meta + i_l * 2)
-    o_idx = tl.load(p_meta + i_l * 2 + 1)
-    o_c = i_c + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    m_p = m_c & (tl.load(p_m + o_idx + o_c, mask=m_c, other=1) == 0)
-    b_gamma = tl.load(p_x + tl.load(p_ox + 2 * i_l) + o_c, mask=m_p, other=0.).to(tl.float32)
-    b_beta = tl.load(p_x + tl.load(p_ox + 2 * i_l + 1) + o_c, mask=m_p, other=0.).to(tl.float32)
-    tl.store(p_part + i_t, tl.sum(b_gamma * b_gamma + b_beta * b_beta, axis=0))
-
-
-@triton.jit
-def _bn_grad(p_x, p_o, o_c, m_c, m_p, b_scale, ACCUMULATE: tl.constexpr):
-    """p_o[o_c] = b_scale·x (0 for kept channels), or p_o[o_c] += b_scale·x on pruned channels only."""
-    b_x = tl.load(p_x + o_c, mask=m_p, other=0.).to(tl.float32)
-    if ACCUMULATE:
-        b_o = tl.load(p_o + o_c, mask=m_p, other=0.).to(tl.float32) + b_scale * b_x
-        tl.store(p_o + o_c, b_o.to(p_o.dtype.element_ty), mask=m_p)
-    else:
-        tl.store(p_o + o_c, (b_scale * b_x).to(p_o.dtype.element_ty), mask=m_c)
-
-
-@triton.jit
-def _bn_bwd_kernel(p_x, p_ox, p_out, p_oout, p_meta, p_tiles, p_m, p_scale, scale,
-                   ACCUMULATE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Tile `p_tiles[t] = (l, c0)`: γ and β gradients of channels c0:c0+BC of layer l, times
-    `2·scale·p_scale` (p_scale: 0-d tensor or None)."""
-    i_t = tl.program_id(0)
-    i_l = tl.load(p_tiles + i_t * 2)
-    i_c = tl.load(p_tiles + i_t * 2 + 1)
-    C = tl.load(p_meta + i_l * 2)
-    o_idx = tl.load(p_meta + i_l * 2 + 1)
-    o_c = i_c + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    m_p = m_c & (tl.load(p_m + o_idx + o_c, mask=m_c, other=1) == 0)
-    b_scale = 2. * scale
-    if p_scale is not None:
-        b_scale = b_scale * tl.load(p_scale).to(tl.float32)
-    _bn_grad(p_x + tl.load(p_ox + 2 * i_l), p_out + tl.load(p_oout + 2 * i_l), o_c, m_c, m_p, b_scale, ACCUMULATE)
-    _bn_grad(p_x + tl.load(p_ox + 2 * i_l + 1), p_out + tl.load(p_oout + 2 * i_l + 1), o_c, m_c, m_p, b_scale,
-             ACCUMULATE)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------------------------
-
-# A BatchNorm has at most a few thousand channels: one fixed block, nothing to tune.
-_BLOCK_C = 16 if config.INTERPRET else 1024
-
-
-class _Layout(tables.Layout):
-    """BN launch tables. ``sizes[i] = (C,)``; ``meta[i] = (C, o_idx)`` (int64); ``o_out[2i]``, ``o_out[2i+1]``:
-    offsets of the layer's γ and β gradients in its dtype group's flat buffer ``[γ_a | β_a | γ_b | β_b | …]``
-    of ``out_numel[group]`` elements."""
-
-    def __init__(self, sizes: Sequence[Tuple[int]], dtypes: Sequence[torch.dtype], pruned: Sequence[Tensor],
-                 device: torch.device):
-        super().__init__(sizes, dtypes, pruned, device)
-        self.c = [c for c, in sizes]
-        self.meta = torch.tensor(list(zip(self.c, self.o_idx)), dtype=torch.int64).to(device)
-        o_out, self.out_numel = [0] * (2 * len(sizes)), []
-        for group in self.groups:
-            o = 0
-            for i in group:
-                o_out[2 * i], o_out[2 * i + 1], o = o, o + self.c[i], o + 2 * self.c[i]
-            self.out_numel.append(o)
-        self.o_out = torch.tensor(o_out, dtype=torch.int64).to(device)
-
-    def tile_table(self, group: int, unpruned_layers: bool) -> Tensor:
-        """(layer, first channel) of every tile of the group; layers with p = 0 only if ``unpruned_layers``."""
-        def rows():
-            return [(i, c0) for i in self.groups[group] if self.p[i] or unpruned_layers
-                    for c0 in range(0, self.c[i], _BLOCK_C)]
-        return self.tiles((group, unpruned_layers), rows, 2)
-
-
-_layouts = LRU(16)
-
-
-def _layout(gammas: Sequence[Tensor], pruned: Sequence[Tensor]) -> _Layout:
-    config.check_device(gammas[0])
-    return tables.layout(_layouts, _Layout, [(g.numel(),) for g in gammas], [g.dtype for g in gammas], pruned,
-                         gammas[0].device)
+_plans = LRU(16)
 
 
 def _interleave(a: Sequence, b: Sequence) -> List:
     return [x for pair in zip(a, b) for x in pair]
 
 
-def _forward(gammas: Sequence[Tensor], betas: Sequence[Tensor], pruned: Sequence[Tensor]) -> Tensor:
-    """Σ_i L_bn,i as a float32 0-d tensor: one launch per dtype group with a pruned layer, one sum."""
-    layout = _layout(gammas, pruned)
-    groups = [g for g, positions in enumerate(layout.groups) if any(layout.p[i] for i in positions)]
-    if not groups:
-        return torch.zeros((), dtype=torch.float32, device=gammas[0].device)
-    o_x = layout.offsets(_interleave(gammas, betas))
-    tiles = [layout.tile_table(g, unpruned_layers=False) for g in groups]
-    counts = [t.shape[0] for t in tiles]
-    partials = torch.empty(sum(counts), dtype=torch.float32, device=gammas[0].device)
-    for g, tile, part in zip(groups, tiles, partials.split(counts)):
-        _bn_fwd_kernel[(tile.shape[0],)](
-            gammas[layout.groups[g][0]], o_x, layout.meta, tile, layout.m, part, BLOCK_C=_BLOCK_C)
-    return partials.sum()
+def _plan(gammas: Sequence[Tensor], betas: Sequence[Tensor], pruned: Sequence[Tensor]) -> Optional[PenaltyPlan]:
+    """The cached plan of ``½Σ x²`` over ``[γ_0, β_0, γ_1, …]`` (None if nothing is pruned)."""
+    config.check_device(gammas[0])
+    if not any(idx.numel() for idx in pruned):
+        checks.index_values(gammas, pruned)
+        return None
+    xs, idxs = _interleave(gammas, betas), _interleave(pruned, pruned)
+
+    def build() -> PenaltyPlan:
+        checks.index_values(gammas, pruned)  # errors name pruned_idxs[i]
+        return PenaltyPlan([], [Rows(x, idx) for x, idx in zip(xs, idxs)], gram_weight=0.0, l2_weight=0.0,
+                           mean=False)
+    return _plans.get(tensors_key(xs, idxs), build)
 
 
-def _backward(layout: _Layout, gammas: Sequence[Tensor], betas: Sequence[Tensor], outs: Sequence[Tensor],
-              o_out: Tensor, scale: float, scale_tensor: Optional[Tensor], accumulate: bool) -> None:
-    """Write (or add, if ``accumulate``) ``scale·scale_tensor·∂L_bn/∂(γ, β)`` at ``outs[group] + o_out``: one
-    launch per dtype group (with a pruned layer, if ``accumulate``)."""
-    o_x = layout.offsets(_interleave(gammas, betas))
-    for g, out in enumerate(outs):
-        tiles = layout.tile_table(g, unpruned_layers=not accumulate)
-        if tiles.shape[0]:
-            _bn_bwd_kernel[(tiles.shape[0],)](
-                gammas[layout.groups[g][0]], o_x, out, o_out, layout.meta, tiles, layout.m, scale_tensor, scale,
-                ACCUMULATE=accumulate, BLOCK_C=_BLOCK_C)
+def _layout(gammas: Sequence[Tensor], betas: Sequence[Tensor], pruned: Sequence[Tensor]):
+    return flat_layout([], [(x.numel(), x.dtype, idx.shape[0])
+                            for x, idx in zip(_interleave(gammas, betas), _interleave(pruned, pruned))])
 
 
-def _grads(grad: Tensor, gammas: Sequence[Tensor], betas: Sequence[Tensor], pruned: Sequence[Tensor]) -> List[Tensor]:
-    """Per dtype group, the flat ``[dγ_a | dβ_a | dγ_b | …]``; no launch (zeros) if nothing is pruned."""
-    layout = _layout(gammas, pruned)
-    if not any(layout.p):
-        return [gammas[group[0]].new_zeros(numel) for group, numel in zip(layout.groups, layout.out_numel)]
-    outs = [gammas[group[0]].new_empty(numel) for group, numel in zip(layout.groups, layout.out_numel)]
-    _backward(layout, gammas, betas, outs, layout.o_out, 1.0, grad, False)
-    return outs
-
-
-def _add_grads(gammas: Sequence[Tensor], betas: Sequence[Tensor], gamma_grads: Sequence[Tensor],
-               beta_grads: Sequence[Tensor], pruned: Sequence[Tensor], scale: float,
-               scale_tensor: Optional[Tensor]) -> None:
-    layout = _layout(gammas, pruned)
-    if any(layout.p):
-        grads = _interleave(gamma_grads, beta_grads)
-        outs = [grads[2 * group[0]] for group in layout.groups]
-        _backward(layout, gammas, betas, outs, layout.offsets(grads), scale, scale_tensor, True)
+def _strength(value: float, device: torch.device, tensor: Optional[Tensor] = None) -> Tensor:
+    """``2·value·tensor`` as a 0-d float64 device tensor: the plan's ``½Σx²`` times 2 is ``Σx²``."""
+    out = torch.full((), 2 * value, dtype=torch.float64, device=device)
+    return out if tensor is None else out * tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,26 +57,27 @@ def _add_grads(gammas: Sequence[Tensor], betas: Sequence[Tensor], gamma_grads: S
 
 @torch.library.custom_op("tpp::bn_penalty_fwd", mutates_args=())
 def _bn_penalty_fwd(gammas: List[Tensor], betas: List[Tensor], pruned: List[Tensor]) -> Tensor:
-    with config.on_device(gammas[0]):
-        return _forward(gammas, betas, pruned)
+    plan = _plan(gammas, betas, pruned)
+    if plan is None:
+        return gammas[0].new_zeros((), dtype=torch.float32)
+    return plan._forward(_strength(1.0, gammas[0].device))[0]
 
 
 @torch.library.custom_op("tpp::bn_penalty_bwd", mutates_args=())
 def _bn_penalty_bwd(grad: Tensor, gammas: List[Tensor], betas: List[Tensor], pruned: List[Tensor]) -> List[Tensor]:
-    with config.on_device(gammas[0]):
-        return _grads(grad, gammas, betas, pruned)
+    """The plan's flat gradient buffers (:func:`~tpp_kernels.plan.flat_layout`)."""
+    plan = _plan(gammas, betas, pruned)
+    return plan._grads(grad, _strength(1.0, grad.device), grad.new_empty(0, dtype=torch.float32))
 
 
 @torch.library.custom_op("tpp::bn_penalty_add_grad", mutates_args=("gamma_grads", "beta_grads"))
 def _bn_penalty_add_grad(gammas: List[Tensor], betas: List[Tensor], gamma_grads: List[Tensor],
                          beta_grads: List[Tensor], pruned: List[Tensor], scale: float,
                          scale_tensor: Optional[Tensor]) -> None:
-    with config.on_device(gammas[0]):
-        _add_grads(gammas, betas, gamma_grads, beta_grads, pruned, scale, scale_tensor)
-
-
-def _groups(gammas: Sequence[Tensor]) -> List[List[int]]:
-    return tables.dtype_groups([g.dtype for g in gammas])
+    plan = _plan(gammas, betas, pruned)
+    if plan is not None:
+        grads = _interleave(gamma_grads, beta_grads)
+        plan.add_grads_(_strength(scale, gammas[0].device, scale_tensor), [grads[i] for i in plan.positions])
 
 
 @_bn_penalty_fwd.register_fake
@@ -205,7 +87,7 @@ def _(gammas, betas, pruned):
 
 @_bn_penalty_bwd.register_fake
 def _(grad, gammas, betas, pruned):
-    return [gammas[g[0]].new_empty(2 * sum(gammas[i].numel() for i in g)) for g in _groups(gammas)]
+    return [gammas[0].new_empty(size, dtype=dtype) for size, dtype in _layout(gammas, betas, pruned)[0]]
 
 
 @_bn_penalty_add_grad.register_fake
@@ -226,13 +108,11 @@ def _fwd_reference(gammas, betas, pruned):
 
 def _bwd_reference(grad, gammas, betas, pruned):
     checks.index_values(gammas, pruned)
-    flats = []
-    for group in _groups(gammas):
-        flat = gammas[group[0]].new_empty(2 * sum(gammas[i].numel() for i in group))
-        xs = _interleave([gammas[i] for i in group], [betas[i] for i in group])
-        for view, x, i in zip(flat_views(flat, xs), xs, _interleave(group, group)):
-            view.copy_(_pruned_grad(x, pruned[i], grad))
-        flats.append(flat)
+    sizes, where = _layout(gammas, betas, pruned)
+    flats = [gammas[0].new_zeros(size, dtype=dtype) for size, dtype in sizes]
+    for x, idx, place in zip(_interleave(gammas, betas), _interleave(pruned, pruned), where):
+        if place is not None:
+            flats[place[0]][place[1]:place[1] + x.numel()].copy_(_pruned_grad(x, idx, grad))
     return flats
 
 
@@ -259,12 +139,14 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_loss):
     n, saved = ctx.n_layers, ctx.saved_tensors
     gammas, betas, pruned = saved[:n], saved[n:2 * n], saved[2 * n:]
-    gamma_grads, beta_grads = [None] * n, [None] * n
-    for group, flat in zip(_groups(gammas), _bn_penalty_bwd(grad_loss, gammas, betas, pruned)):
-        views = flat_views(flat, _interleave([gammas[i] for i in group], [betas[i] for i in group]))
-        for i, dgamma, dbeta in zip(group, views[0::2], views[1::2]):
-            gamma_grads[i], beta_grads[i] = dgamma, dbeta
-    return gamma_grads, beta_grads, [None] * n
+    xs = _interleave(gammas, betas)
+    if not any(idx.shape[0] for idx in pruned):
+        grads = [torch.zeros_like(x) for x in xs]
+    else:
+        flats = _bn_penalty_bwd(grad_loss, gammas, betas, pruned)
+        grads = [torch.zeros_like(x) if place is None else flats[place[0]][place[1]:place[1] + x.numel()]
+                 for x, place in zip(xs, _layout(gammas, betas, pruned)[1])]
+    return grads[0::2], grads[1::2], [None] * n
 
 
 _bn_penalty_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -1,14 +1,12 @@
-"""Launch configurations: interpreter detection, dot input precision, block sizes, and the lazy autotuner.
+"""Launch settings: interpreter detection, dot input precision, the device a launch runs on, tile configurations.
 
-Every multi-layer kernel tiles a 2-D output with a reduction loop, so one :class:`Config` (rows × cols tile,
-reduction chunk, warps, pipeline stages) describes a launch. The tile tables the kernels read are built on the host
-from the block sizes, so tuning happens here, once per (kernel, layer-set signature), by timing each candidate —
-never at import. ``TPP_AUTOTUNE=0`` (tests, CI) pins :func:`default_config`; so does the Triton interpreter, where
-timings mean nothing, and CUDA-graph capture, where timing cannot run.
+Every kernel tiles a 2-D output with a reduction loop, so one :class:`Config` (rows × cols tile, reduction chunk,
+warps, pipeline stages) describes a launch. Configurations are fixed shapes chosen in :mod:`tpp_kernels.plan`, never
+timed: the same on every DDP rank and inside a CUDA-graph capture.
 """
 import contextlib
 import os
-from typing import Callable, Dict, Hashable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -64,54 +62,4 @@ class Config(NamedTuple):
 
 # The interpreter runs one program at a time in numpy: 16 is the smallest ``tl.dot`` block, and it makes the small
 # test shapes span several tiles in every direction.
-_INTERPRETER_CONFIG = Config(16, 16, 16, 1, 1)
-_DEFAULT = {"gram_fwd": Config(64, 64, 32), "gram_bwd": Config(64, 64, 32)}
-_CANDIDATES = {
-    "gram_fwd": (
-        Config(64, 64, 32), Config(64, 128, 32), Config(128, 64, 32), Config(128, 128, 32, 8),
-        Config(32, 64, 64, 4, 4), Config(64, 64, 64, 4, 4),
-    ),
-    "gram_bwd": (
-        Config(64, 64, 32), Config(64, 128, 32), Config(128, 64, 32), Config(128, 128, 32, 8),
-        Config(32, 128, 32), Config(64, 64, 64, 4, 4),
-    ),
-}
-_best: Dict[Hashable, Config] = {}
-
-
-def default_config(kernel: str) -> Config:
-    """The pinned configuration of ``kernel`` ("gram_fwd" or "gram_bwd")."""
-    return _INTERPRETER_CONFIG if INTERPRET else _DEFAULT[kernel]
-
-
-def autotune_enabled() -> bool:
-    """Tune unless ``TPP_AUTOTUNE=0``, in the interpreter, or while a CUDA graph is being captured."""
-    if INTERPRET or os.environ.get("TPP_AUTOTUNE", "1") == "0":
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
-def _bench(fn: Callable[[], object]) -> float:
-    from triton.runtime.errors import OutOfResources
-    from triton.testing import do_bench
-
-    try:
-        return do_bench(fn)
-    except OutOfResources:
-        return float("inf")
-
-
-def pick(kernel: str, signature: Hashable, launch: Callable[[Config], object]) -> Config:
-    """The candidate of ``kernel`` with which ``launch(config)`` runs fastest, timed once per ``signature``
-    (the pinned config while tuning is off and nothing was tuned: a CUDA graph captured after a tuned warm-up
-    call keeps the tuned config, whose tables exist already).
-
-    ``launch`` must be free of side effects on user tensors (it writes scratch outputs): it runs many times.
-    """
-    key = (kernel, signature)
-    if key not in _best:
-        if not autotune_enabled():
-            return default_config(kernel)
-        timings = {config: _bench(lambda: launch(config)) for config in _CANDIDATES[kernel]}
-        _best[key] = min(timings, key=timings.__getitem__)
-    return _best[key]
+INTERPRETER_CONFIG = Config(16, 16, 16, 1, 1)

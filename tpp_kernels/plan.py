@@ -52,7 +52,7 @@ _META = 8
 # Launch configurations on a GPU, chosen without timing (so identical on every DDP rank): the largest tiles that
 # compile for sm_90 without register spills (benchmarks/ptx_report.py), which minimize the modelled traffic
 # (benchmarks/traffic.py): 128×128 R tiles, 64 gradient rows × 128 columns, 32-wide reduction chunks, 8 warps,
-# 3 pipeline stages. The interpreter runs config.default_config's small blocks.
+# 3 pipeline stages. The interpreter runs config.INTERPRETER_CONFIG's small blocks.
 GPU_CONFIGS = {"fwd": config.Config(128, 128, 32, 8, 3), "bwd": config.Config(64, 128, 32, 8, 3)}
 
 
@@ -343,6 +343,27 @@ def _flat_offsets(tensors: Sequence[Tensor]) -> Tuple[List[int], int]:
     return offsets, end
 
 
+def flat_layout(grams: Sequence[Tuple[int, torch.dtype, int]], squares: Sequence[Tuple[int, torch.dtype, int]]
+                ) -> Tuple[List[Tuple[int, torch.dtype]], List[Optional[Tuple[int, int]]]]:
+    """Where a plan over tensors described as ``(numel, dtype, p)`` puts its autograd gradients: ``(size, dtype)``
+    of each flat buffer — per launch (dtype pairing), one of its gram tensors then one of its squares tensors, a
+    1-element placeholder where it has none — and ``(flat, offset)`` of each tensor in ``grams + squares`` order
+    (``None`` for p = 0: the plan leaves such a tensor out). Computable from shapes alone (fake tensors)."""
+    kept = [[i for i, (_, _, p) in enumerate(part) if p] for part in (grams, squares)]
+    groups = [[[idx[k] for k in g] for g in dtype_groups([part[i][1] for i in idx])]
+              for part, idx in zip((grams, squares), kept)]
+    flats, where = [], [None] * (len(grams) + len(squares))
+    for g, s in itertools.zip_longest(*groups, fillvalue=[]):
+        anchor = grams[g[0]][1] if g else squares[s[0]][1]  # a placeholder has the launch's anchor dtype
+        for part, members, base in ((grams, g, 0), (squares, s, len(grams))):
+            offset = 0
+            for i in members:
+                where[base + i] = (len(flats), offset)
+                offset += part[i][0]
+            flats.append((max(offset, 1), part[members[0]][1] if members else anchor))
+    return flats, where
+
+
 class _Launch:
     """One dtype pairing: gram tensors ``grams`` (one dtype) and squares tensors ``squares`` (one dtype), their
     device tables, tile tables and the R and partials regions they own."""
@@ -483,6 +504,7 @@ class PenaltyPlan:
     def __init__(self, grams: Sequence[Rows], squares: Sequence[Rows], *, gram_weight: float, l2_weight: float,
                  mean: bool, input_precision: Optional[str] = None,
                  configs: Optional[Dict[str, config.Config]] = None):
+        positions = [i for i, r in enumerate((*grams, *squares)) if r.pruned.numel()]
         grams = [r for r in grams if r.pruned.numel()]
         squares = [r for r in squares if r.pruned.numel()]
         everything = [*grams, *squares]
@@ -496,11 +518,13 @@ class PenaltyPlan:
         self.gram_weight, self.l2_weight, self.mean = float(gram_weight), float(l2_weight), bool(mean)
         self.precision = config.input_precision(input_precision)
         if configs is None:
-            configs = {"fwd": config.default_config("gram_fwd"), "bwd": config.default_config("gram_bwd")} \
-                if config.INTERPRET else GPU_CONFIGS
+            configs = {"fwd": config.INTERPRETER_CONFIG, "bwd": config.INTERPRETER_CONFIG} if config.INTERPRET \
+                else GPU_CONFIGS
         fwd, bwd = configs["fwd"], configs["bwd"]
-        gram_groups = [[grams[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in grams])]
-        square_groups = [[squares[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in squares])]
+        gram_order = dtype_groups([r.tensor.dtype for r in grams])
+        square_order = [[len(grams) + i for i in g] for g in dtype_groups([r.tensor.dtype for r in squares])]
+        gram_groups = [[everything[i] for i in g] for g in gram_order]
+        square_groups = [[everything[i] for i in g] for g in square_order]
         self.launches, o_r, o_part = [], 0, 0
         for g, s in itertools.zip_longest(gram_groups, square_groups, fillvalue=[]):
             launch = _Launch(g, s, bool(self.l2_weight), o_r, o_part, fwd, bwd, device)
@@ -510,6 +534,9 @@ class PenaltyPlan:
         if o_r >= 2**31:
             raise ValueError(f"the pruned rows' gram blocks need {o_r} elements, more than 2^31 - 1")
         self.tensors = [r.tensor for launch in self.launches for r in (*launch.grams, *launch.squares)]
+        # self.tensors[k] is grams + squares (as given) [self.positions[k]]
+        self.positions = [positions[i] for g, s in itertools.zip_longest(gram_order, square_order, fillvalue=[])
+                          for i in (*g, *s)]
         self._r = torch.empty(self.r_numel, dtype=torch.float32, device=device)  # scratch of add_grads_
         self.id = next(_plan_ids)
         _plans[self.id] = self
