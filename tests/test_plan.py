@@ -177,3 +177,17 @@ def test_penalty_compiles_fullgraph(seed):
     torch.testing.assert_close(compiled, eager)
     for g, e in zip(torch.autograd.grad(compiled, tensors), eager_grads):
         torch.testing.assert_close(g, e)
+
+
+def test_a_tensor_shared_by_two_terms_gets_both_gradients(seed):
+    """A BatchNorm after a concatenation carries the channels of two units: both index sets land in one .grad."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 5, generator=gen).to(DEVICE)
+    gamma = torch.randn(10, generator=gen).to(DEVICE)
+    first, second = torch.tensor([0, 3], device=DEVICE), torch.tensor([6, 9], device=DEVICE)
+    plan = PenaltyPlan([Rows(w, first)], [Rows(gamma, first), Rows(gamma, second)], gram_weight=1.0,
+                       l2_weight=1.0, mean=True, input_precision="ieee")
+    plan.add_grads_(torch.tensor(2.0, device=DEVICE))
+    expected = torch.zeros_like(gamma)
+    expected[[0, 3, 6, 9]] = 2 * gamma[[0, 3, 6, 9]]
+    torch.testing.assert_close(gamma.grad, expected)

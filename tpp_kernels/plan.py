@@ -595,9 +595,11 @@ class PenaltyPlan:
             raise ValueError(f"{len(grads)} gradients for {len(self.tensors)} tensors")
         grads = list(grads)
         for i, (t, g) in enumerate(zip(self.tensors, grads)):
-            if g is None:
-                grads[i] = t.grad = torch.zeros_like(t)
-            elif g.shape != t.shape or g.stride() != t.stride() or g.dtype != t.dtype or g.device != t.device:
+            if g is None:  # (a tensor listed twice, e.g. a BN shared by two units, gets one new .grad)
+                if t.grad is None:
+                    t.grad = torch.zeros_like(t)
+                g = grads[i] = t.grad
+            if g.shape != t.shape or g.stride() != t.stride() or g.dtype != t.dtype or g.device != t.device:
                 raise ValueError(f"gradient {i} (shape {tuple(g.shape)}, strides {g.stride()}, {g.dtype}, {g.device}) "
                                  f"has another layout, dtype or device than its tensor (shape {tuple(t.shape)}, "
                                  f"strides {t.stride()}, {t.dtype}, {t.device}): gradients are added in the "
