@@ -327,10 +327,20 @@ def test_constructor_errors():
         TPPRegularizer(net, 0.5, backend="jax", schedule=TINY)
     with pytest.raises(TypeError, match="nn.Module"):
         TPPRegularizer(object(), 0.5)
-    with pytest.raises(ValueError, match=r"stabilize_iters \(12\).*'conv3'.*= 15"):
-        TPPRegularizer(net, 0.5, schedule=GrowingSchedule(stabilize_iters=12, zero_out_interval=5))
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         TPPRegularizer(net, 1.0, schedule=TINY)
+
+
+def test_zero_out_spacing_adapts_to_the_stabilize_phase():
+    """tpp-method §12: ⌊stabilize_iters / slots⌋, at most the configured interval; unchanged when it fits."""
+    net = make_net(0)
+    short = GrowingSchedule(delta=0.5, interval=1, stabilize_iters=12, zero_out_interval=5)
+    reg = TPPRegularizer(net, 0.5, schedule=short)  # last pruned layer: conv3, execution index 2 -> 3 slots
+    assert reg.schedule.zero_out_interval == 4 and reg.schedule.stabilize_iters == 12
+    slots = [reg.graph.layers[name].index for name in reg.pruned]
+    due = [min(t for t in range(40) if reg.schedule.zero_out_due(t, i)) for i in slots]
+    assert due == [2 + 4, 2 + 8, 2 + 12] and max(due) <= short.total_iters
+    assert TPPRegularizer(net, 0.5, schedule=TINY).schedule is TINY
 
 
 def test_backend_selection(monkeypatch):

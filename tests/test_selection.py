@@ -19,14 +19,28 @@ def resnet18():
     return torchvision.models.resnet18(weights=None)
 
 
-def test_float_ratio_prunes_every_independent_layer_but_the_classifier(resnet18):
+def test_float_ratio_prunes_every_unit_but_the_classifier(resnet18):
     pruned = select_filters(resnet18, 0.5)
-    expected = [f"layer{s}.{b}.conv1" for s in range(1, 5) for b in range(2)]
-    assert list(pruned) == expected  # conv1, conv2 of blocks, downsample and fc are coupled or the output
+    private = [f"layer{s}.{b}.conv1" for s in range(1, 5) for b in range(2)]
+    groups = [["conv1", "layer1.0.conv2", "layer1.1.conv2"]] + [
+        [f"layer{s}.0.conv2", f"layer{s}.0.downsample.0", f"layer{s}.1.conv2"] for s in range(2, 5)]
+    assert set(pruned) == set(private) | {m for g in groups for m in g}  # every Conv2d but fc (the output)
     for name, idx in pruned.items():
         n = resnet18.get_submodule(name).out_channels
         assert idx.dtype == torch.int64 and idx.numel() == n // 2
         assert torch.equal(idx, idx.sort().values)
+    for group in groups:  # one shared index set, chosen by the sum of the members' mean |w|
+        assert all(torch.equal(pruned[m], pruned[group[0]]) for m in group)
+        scores = sum(resnet18.get_submodule(m).weight.detach().double().abs().flatten(1).mean(1) for m in group)
+        assert torch.equal(pruned[group[0]], scores.argsort(stable=True)[: scores.numel() // 2].sort().values)
+
+
+def test_patterns_match_a_group_by_any_member(resnet18):
+    pruned = select_filters(resnet18, "layer2.0.downsample.0:0.25")
+    assert set(pruned) == {"layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2"}
+    assert {v.numel() for v in pruned.values()} == {32}
+    assert select_filters(resnet18, "layer2.*:0.25", skip="*downsample*").keys() == {
+        "layer2.0.conv1", "layer2.1.conv1"}  # a skipped member skips its group
 
 
 def test_resnet50_2_31x_setting(resnet50):
@@ -104,8 +118,9 @@ def test_errors(resnet18):
         select_filters(net, 0.5, skip=["bn1"])
     with pytest.raises(ValueError, match="'fc'.*model output"):
         select_filters(net, "fc:0.5")
-    with pytest.raises(ValueError, match=r"'layer1.0.conv2'.*cannot be pruned on its own.*add"):
-        select_filters(resnet18, "layer1.0.conv*:0.5")
+    with pytest.raises(ValueError, match=r"layer '1'.*cannot be pruned: depthwise conv"):
+        select_filters(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, groups=4, padding=1), nn.Conv2d(4, 2, 1)),
+                       "1:0.5")
     with pytest.raises(TypeError, match="nn.Module"):
         select_filters("resnet18", 0.5)
     assert list(select_filters(resnet18, "layer1.0.conv*:0.5", skip="*conv2")) == ["layer1.0.conv1"]

@@ -170,38 +170,94 @@ class TPPRegularizer:
 
     # ------------------------------------------------------------------- units
     def _bind(self, pruned: Mapping[str, Tensor]) -> None:
-        """Attach pruned index sets to the model's parameters (execution order) and check the zero-out timing."""
+        """Attach pruned index sets to the model's parameters, one ``_Unit`` per graph unit (zero-out order), and
+        space the zero-out over the stabilize phase (:meth:`GrowingSchedule.spaced_for`).
+
+        A layer or group binds every producer's weight (``"gram"``), biases and depthwise carriers (``"l2"``) and
+        affine BatchNorms (``"bn"``); BatchNorms and carriers that see the channels at an offset (after a
+        concatenation) get a nameless ``_Unit`` of their own with the shifted indices, zeroed with the unit. Heads
+        bind the packed in-projection (``"gram"``, 3 segments of ``d_h·E``), its bias (``"l2"``) and the
+        out-projection's input columns (``"zero"``)."""
         modules = dict(self.model.named_modules())
-        units = []
+        given = {}
         for name, idx in pruned.items():
             info = self.graph.layers.get(name)
-            if info is None:
-                raise ValueError(f"pruned layer {name!r} is not a Conv2d/Linear layer of this model")
-            module = modules[name]
-            reference.check_pruned_indices(idx, module.weight.shape[0], f"pruned indices of layer {name!r}")
+            unit = self.graph.unit_of(name)
+            if info is None and (unit is None or unit.kind != "heads"):
+                raise ValueError(f"pruned layer {name!r} is not a Conv2d/Linear layer or attention module of this "
+                                 "model")
+            n = info.out_channels if info is not None else unit.channels
+            reference.check_pruned_indices(idx, n, f"pruned indices of layer {name!r}")
             if idx.numel() == 0:
                 continue
-            if not info.independent:
-                raise ValueError(f"layer {name!r} cannot be pruned on its own: {info.coupling}")
-            carried = [modules[use.module] for use in info.uses if use.role in ("bn", "depthwise")]
-            depthwise = [m for m in carried if isinstance(m, nn.Conv2d)]
-            bns = [m for m in carried if not isinstance(m, nn.Conv2d) and m.weight is not None]
-            slots = [Slot(module.weight, "gram")]
-            slots += [Slot(p, "l2") for m in (module, *depthwise) for p in (m.weight, m.bias)
-                      if p is not None and p is not module.weight]
-            slots += [Slot(p, "bn") for bn in bns for p in (bn.weight, bn.bias) if p is not None]
-            idx = idx.to(torch.int64).sort().values.to(module.weight.device)
-            units.append(_Unit((name,), info.index, idx, tuple(slots)))
-        units.sort(key=lambda unit: unit.index)
-        self.pruned = {name: unit.pruned.cpu() for unit in units for name in unit.names}
+            if unit is None:
+                raise ValueError(f"layer {name!r} cannot be pruned on its own: "
+                                 f"{self.graph.refusals.get(name, info.coupling)}")
+            given[name] = idx.to("cpu", torch.int64).sort().values
+        units, self.pruned = [], {}
+        for unit in self.graph.units.values():
+            present = [m for m in unit.members if m in given]
+            if not present:
+                continue
+            idx = given[present[0]]
+            for member in unit.members:
+                if member not in given or not torch.equal(given[member], idx):
+                    raise ValueError(f"coupled group [{', '.join(unit.members)}]: every member must be pruned with "
+                                     f"the same index set ({member!r} differs from {present[0]!r})")
+            indices = unit.unit_indices(idx)
+            if indices is None:
+                raise ValueError(f"layer {present[0]!r}: its channels form {unit.segments} groups of {unit.size} "
+                                 "(grouped convs); prune the same channels in every group")
+            self.pruned.update({m: idx.clone() for m in unit.members})
+            units += self._bound(unit, indices, idx, modules)
         self._units = units
         if units:
-            needed = self.schedule.zero_out_interval * (units[-1].index + 1)
-            if self.schedule.stabilize_iters < needed:
-                raise ValueError(
-                    f"schedule.stabilize_iters ({self.schedule.stabilize_iters}) is shorter than the layer-wise "
-                    f"zero-out needs: zero_out_interval × (execution index of the last pruned layer "
-                    f"{units[-1].names[0]!r} + 1) = {needed}. Lengthen stabilize_iters or shorten zero_out_interval.")
+            self.schedule = self.schedule.spaced_for(units[-1].index + 1)
+
+    def _bound(self, unit, indices: Tensor, channels: Tensor, modules: dict[str, nn.Module]) -> list[_Unit]:
+        """The ``_Unit``s of one graph unit: its own (``unit.members`` as names), then one per offset carrier."""
+        if unit.kind == "heads":
+            m = modules[unit.name]
+            head = m.in_proj_weight.shape[0] // 3 // m.num_heads
+            slots = [Slot(m.in_proj_weight, "gram", 3, head * m.in_proj_weight.shape[1])]
+            if m.in_proj_bias is not None:
+                slots.append(Slot(m.in_proj_bias, "l2", 3, head))
+            slots.append(Slot(m.out_proj.weight, "zero", m.out_proj.weight.shape[0], head))
+            device = m.in_proj_weight.device
+            return [_Unit(unit.members, unit.index, indices.to(device), tuple(slots))]
+
+        def slot(param: Tensor, role: str) -> Slot:
+            if unit.segments == 1:
+                return Slot(param, role)
+            return Slot(param, role, unit.segments, param.numel() // param.shape[0])
+
+        layers = [modules[m] for m in unit.members]
+        uses = list(dict.fromkeys(u for m in unit.members for u in self.graph.layers[m].uses
+                                  if u.role in ("bn", "depthwise")))
+        own = [u for u in uses if u.offset == 0 and (unit.segments == 1 or self._width(modules[u.module])
+                                                      == unit.channels)]
+        carried = [modules[u.module] for u in own]
+        depthwise = [m for m in carried if isinstance(m, nn.Conv2d)]
+        bns = [m for m in carried if not isinstance(m, nn.Conv2d) and m.weight is not None]
+        slots = [slot(m.weight, "gram") for m in layers]
+        slots += [slot(p, "l2") for m in layers if m.bias is not None for p in (m.bias,)]
+        slots += [slot(p, "l2") for m in depthwise for p in (m.weight, m.bias) if p is not None]
+        slots += [slot(p, "bn") for bn in bns for p in (bn.weight, bn.bias) if p is not None]
+        device = layers[0].weight.device
+        bound = [_Unit(unit.members, unit.index, indices.to(device), tuple(slots))]
+        for use in uses:
+            if use in own:
+                continue
+            m = modules[use.module]
+            role = "l2" if isinstance(m, nn.Conv2d) else "bn"
+            params = tuple(Slot(p, role) for p in (m.weight, m.bias) if p is not None)
+            if params:
+                bound.append(_Unit((), unit.index, (channels + use.offset).to(device), params))
+        return bound
+
+    @staticmethod
+    def _width(module: nn.Module) -> int:
+        return module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
 
     def _indices(self) -> list[Tensor]:
         """Pruned index tensors, following the parameters if the model was moved to another device."""

@@ -1,12 +1,15 @@
-"""Which filters to prune (tpp-method.md §5): per-layer ratios from a spec, then the smallest-L1 filters.
+"""Which filters to prune (tpp-method.md §5, §12): per-unit ratios from a spec, then the smallest-score units.
 
-Ratio specs (``pruning_ratio``):
+Units are those of :mod:`tpp.graph` — private layers, coupled groups, attention heads. Ratio specs
+(``pruning_ratio``):
 
-* a float ``r`` — every independently prunable Conv2d/Linear except the classifier gets ``r``;
+* a float ``r`` — every unit gets ``r`` (the classifier is never a unit);
 * a string ``"pattern:r,pattern:r"`` or a dict ``{pattern_or_name: r}`` — shell wildcards (``fnmatch``) on
-  qualified module names; when several patterns match a layer, the **last** one wins.
+  qualified module names; a pattern matches a group when it matches **any member's** name (heads: the attention
+  module's name), and when several patterns match a unit, the **last** one wins.
 
-``skip`` patterns force ratio 0. Scores are ``mean |w|`` per filter (float64); the pruned filters are the
+``skip`` patterns force ratio 0 (a group is skipped when any member matches). Scores are ``mean |w|`` per filter
+(float64; summed over a group's producers, see :func:`unit_scores`); the pruned units are the
 ``n = min(⌈r·N⌉, ⌊0.995·N⌋)`` smallest, ties broken by the lower index. ``⌈r·N⌉`` and ``⌊0.995·N⌋`` are computed
 exactly on the decimal ratio (the reference code's float product gives ``⌈0.3·10⌉ = 4``; here it is 3).
 """
@@ -20,13 +23,14 @@ from typing import Iterable, Mapping, Union
 import torch
 from torch import Tensor, nn
 
-from .graph import ModelGraph, analyze_model
+from .graph import ModelGraph, Unit, analyze_model
 
 RatioSpec = Union[float, str, Mapping[str, float]]
 
 MAX_PRUNED_FRACTION = Fraction(995, 1000)
 
-__all__ = ["RatioSpec", "parse_ratio_spec", "layer_ratios", "filter_scores", "num_pruned", "select_filters"]
+__all__ = ["RatioSpec", "parse_ratio_spec", "unit_ratios", "layer_ratios", "filter_scores", "unit_scores",
+           "num_pruned", "select_filters", "pruned_by_ratio"]
 
 
 def _check_ratio(ratio, where: str) -> float:
@@ -73,36 +77,48 @@ def _skip_patterns(skip: Union[str, Iterable[str]]) -> list[str]:
     return patterns
 
 
-def layer_ratios(graph: ModelGraph, pruning_ratio: RatioSpec, skip: Union[str, Iterable[str]] = ()) -> dict[str, float]:
-    """Resolve a ratio spec to ``{layer: ratio > 0}`` over the graph's Conv2d/Linear layers (execution order).
+def unit_ratios(graph: ModelGraph, pruning_ratio: RatioSpec, skip: Union[str, Iterable[str]] = ()
+                ) -> dict[str, float]:
+    """Resolve a ratio spec to ``{unit name: ratio > 0}`` over the graph's prunable units (zero-out order).
 
-    Raises ``ValueError`` for a ratio outside [0, 1), a pattern or skip pattern matching no Conv2d/Linear layer,
-    and a nonzero ratio landing on a layer that is not independently prunable (naming the coupling)."""
-    names = list(graph.layers)
+    A float applies to every unit (the classifier is never one). A pattern matches a unit when it matches the
+    name of any of its members (a group's Conv2d/Linear layers; for heads, the attention module); a unit takes the
+    ratio of the **last** pattern matching it. A unit with any member matching a ``skip`` pattern gets ratio 0.
+    Raises ``ValueError`` for a ratio outside [0, 1), a pattern or skip pattern matching no layer, and a nonzero
+    ratio landing on a layer in no unit (naming the reason)."""
+    names = list(graph.layers) + [u.name for u in graph.units.values() if u.kind == "heads"]
     skips = _skip_patterns(skip)
     for pattern in skips:
         if not any(fnmatchcase(n, pattern) for n in names):
             raise ValueError(f"skip pattern {pattern!r} matches no Conv2d/Linear layer; layers are: {_preview(names)}")
+    skipped = {n for n in names if any(fnmatchcase(n, s) for s in skips)}
+    members = {m for unit in graph.units.values() for m in unit.members}
 
     if isinstance(pruning_ratio, (int, float)) and not isinstance(pruning_ratio, bool):
         ratio = _check_ratio(pruning_ratio, "every prunable layer")
-        chosen = {n: ratio for n in graph.independent()}
+        chosen = {name: ratio for name in graph.units}
     else:
-        chosen, origin = {}, {}
+        chosen = {}
         for pattern, ratio in parse_ratio_spec(pruning_ratio):
             matched = [n for n in names if fnmatchcase(n, pattern)]
             if not matched:
                 raise ValueError(f"pruning ratio pattern {pattern!r} matches no Conv2d/Linear layer; "
                                  f"layers are: {_preview(names)}")
             for n in matched:
-                chosen[n], origin[n] = ratio, pattern
-        for n, ratio in chosen.items():
-            info = graph.layers[n]
-            if ratio > 0 and not info.independent and not any(fnmatchcase(n, s) for s in skips):
-                raise ValueError(f"pattern {origin[n]!r} sets ratio {ratio} on layer {n!r}, which cannot be pruned "
-                                 f"on its own: {info.coupling}. Exclude it with a narrower pattern or `skip`.")
-    return {n: r for n, r in chosen.items()
-            if r > 0 and not any(fnmatchcase(n, s) for s in skips)}
+                if n not in members and ratio > 0 and n not in skipped:
+                    reason = graph.refusals.get(n) or graph.layers[n].coupling
+                    raise ValueError(f"pattern {pattern!r} sets ratio {ratio} on layer {n!r}, which cannot be "
+                                     f"pruned: {reason}. Exclude it with a narrower pattern or `skip`.")
+            for name, unit in graph.units.items():
+                if any(fnmatchcase(m, pattern) for m in unit.members):
+                    chosen[name] = ratio
+    return {n: r for n, r in chosen.items() if r > 0 and not skipped.intersection(graph.units[n].members)}
+
+
+def layer_ratios(graph: ModelGraph, pruning_ratio: RatioSpec, skip: Union[str, Iterable[str]] = ()
+                 ) -> dict[str, float]:
+    """:func:`unit_ratios` listed per member: ``{layer or attention module: ratio > 0}``."""
+    return {m: r for name, r in unit_ratios(graph, pruning_ratio, skip).items() for m in graph.units[name].members}
 
 
 def _preview(names: list[str], limit: int = 12) -> str:
@@ -121,20 +137,45 @@ def num_pruned(ratio: float, n: int) -> int:
     return min(math.ceil(Fraction(repr(float(ratio))) * n), math.floor(MAX_PRUNED_FRACTION * n))
 
 
+@torch.no_grad()
+def unit_scores(model: nn.Module, unit: Unit) -> Tensor:
+    """Scores of a unit's ``size`` units (tpp-method.md §5, §12), float64 on the CPU.
+
+    A layer's filter: ``mean |w|``; a group's channel: the sum over its producers of each one's ``mean |w|``; with
+    grouped convs a unit's rows are one per group and their mean is taken; a head: ``mean |w|`` over its q, k and
+    v rows of the packed in-projection."""
+    modules = dict(model.named_modules())
+    if unit.kind == "heads":
+        w = modules[unit.name].in_proj_weight.detach().to("cpu", torch.float64)
+        return w.reshape(3, unit.channels, -1).abs().mean(dim=(0, 2))
+    total = torch.zeros(unit.size, dtype=torch.float64)
+    for member in unit.members:
+        total += filter_scores(modules[member].weight).reshape(unit.segments, unit.size).mean(dim=0)
+    return total
+
+
 def select_filters(model: nn.Module, pruning_ratio: RatioSpec, skip: Union[str, Iterable[str]] = (),
                    *, graph: ModelGraph | None = None, bn_map: Mapping[str, str | None] | None = None
                    ) -> dict[str, Tensor]:
-    """``{qualified layer name: sorted int64 indices of the filters to prune}`` for every layer with ratio > 0.
+    """``{qualified layer name: sorted int64 indices of the filters to prune}`` for every unit with ratio > 0.
 
-    ``graph`` reuses an existing analysis; ``bn_map`` is passed to :func:`tpp.graph.analyze_model` for models
-    torch.fx cannot trace."""
+    Every member of a group is listed with the same channel indices; heads under the attention module's name
+    with head indices. ``graph`` reuses an existing analysis; ``bn_map`` is passed to
+    :func:`tpp.graph.analyze_model` for models torch.fx cannot trace."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     graph = graph if graph is not None else analyze_model(model, bn_map=bn_map)
-    modules = dict(model.named_modules())
+    return pruned_by_ratio(model, graph, unit_ratios(graph, pruning_ratio, skip))
+
+
+def pruned_by_ratio(model: nn.Module, graph: ModelGraph, ratios: Mapping[str, float]) -> dict[str, Tensor]:
+    """The smallest-score units of each unit in ``ratios`` (``{unit name: ratio}``), as ``select_filters`` lists
+    them."""
     pruned = {}
-    for name, ratio in layer_ratios(graph, pruning_ratio, skip).items():
-        scores = filter_scores(modules[name].weight)
+    for name, ratio in ratios.items():
+        unit = graph.units[name]
+        scores = unit_scores(model, unit)
         order = torch.sort(scores, stable=True).indices
-        pruned[name] = order[: num_pruned(ratio, scores.numel())].sort().values
+        idx = unit.channel_indices(order[: num_pruned(ratio, unit.size)])
+        pruned.update({m: idx.clone() for m in unit.members})
     return pruned

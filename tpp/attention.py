@@ -1,0 +1,88 @@
+"""``PrunedMultiheadAttention``: an ``nn.MultiheadAttention`` whose heads were removed (tpp-method.md §12).
+
+``nn.MultiheadAttention`` ties its inner width (``num_heads · head_dim``) to ``embed_dim``, the width of its input
+and output; removing heads keeps ``embed_dim`` and ``head_dim`` (so the ``1/√head_dim`` scale) and shrinks the
+inner width. This subclass holds exactly that: ``in_proj_weight [3·H'·d_h, E]``, ``in_proj_bias [3·H'·d_h]``,
+``out_proj: Linear(H'·d_h → E)``, with the parameter names of ``nn.MultiheadAttention`` (so state_dicts line up) and
+the same call signature and results (``(output, weights or None)``). Only self-attention-shaped modules are built
+(packed q/k/v projection, no ``bias_k``/``bias_v``, no ``add_zero_attn``): the ones :mod:`tpp.graph` accepts.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["PrunedMultiheadAttention"]
+
+
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    """Multi-head attention with ``num_heads`` heads of ``head_dim`` on an ``embed_dim``-wide stream.
+
+    Built by :func:`tpp.prune_model` from an ``nn.MultiheadAttention`` (or another of these) keeping some heads;
+    ``embed_dim``, ``head_dim``, ``dropout`` and ``batch_first`` are those of the original.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False, device=None, dtype=None) -> None:
+        nn.Module.__init__(self)
+        inner = num_heads * head_dim
+        kw = {"device": device, "dtype": dtype}
+        self.embed_dim = self.kdim = self.vdim = embed_dim
+        self._qkv_same_embed_dim = True
+        self.num_heads, self.head_dim, self.dropout, self.batch_first = num_heads, head_dim, dropout, batch_first
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, **kw))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * inner, **kw)) if bias else None
+        self.register_parameter("q_proj_weight", None)
+        self.register_parameter("k_proj_weight", None)
+        self.register_parameter("v_proj_weight", None)
+        self.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(inner, embed_dim, bias=bias, **kw)
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """As ``nn.MultiheadAttention.forward``: ``(output, averaged or per-head weights, or None)``."""
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(0 if self.batch_first else 1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        (length, batch, _), source = query.shape, key.shape[0]
+        heads, d = self.num_heads, self.head_dim
+        weights = self.in_proj_weight.chunk(3)
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+        q, k, v = (F.linear(t, w, b).reshape(t.shape[0], batch * heads, d).transpose(0, 1)
+                   for t, w, b in zip((query, key, value), weights, biases))
+        scores = torch.bmm(q * math.sqrt(1.0 / d), k.transpose(1, 2))  # [batch·heads, length, source]
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
+        if attn_mask is not None:
+            mask = attn_mask.reshape(-1, length, source)
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        if key_padding_mask is not None:
+            pad = key_padding_mask.reshape(batch, 1, 1, source).expand(batch, heads, 1, source)
+            pad = pad.reshape(batch * heads, 1, source)
+            scores = scores.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else scores + pad
+        attn = F.softmax(scores, dim=-1)
+        if self.training and self.dropout > 0:
+            attn = F.dropout(attn, p=self.dropout)
+        out = torch.bmm(attn, v).transpose(0, 1).reshape(length, batch, heads * d)
+        out = self.out_proj(out)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+        if not need_weights:
+            return out, None
+        attn = attn.view(batch, heads, length, source)
+        attn = attn.mean(dim=1) if average_attn_weights else attn
+        return out, (attn.squeeze(0) if unbatched else attn)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
