@@ -30,8 +30,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .files import atomic_save
 from .attention import PrunedMultiheadAttention
+from .files import atomic_save
 from .graph import ModelGraph, Unit, analyze_model
 
 __all__ = ["prune_model", "save_pruned", "load_pruned", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
