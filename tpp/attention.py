@@ -42,6 +42,30 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
 
+    @classmethod
+    @torch.no_grad()
+    def keeping(cls, module: nn.MultiheadAttention, heads: Tensor) -> "PrunedMultiheadAttention":
+        """A copy of ``module`` (an ``nn.MultiheadAttention`` with a packed in-projection, or one of these) with only
+        the heads ``heads`` (sorted int64 indices): parameters copied, ``requires_grad`` and train/eval kept."""
+        inner = module.in_proj_weight.shape[0] // 3
+        head_dim = inner // module.num_heads
+        weight = module.in_proj_weight
+        rows = (heads.to(weight.device)[:, None] * head_dim + torch.arange(head_dim, device=weight.device)).flatten()
+        packed = torch.cat([rows + s * inner for s in range(3)])
+        new = cls(module.embed_dim, heads.numel(), head_dim, module.dropout, bias=module.in_proj_bias is not None,
+                  batch_first=module.batch_first, device=weight.device, dtype=weight.dtype)
+        pairs = [(new.in_proj_weight, weight.index_select(0, packed)),
+                 (new.out_proj.weight, module.out_proj.weight.index_select(1, rows))]
+        if module.in_proj_bias is not None:
+            pairs += [(new.in_proj_bias, module.in_proj_bias.index_select(0, packed)),
+                      (new.out_proj.bias, module.out_proj.bias)]
+        old = {id(p): p.requires_grad for p in module.parameters()}
+        for (param, value), source in zip(pairs, (weight, module.out_proj.weight, module.in_proj_bias,
+                                                  module.out_proj.bias)):
+            param.copy_(value)
+            param.requires_grad_(old[id(source)])
+        return new.train(module.training)
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -73,7 +97,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         if self.training and self.dropout > 0:
             attn = F.dropout(attn, p=self.dropout)
         out = torch.bmm(attn, v).transpose(0, 1).reshape(length, batch, heads * d)
-        out = self.out_proj(out)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)  # as nn.MultiheadAttention: not a module call
         if self.batch_first:
             out = out.transpose(0, 1)
         if unbatched:

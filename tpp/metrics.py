@@ -1,8 +1,11 @@
 """Measurements of a model: FLOPs, parameters, input–output Jacobian spectrum (trainability) and latency.
 
-* ``count_flops``: 2 × multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` call in one forward pass
-  (biases, BN, activations, pooling and additions are not counted). A conv producing ``out`` (all elements, batch
-  included) costs ``out.numel() · (C_in / groups) · kh · kw`` MACs; a Linear ``out.numel() · in_features``.
+* ``count_flops``: 2 × multiply-accumulates of every ``nn.Conv2d``, ``nn.Linear`` and ``nn.MultiheadAttention``
+  call in one forward pass (biases, BN, activations, softmax, pooling and additions are not counted). A conv
+  producing ``out`` (all elements, batch included) costs ``out.numel() · (C_in / groups) · kh · kw`` MACs; a Linear
+  ``out.numel() · in_features``; an attention call with ``L`` queries, ``S`` keys and inner width ``I`` (heads ×
+  head dim) ``B·I·(L·E_q + S·E_k + S·E_v)`` for the projections, ``2·B·L·S·I`` for ``QKᵀ`` and ``AV``, and
+  ``B·L·I·E_out`` for the out-projection — what ``torch.utils.flop_counter.FlopCounterMode`` counts.
 * ``jacobian_singular_values``: per sample, ``J(x) = ∂f(x)/∂x ∈ R^{classes × inputs}`` and its singular values
   (tpp-method.md §7), measured in eval mode so that samples do not interact through BN batch statistics.
 
@@ -42,7 +45,7 @@ def _as_args(example_input: Inputs) -> tuple:
 
 
 def count_flops(model: nn.Module, example_input: Inputs) -> int:
-    """FLOPs (2 × MACs of Conv2d and Linear) of ``model(example_input)`` for the whole batch given.
+    """FLOPs (2 × MACs of Conv2d, Linear and MultiheadAttention) of ``model(example_input)`` for the whole batch.
 
     Pass a batch of one for per-image FLOPs; a tuple is unpacked as positional arguments.
     """
@@ -56,10 +59,16 @@ def count_flops(model: nn.Module, example_input: Inputs) -> int:
         nonlocal macs
         macs += out.numel() * m.in_features
 
+    def attention_hook(m: nn.MultiheadAttention, args: tuple, kwargs: dict, _out) -> None:
+        nonlocal macs
+        macs += _attention_macs(m, *_qkv(args, kwargs))
+
     handles = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.MultiheadAttention):
+            handles.append(m.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
     try:
@@ -69,6 +78,27 @@ def count_flops(model: nn.Module, example_input: Inputs) -> int:
         for h in handles:
             h.remove()
     return 2 * macs
+
+
+def _qkv(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    names = ("query", "key", "value")
+    return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+
+
+def _attention_macs(m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> int:
+    """MACs of one ``nn.MultiheadAttention`` call: q/k/v projections, ``QKᵀ``, ``AV`` and the out-projection.
+
+    The inner width is that of the projections (``num_heads · head_dim``: smaller than ``embed_dim`` once heads
+    are removed, see :class:`tpp.attention.PrunedMultiheadAttention`)."""
+    batch_dim = 0 if m.batch_first else 1
+    if query.dim() == 2:  # unbatched
+        query, key, value = (t.unsqueeze(batch_dim) for t in (query, key, value))
+    batch = query.shape[batch_dim]
+    length, source = query.shape[1 - batch_dim], key.shape[1 - batch_dim]
+    inner = (m.in_proj_weight.shape[0] // 3) if m.in_proj_weight is not None else m.embed_dim
+    projections = batch * inner * (length * query.shape[-1] + source * key.shape[-1] + source * value.shape[-1])
+    attention = 2 * batch * length * source * inner
+    return projections + attention + batch * length * inner * m.out_proj.out_features
 
 
 def count_params(model: nn.Module) -> int:

@@ -76,7 +76,7 @@ def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
     with torch.no_grad():  # build every replacement first: nothing below can fail half-way
         updates = [(modules[name], _shrunk(modules[name], keep.get("out"), keep.get("in")))
                    for name, keep in plan.items()]
-        replaced = [(name, _without_heads(modules[name], kept)) for name, kept in heads.items()]
+        replaced = [(name, PrunedMultiheadAttention.keeping(modules[name], kept)) for name, kept in heads.items()]
     for module, new in updates:
         _assign(module, new)
     for name, new in replaced:
@@ -279,30 +279,6 @@ def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None) -> dict[s
         inp = inp[inp < per_group]
         weight = select(weight, 1, inp)
     return {**new, "weight": weight, "out_channels": weight.shape[0], "in_channels": weight.shape[1] * module.groups}
-
-
-def _without_heads(module: nn.MultiheadAttention, kept: Tensor) -> PrunedMultiheadAttention:
-    """A :class:`PrunedMultiheadAttention` keeping heads ``kept`` of ``module`` (parameters copied, same flags)."""
-    inner = module.in_proj_weight.shape[0] // 3
-    head_dim = inner // module.num_heads
-    rows = (kept[:, None] * head_dim + torch.arange(head_dim)).flatten()
-    packed = torch.cat([rows + s * inner for s in range(3)]).to(module.in_proj_weight.device)
-    weight = module.in_proj_weight
-    new = PrunedMultiheadAttention(module.embed_dim, kept.numel(), head_dim, module.dropout,
-                                   bias=module.in_proj_bias is not None, batch_first=module.batch_first,
-                                   device=weight.device, dtype=weight.dtype)
-    new.in_proj_weight.copy_(weight.index_select(0, packed))
-    if module.in_proj_bias is not None:
-        new.in_proj_bias.copy_(module.in_proj_bias.index_select(0, packed))
-    new.out_proj.weight.copy_(module.out_proj.weight.index_select(1, rows.to(weight.device)))
-    if module.out_proj.bias is not None:
-        new.out_proj.bias.copy_(module.out_proj.bias)
-    for param, old in ((new.in_proj_weight, weight), (new.in_proj_bias, module.in_proj_bias),
-                       (new.out_proj.weight, module.out_proj.weight), (new.out_proj.bias, module.out_proj.bias)):
-        if param is not None:
-            param.requires_grad_(old.requires_grad)
-    new.train(module.training)
-    return new
 
 
 def _assign(module: nn.Module, new: dict[str, object]) -> None:
