@@ -571,3 +571,17 @@ def test_save_load_round_trip_with_groups_and_heads(tmp_path, seed):
         loaded = load_pruned(build().eval(), tmp_path / "m.pt")
         x = torch.randn(shape)
         assert torch.equal(loaded(x), small(x))
+
+
+UNIT_SPEEDUPS = {  # issue 12: FLOPs reduction by count_flops at a uniform ratio 0.5, 224×224
+    "resnet50": 3.3, "mobilenet_v2": 3.0, "mobilenet_v3_small": 2.8, "efficientnet_b0": 2.8, "regnet_x_400mf": 2.8,
+    "densenet121": 2.8, "vit_b_16": 1.9,
+}
+
+
+@pytest.mark.parametrize("name", list(UNIT_SPEEDUPS))
+def test_flops_reduction_at_half(name):
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    x = torch.zeros(1, 3, 224, 224)
+    small = prune_model(model, select_filters(model, 0.5))
+    assert count_flops(model, x) / count_flops(small, x) >= UNIT_SPEEDUPS[name]
