@@ -130,3 +130,39 @@ def test_parse_ratio_spec():
     assert parse_ratio_spec("*layer[1-3]*conv[1-2]:0.3,*layer4*conv[1-2]:0.14") == [
         ("*layer[1-3]*conv[1-2]", 0.3), ("*layer4*conv[1-2]", 0.14)]
     assert parse_ratio_spec({"a": 0, "b": 0.5}) == [("a", 0.0), ("b", 0.5)]
+
+
+@pytest.mark.parametrize("mode", ["uniform", "global"])
+def test_target_speedup_is_reached_within_2_percent(resnet18, mode):
+    from tpp import TPPRegularizer, count_flops, prune_model
+
+    x = torch.zeros(1, 3, 64, 64)
+    reg = TPPRegularizer(resnet18, target_speedup=2.0, example_input=x, speedup_mode=mode)
+    search = reg.speedup_search
+    speedup = count_flops(resnet18, x) / count_flops(prune_model(resnet18, reg.pruned), x)
+    assert abs(speedup / 2.0 - 1) <= 0.02 and speedup == pytest.approx(search.speedup)
+    assert set(reg.pruned) == {m for name in search.ratios for m in reg.graph.units[name].members}
+    assert f"target speedup 2x ({mode}" in search.describe() and "layer1.0.conv1: " in search.describe()
+    if mode == "uniform":
+        assert torch.equal(reg.pruned["layer1.0.conv1"], select_filters(resnet18, search.level)["layer1.0.conv1"])
+    else:
+        assert len({round(r, 3) for r in search.ratios.values()}) > 1  # the ranking is global: ratios differ
+
+
+def test_target_speedup_errors(resnet18):
+    from tpp import TPPRegularizer
+    from tpp.selection import search_speedup
+
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="out of reach.*gives"):
+        search_speedup(resnet18, 1000.0, x)
+    with pytest.raises(ValueError, match="> 1"):
+        search_speedup(resnet18, 0.5, x)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        search_speedup(resnet18, 2.0, x, mode="best")
+    with pytest.raises(ValueError, match="exactly one of"):
+        TPPRegularizer(resnet18, 0.5, target_speedup=2.0, example_input=x)
+    with pytest.raises(ValueError, match="exactly one of"):
+        TPPRegularizer(resnet18)
+    with pytest.raises(ValueError, match="needs example_input"):
+        TPPRegularizer(resnet18, target_speedup=2.0)

@@ -14,6 +14,7 @@ The defaults are what the paper's code runs; the paper's eq. 6, ``L_cls + λ/2 (
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
@@ -25,11 +26,13 @@ from . import reference
 from .backends import resolve_backend
 from .graph import analyze_model
 from .schedule import GrowingSchedule
-from .selection import RatioSpec, select_filters
+from .selection import RatioSpec, SpeedupSearch, search_speedup, select_filters
 
 __all__ = ["TPPRegularizer", "Slot"]
 
 STATE_VERSION = 1
+
+_log = logging.getLogger(__name__)
 
 
 ROLES = ("gram", "l2", "bn", "zero")
@@ -134,14 +137,23 @@ class TPPRegularizer:
         schedule: a :class:`GrowingSchedule` (default: the reference CIFAR run).
         backend: ``"auto" | "torch" | "triton" | "cuda"``; ``$TPP_BACKEND`` overrides it.
         bn_map: ``{layer: bn or None}`` for models torch.fx cannot trace (see :func:`tpp.graph.analyze_model`).
+        target_speedup: instead of ``pruning_ratio``, a FLOPs speedup (> 1) to reach within 2% by
+            :func:`tpp.count_flops` on ``example_input``; the ratios are found by :func:`tpp.selection.
+            search_speedup` (``speedup_mode`` ``"uniform"`` or ``"global"``), logged at INFO and kept in
+            ``self.speedup_search`` (``.ratios``, ``.speedup``, ``.describe()``).
     """
 
-    def __init__(self, model: nn.Module, pruning_ratio: RatioSpec, skip: str | Iterable[str] = (),
+    def __init__(self, model: nn.Module, pruning_ratio: RatioSpec | None = None, skip: str | Iterable[str] = (),
                  variant: str = "decorrelate", gram_weight: float = 1000.0, reduction: str = "mean",
                  bn: bool = True, weight_l2: bool = True, schedule: GrowingSchedule | None = None,
-                 backend: str = "auto", *, bn_map: Mapping[str, str | None] | None = None):
+                 backend: str = "auto", *, bn_map: Mapping[str, str | None] | None = None,
+                 target_speedup: float | None = None, example_input=None, speedup_mode: str = "uniform"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if (pruning_ratio is None) == (target_speedup is None):
+            raise ValueError("give exactly one of pruning_ratio and target_speedup")
+        if target_speedup is not None and example_input is None:
+            raise ValueError("target_speedup needs example_input (FLOPs are counted on it, e.g. one image)")
         if variant not in reference.VARIANTS:
             raise ValueError(f"variant must be one of {reference.VARIANTS}, got {variant!r}")
         if reduction not in reference.REDUCTIONS:
@@ -166,7 +178,15 @@ class TPPRegularizer:
         self.backend = resolve_backend(backend, params[0].device)
         self.iteration = 0
         self._strength_override: float | None = None
-        self._bind(select_filters(self.model, pruning_ratio, skip, graph=self.graph))
+        self.speedup_search: SpeedupSearch | None = None
+        if target_speedup is not None:
+            self.speedup_search = search_speedup(self.model, target_speedup, example_input, mode=speedup_mode,
+                                                 skip=skip, graph=self.graph)
+            _log.info("%s", self.speedup_search.describe())
+            pruned = self.speedup_search.pruned
+        else:
+            pruned = select_filters(self.model, pruning_ratio, skip, graph=self.graph)
+        self._bind(pruned)
 
     # ------------------------------------------------------------------- units
     def _bind(self, pruned: Mapping[str, Tensor]) -> None:

@@ -12,11 +12,15 @@ Units are those of :mod:`tpp.graph` — private layers, coupled groups, attentio
 (float64; summed over a group's producers, see :func:`unit_scores`); the pruned units are the
 ``n = min(⌈r·N⌉, ⌊0.995·N⌋)`` smallest, ties broken by the lower index. ``⌈r·N⌉`` and ``⌊0.995·N⌋`` are computed
 exactly on the decimal ratio (the reference code's float product gives ``⌈0.3·10⌉ = 4``; here it is 3).
+
+:func:`search_speedup` finds the ratios for a target FLOPs speedup instead: one uniform ratio, or a ``global``
+ranking of normalized scores, by bisection on :func:`tpp.count_flops` of the pruned model.
 """
 from __future__ import annotations
 
 import math
 from fnmatch import fnmatchcase
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable, Mapping, Union
 
@@ -30,7 +34,7 @@ RatioSpec = Union[float, str, Mapping[str, float]]
 MAX_PRUNED_FRACTION = Fraction(995, 1000)
 
 __all__ = ["RatioSpec", "parse_ratio_spec", "unit_ratios", "layer_ratios", "filter_scores", "unit_scores",
-           "num_pruned", "select_filters", "pruned_by_ratio"]
+           "num_pruned", "select_filters", "pruned_by_ratio", "SPEEDUP_MODES", "SpeedupSearch", "search_speedup"]
 
 
 def _check_ratio(ratio, where: str) -> float:
@@ -179,3 +183,100 @@ def pruned_by_ratio(model: nn.Module, graph: ModelGraph, ratios: Mapping[str, fl
         idx = unit.channel_indices(order[: num_pruned(ratio, unit.size)])
         pruned.update({m: idx.clone() for m in unit.members})
     return pruned
+
+
+SPEEDUP_MODES = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class SpeedupSearch:
+    """The outcome of :func:`search_speedup`: ``level`` (the uniform ratio, or the global fraction of all units),
+    ``ratios`` ``{unit name: fraction pruned}``, the ``pruned`` dict (as :func:`select_filters` returns it) and the
+    FLOPs ``speedup`` it reaches on the example input."""
+
+    target: float
+    mode: str
+    level: float
+    ratios: dict[str, float]
+    pruned: dict[str, Tensor]
+    speedup: float
+    steps: int
+
+    def describe(self) -> str:
+        """One line per unit with its ratio, then the speedup reached."""
+        lines = [f"target speedup {self.target:g}x ({self.mode} {self.level:.4g}): {self.speedup:.3f}x by "
+                 f"count_flops after {self.steps} steps"]
+        lines += [f"  {name}: {ratio:.4g}" for name, ratio in self.ratios.items()]
+        return "\n".join(lines)
+
+
+def search_speedup(model: nn.Module, target: float, example_input, *, mode: str = "uniform",
+                   skip: Union[str, Iterable[str]] = (), graph: ModelGraph | None = None,
+                   tolerance: float = 0.02, max_steps: int = 40) -> SpeedupSearch:
+    """Ratios whose pruning reaches ``count_flops(model) / count_flops(pruned) = target`` within ``tolerance``.
+
+    ``mode="uniform"``: one ratio for every unit (every unit but the skipped ones), found by bisection.
+    ``mode="global"``: every unit's scores (:func:`unit_scores`) divided by that unit's mean score, ranked
+    together; the lowest fraction ``q`` of all units is pruned (each unit capped at ``⌊0.995·N⌋``), ``q`` found by
+    bisection. FLOPs are counted on ``example_input`` (a batch of one is enough). ``model`` is not modified.
+    Raises ``ValueError`` for a target ≤ 1, an unknown mode, or a target beyond what pruning every unit at the
+    cap reaches (naming that speedup), or when the discrete counts cannot land within ``tolerance``.
+    """
+    from .metrics import count_flops
+    from .surgery import prune_model
+
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 1:
+        raise ValueError(f"target_speedup must be a finite number > 1, got {target!r}")
+    if mode not in SPEEDUP_MODES:
+        raise ValueError(f"speedup mode must be one of {SPEEDUP_MODES}, got {mode!r}")
+    graph = graph if graph is not None else analyze_model(model)
+    units = list(unit_ratios(graph, 0.5, skip))
+    if not units:
+        raise ValueError(f"{type(model).__name__} has no prunable unit: nothing can reach a speedup")
+    base = count_flops(model, example_input)
+    scores = {name: unit_scores(model, graph.units[name]) for name in units}
+
+    def at(q: float) -> tuple[float, dict[str, float], dict[str, Tensor], float]:
+        counts = _uniform_counts(graph, units, q) if mode == "uniform" else _global_counts(graph, scores, q)
+        pruned, ratios = {}, {}
+        for name, k in counts.items():
+            unit = graph.units[name]
+            if k:
+                idx = unit.channel_indices(torch.sort(scores[name], stable=True).indices[:k])
+                pruned.update({m: idx.clone() for m in unit.members})
+                ratios[name] = k / unit.size
+        flops = count_flops(prune_model(model, pruned, graph=graph), example_input) if pruned else base
+        return q, ratios, pruned, base / flops
+
+    low, high = 0.0, float(MAX_PRUNED_FRACTION)
+    best = at(high)
+    if best[3] < target * (1 - tolerance):
+        raise ValueError(f"target speedup {target:g}x is out of reach: pruning every unit of "
+                         f"{type(model).__name__} at the cap ({float(MAX_PRUNED_FRACTION)}) gives {best[3]:.3f}x")
+    steps = 1
+    while abs(best[3] / target - 1) > tolerance and steps < max_steps:
+        mid = (low + high) / 2
+        found = at(mid)
+        steps += 1
+        if abs(found[3] / target - 1) < abs(best[3] / target - 1):
+            best = found
+        low, high = (mid, high) if found[3] < target else (low, mid)
+    if abs(best[3] / target - 1) > tolerance:
+        raise ValueError(f"no {mode} ratio reaches {target:g}x within {tolerance:.0%}: the closest is "
+                         f"{best[3]:.3f}x (the units are too coarse); try mode='global' or another target")
+    return SpeedupSearch(float(target), mode, *best, steps)
+
+
+def _uniform_counts(graph: ModelGraph, units: list[str], ratio: float) -> dict[str, int]:
+    return {name: num_pruned(round(ratio, 12), graph.units[name].size) for name in units}
+
+
+def _global_counts(graph: ModelGraph, scores: Mapping[str, Tensor], fraction: float) -> dict[str, int]:
+    """How many units of each unit to prune when the lowest ``fraction`` of all normalized scores go."""
+    names = list(scores)
+    normalized = torch.cat([s / s.mean().clamp_min(torch.finfo(torch.float64).tiny) for s in scores.values()])
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores.values())])
+    order = torch.sort(normalized, stable=True).indices[: math.floor(fraction * normalized.numel())]
+    counts = torch.bincount(owner[order], minlength=len(names))
+    return {name: min(int(c), math.floor(MAX_PRUNED_FRACTION * graph.units[name].size))
+            for name, c in zip(names, counts)}
