@@ -19,8 +19,8 @@ ranking of normalized scores, by bisection on :func:`tpp.count_flops` of the pru
 from __future__ import annotations
 
 import math
-from fnmatch import fnmatchcase
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from fractions import Fraction
 from typing import Iterable, Mapping, Union
 
