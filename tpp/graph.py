@@ -212,6 +212,7 @@ class _Tracer(fx.Tracer):
 _LAYERS = (nn.Conv2d, nn.Linear)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
+_NORMALIZED = "normalized by"
 _NCHW, _FLAT, _LAST = "nchw", "flat", "last"  # channels in dim 1 of a 4-D tensor / flattened blocks / last dim
 
 _ELEMENTWISE_MODULES = (
@@ -342,6 +343,13 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object
 _UNARY = frozenset({"layer", "depthwise", "grouped", "bn", "carry", "spatial", "flatten", "mean"})
 
 
+def _listing(names: tuple[str, ...]) -> str:
+    """``[a, b, c]``, or ``[first, second, … (n layers), last]`` for long groups."""
+    if len(names) <= 4:
+        return f"[{', '.join(names)}]"
+    return f"[{names[0]}, {names[1]}, … ({len(names)} layers), {names[-1]}]"
+
+
 def _out_channels(m: nn.Module) -> int:
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
 
@@ -430,7 +438,7 @@ class _Analysis:
                     units[info.name] = Unit(info.name, "group", info.group, info.out_channels,
                                             self._segments(info.group, layers), info.index)
                 else:
-                    refusals[info.name] = f"group [{', '.join(info.group)}] joins different channel counts {sizes}"
+                    refusals[info.name] = f"group {_listing(info.group)} joins different channel counts {sizes}"
         heads = self._heads()
         for name, (unit, reason) in heads.items():
             if unit is not None:
@@ -443,7 +451,7 @@ class _Analysis:
             if info.name in members or info.name in refusals or (parent in units and units[parent].kind == "heads"):
                 continue
             if len(info.group) > 1 and info.group_coupling is not None:
-                refusals[info.name] = f"group [{', '.join(info.group)}] cannot share one index set: " \
+                refusals[info.name] = f"group {_listing(info.group)} cannot share one index set: " \
                                       f"{info.group_coupling}"
             else:
                 refusals[info.name] = info.coupling
@@ -569,7 +577,9 @@ class _Analysis:
                     todo.append((node, nxt))
         ordered = tuple(dict.fromkeys(use for _, use in sorted(uses, key=lambda t: t[0])))
         reasons.sort(key=lambda t: t[0])
-        blocking = next((r for _, r, shared in reasons if not shared), None)
+        blocking = [r for _, r, shared in reasons if not shared]
+        normalized = [r for r in blocking if _NORMALIZED in r]  # the reason a user most needs to see
+        blocking = (normalized or blocking or [None])[0]
         return ordered, [r for _, r, _ in reasons], blocking, bn, is_output
 
     def _step(self, name: str, channels: int, src: fx.Node, node: fx.Node, state: tuple[str, int, int]):
@@ -586,8 +596,8 @@ class _Analysis:
         if kind == "cat":
             return self._cat(name, src, node, state)
         if kind == "layernorm":
-            return None, None, (f"output is normalized by {self._describe(node)} (node {node.name}) together with "
-                                "other channels: zeroing a channel changes their mean and variance, so removal "
+            return None, None, (f"output is {_NORMALIZED} {self._describe(node)} (node {node.name}) together "
+                                "with other channels: zeroing a channel changes their mean and variance, so removal "
                                 "cannot be exact (tpp-method.md §12)")
         cannot = f"output reaches {self._describe(node)} (node {node.name}), which tpp cannot follow"
         if kind == "unknown" or node.args[:1] != (src,) or src in node.args[1:] or src in node.kwargs.values():

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["count_flops", "count_params", "jacobian_singular_values", "jsv_summary", "measure_latency"]
+__all__ = ["count_flops", "flops_by_module", "count_params", "jacobian_singular_values", "jsv_summary",
+           "measure_latency"]
 
 Inputs = Union[Tensor, tuple]
 
@@ -49,19 +50,26 @@ def count_flops(model: nn.Module, example_input: Inputs) -> int:
 
     Pass a batch of one for per-image FLOPs; a tuple is unpacked as positional arguments.
     """
-    macs = 0
+    return sum(flops_by_module(model, example_input).values())
+
+
+def flops_by_module(model: nn.Module, example_input: Inputs) -> dict[str, int]:
+    """``{qualified module name: FLOPs}`` of every Conv2d/Linear/MultiheadAttention called in
+    ``model(example_input)`` (a module called twice counts twice); :func:`count_flops` is their sum."""
+    names = {m: name for name, m in model.named_modules()}
+    macs: dict[str, int] = {}
+
+    def add(m: nn.Module, n: int) -> None:
+        macs[names[m]] = macs.get(names[m], 0) + n
 
     def conv_hook(m: nn.Conv2d, _inputs, out: Tensor) -> None:
-        nonlocal macs
-        macs += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+        add(m, out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size))
 
     def linear_hook(m: nn.Linear, _inputs, out: Tensor) -> None:
-        nonlocal macs
-        macs += out.numel() * m.in_features
+        add(m, out.numel() * m.in_features)
 
     def attention_hook(m: nn.MultiheadAttention, args: tuple, kwargs: dict, _out) -> None:
-        nonlocal macs
-        macs += _attention_macs(m, *_qkv(args, kwargs))
+        add(m, _attention_macs(m, *_qkv(args, kwargs)))
 
     handles = []
     for m in model.modules():
@@ -77,7 +85,7 @@ def count_flops(model: nn.Module, example_input: Inputs) -> int:
     finally:
         for h in handles:
             h.remove()
-    return 2 * macs
+    return {name: 2 * n for name, n in macs.items()}
 
 
 def _qkv(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
