@@ -67,12 +67,6 @@ class Slot:
         segment, else the contiguous ``t`` viewed ``[segments, units, length]`` and 1."""
         return (t, 0) if self.segments == 1 else (t.view(self.segments, -1, self.length), 1)
 
-    def rows(self, t: Tensor) -> Tensor:
-        """``t`` as ``[units, segments·length]``: unit ``i``'s entries as row ``i`` (a copy if segments > 1)."""
-        if self.segments == 1:
-            return t
-        return t.view(self.segments, -1, self.length).transpose(0, 1).reshape(self.units, -1)
-
 
 @dataclass(frozen=True)
 class _Unit:
@@ -88,6 +82,16 @@ class _Unit:
         return [s for s in self.slots if s.role in roles]
 
 
+class _ZeroPenalty:
+    """The plan of a regularizer whose terms are all off."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+
+    def penalty(self, strength: Tensor) -> Tensor:
+        return torch.zeros((), dtype=self.dtype, device=self.device)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module inside DDP/DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
@@ -97,12 +101,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _grad_of(param: Tensor) -> Tensor:
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    return param.grad
 
 
 class TPPRegularizer:
@@ -178,6 +176,7 @@ class TPPRegularizer:
         self.backend = resolve_backend(backend, params[0].device)
         self.iteration = 0
         self._strength_override: float | None = None
+        self._strength_t: Tensor | None = None  # r on the device, read by the plan's kernels
         self.speedup_search: SpeedupSearch | None = None
         if target_speedup is not None:
             self.speedup_search = search_speedup(self.model, target_speedup, example_input, mode=speedup_mode,
@@ -231,8 +230,11 @@ class TPPRegularizer:
             self.pruned.update({m: idx.clone() for m in unit.members})
             units += self._bound(unit, indices, idx, modules)
         self._units = units
+        self._params = [slot.param for unit in units for slot in unit.slots]
+        self._plan_ptrs: list[int] | None = None
         if units:
             self.schedule = self.schedule.spaced_for(units[-1].index + 1)
+            self._plan()
 
     def _bound(self, unit, indices: Tensor, channels: Tensor, modules: dict[str, nn.Module]) -> list[_Unit]:
         """The ``_Unit``s of one graph unit: its own (``unit.members`` as names), then one per offset carrier."""
@@ -279,24 +281,47 @@ class TPPRegularizer:
     def _width(module: nn.Module) -> int:
         return module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
 
-    def _indices(self) -> list[Tensor]:
-        """Pruned index tensors, following the parameters if the model was moved to another device."""
-        moved = False
-        for i, unit in enumerate(self._units):
-            device = unit.slots[0].param.device
-            if unit.pruned.device != device:
-                self._units[i] = replace(unit, pruned=unit.pruned.to(device))
-                moved = True
-        if moved:
-            self.backend = resolve_backend(self.backend.name, self._units[0].slots[0].param.device)
-        return [unit.pruned for unit in self._units]
-
     def slots(self, name: str) -> list[Slot]:
         """The parameter slots the pruned set of layer ``name`` indexes: what the penalty and the zero-out touch."""
         for unit in self._units:
             if name in unit.names:
                 return list(unit.slots)
         raise KeyError(f"{name!r} has no pruned units; pruned layers: {sorted(self.pruned)}")
+
+    def _plan(self):
+        """The backend's penalty plan for the bound units (``None`` if no term is on), rebuilt when a parameter
+        moved (device, dtype or storage): one comparison of data pointers per call."""
+        ptrs = [p.data_ptr() for p in self._params]
+        if ptrs != self._plan_ptrs:
+            self._build_plan()
+            self._plan_ptrs = ptrs
+        return self._penalty_plan
+
+    def _compiled_plan(self):
+        """The current plan, checked without reading data pointers (they cannot be traced)."""
+        param, plan = self._params[0], self._penalty_plan
+        if plan is None:
+            return _ZeroPenalty(param.device, reference.accumulation_dtype(param.dtype))
+        if self._strength_t.device != param.device or self._plan_dtypes != [p.dtype for p in self._params]:
+            raise RuntimeError("the model's parameters moved since the TPPRegularizer last ran: call "
+                               "reg.penalty() once outside torch.compile to rebuild its plan")
+        return plan
+
+    def _build_plan(self) -> None:
+        device = self._params[0].device
+        self.backend = resolve_backend(self.backend.name, device)
+        self._units = [replace(unit, pruned=unit.pruned.to(device)) for unit in self._units]
+        terms = {role: [(s.param, u.pruned, s.segments, s.segment_length) for u in self._units
+                        for s in u.of_role(role)] for role in ROLES}
+        grams = terms["gram"] if self.gram_weight else []
+        squares = terms["gram"] * (self.weight_l2 and not self.gram_weight) + terms["l2"] * self.weight_l2 \
+            + terms["bn"] * self.bn
+        self._strength_t = torch.tensor(self.strength, dtype=torch.float64, device=device)
+        self._strength_written = self.strength
+        self._plan_dtypes = [p.dtype for p in self._params]
+        self._penalty_plan = self.backend.plan(
+            grams, squares, gram_weight=self.gram_weight, l2_weight=float(self.weight_l2),
+            mean=self.reduction == "mean", variant=self.variant) if grams or squares else None
 
     # ---------------------------------------------------------------- schedule
     @property
@@ -313,6 +338,13 @@ class TPPRegularizer:
                                   or not math.isfinite(value) or value < 0):
             raise ValueError(f"strength must be a finite number >= 0 or None, got {value!r}")
         self._strength_override = None if value is None else float(value)
+        self._sync_strength()
+
+    def _sync_strength(self) -> None:
+        """Write r into the device scalar the plan reads (outside any captured region: step(), the setter)."""
+        if self._strength_t is not None and self._strength_written != self.strength:
+            self._strength_t.fill_(self.strength)
+            self._strength_written = self.strength
 
     @property
     def phase(self) -> str:
@@ -320,85 +352,58 @@ class TPPRegularizer:
         return self.schedule.phase(self.iteration)
 
     # ------------------------------------------------------------------- terms
-    def _slots(self, idx: list[Tensor], *roles: str) -> list[tuple[Slot, Tensor]]:
-        """Every (slot, pruned indices) of the given roles, in unit order."""
-        return [(slot, i) for unit, i in zip(self._units, idx) for slot in unit.of_role(*roles)]
-
-    def _square_roles(self) -> tuple[str, ...]:
-        """Roles whose pruned entries are in the ``(r/2)·Σ x²`` part: weights and carriers, BN γ/β."""
-        return ("gram", "l2") * self.weight_l2 + ("bn",) * self.bn
+    def _skip(self) -> bool:
+        """Whether this call adds nothing: no units, or r = 0 outside CUDA-graph capture (a captured step must
+        contain the launches: its replays read later strengths)."""
+        if not self._units:
+            return True
+        return self.strength == 0 and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
     def penalty(self) -> Tensor:
-        """``E − L_cls`` (module docstring) at the current strength: a differentiable scalar."""
-        r = self.strength
-        if not self._units:
-            return torch.zeros((), device=next(self.model.parameters()).device)
-        idx = self._indices()
-        grams = self._slots(idx, "gram")
-        total = torch.zeros((), dtype=reference.accumulation_dtype(grams[0][0].param.dtype),
-                            device=grams[0][0].param.device)
-        if r == 0:
-            return total
-        if self.gram_weight:
-            gram = self.backend.gram_penalty([s.rows(s.param) for s, _ in grams], [i for _, i in grams],
-                                             self.variant, self.reduction)
-            total = total + (r * self.gram_weight) * gram
-        squares = [self._pruned_entries(slot, slot.param, i).square().sum()
-                   for slot, i in self._slots(idx, *self._square_roles())]
-        if squares:
-            total = total + (r / 2) * torch.stack(squares).sum()
-        return total
+        """``E − L_cls`` (module docstring) at the current strength: a differentiable scalar.
 
-    @staticmethod
-    def _pruned_entries(slot: Slot, t: Tensor, idx: Tensor) -> Tensor:
-        """The pruned units' entries of ``t`` (``slot.param`` or its gradient), in the accumulation dtype."""
-        view, dim = slot.indexed(t)
-        rows = view.index_select(dim, idx)
-        return rows.to(reference.accumulation_dtype(rows.dtype))
+        Under ``torch.compile`` the plan built by the last eager call (or at construction) is used as it is and
+        the strength is read from its device scalar, so the compiled code depends on neither (no recompilation as
+        r grows); after moving the model, call ``penalty()`` or ``apply_gradients()`` once eagerly."""
+        if self._units and torch.compiler.is_compiling():
+            return self._compiled_plan().penalty(self._strength_t)
+        plan = self._plan() if self._units else None
+        if plan is None or self._skip():
+            params = self._params or list(self.model.parameters())
+            return torch.zeros((), dtype=reference.accumulation_dtype(params[0].dtype), device=params[0].device)
+        return plan.penalty(self._strength_t)
 
     @torch.no_grad()
     def apply_gradients(self) -> None:
-        """Add ∂penalty()/∂θ into ``.grad`` in place (creating zero grads where missing), without autograd."""
-        r = self.strength
-        if r == 0 or not self._units:
-            return
-        idx = self._indices()
-        if self.gram_weight:
-            grams = self._slots(idx, "gram")
-            dense = [(s, i) for s, i in grams if s.segments == 1]
-            if dense:
-                weights = [s.param for s, _ in dense]
-                self.backend.add_gram_grad_(weights, [_grad_of(w) for w in weights], [i for _, i in dense],
-                                            r * self.gram_weight, self.variant, self.reduction)
-            for s, i in grams:  # units spread over segments: through a [units, segments·length] copy
-                if s.segments > 1:
-                    rows = s.rows(s.param)
-                    grad = torch.zeros_like(rows)
-                    self.backend.add_gram_grad_([rows], [grad], [i], r * self.gram_weight, self.variant,
-                                                self.reduction)
-                    _grad_of(s.param).view(s.segments, -1, s.length).add_(
-                        grad.view(s.units, s.segments, s.length).transpose(0, 1))
-        for slot, i in self._slots(idx, *self._square_roles()):
-            view, dim = slot.indexed(_grad_of(slot.param))
-            view.index_add_(dim, i, (self._pruned_entries(slot, slot.param, i) * r).to(view.dtype))
+        """Add ∂penalty()/∂θ into ``.grad`` in place (creating zero grads where missing), without autograd.
+
+        With the Triton backend, two launches per weight dtype; capturable in a CUDA graph after one eager call
+        (keep ``.grad`` allocated: ``zero_grad(set_to_none=False)``; the strength is read on the device, so the
+        replays follow ``step()``)."""
+        plan = self._plan() if self._units else None
+        if plan is not None and not self._skip():
+            plan.add_grads_(self._strength_t)
 
     @torch.no_grad()
-    def _zero(self, unit: _Unit, idx: Tensor) -> None:
+    def _zero(self, unit: _Unit) -> None:
         for slot in unit.slots:
             view, dim = slot.indexed(slot.param)
-            view.index_fill_(dim, idx, 0)
+            view.index_fill_(dim, unit.pruned, 0)
 
     @torch.no_grad()
     def zero_pruned(self) -> float:
         """Set every pruned W, b, γ, β (and carrier rows) to 0 now, as the zero-out does; returns the largest
         magnitude that was cleared (0.0 when the schedule's zero-out had already done it)."""
         cleared = 0.0
-        for unit, i in zip(self._units, self._indices()):
+        if self._units:
+            self._plan()  # indices on the parameters' device
+        for unit in self._units:
             for slot in unit.slots:
-                rows = self._pruned_entries(slot, slot.param, i)
+                view, dim = slot.indexed(slot.param)
+                rows = view.index_select(dim, unit.pruned)
                 if rows.numel():
                     cleared = max(cleared, float(rows.abs().max()))
-            self._zero(unit, i)
+            self._zero(unit)
         return cleared
 
     @torch.no_grad()
@@ -406,10 +411,13 @@ class TPPRegularizer:
         """Mark one training iteration done: zero the pruned W, b, γ, β of every unit whose zero-out is due
         (see :class:`GrowingSchedule`), then advance the schedule."""
         t = self.iteration
-        for unit, i in zip(self._units, self._indices()):
-            if self.schedule.zero_out_due(t, unit.index):
-                self._zero(unit, i)
+        if self._units and t >= self.schedule.stabilize_start:
+            self._plan()  # indices on the parameters' device
+            for unit in self._units:
+                if self.schedule.zero_out_due(t, unit.index):
+                    self._zero(unit)
         self.iteration = t + 1
+        self._sync_strength()
 
     def prune(self) -> nn.Module:
         """The model with the pruned filters physically removed: a new module, ``self.model`` is not modified.
@@ -447,5 +455,5 @@ class TPPRegularizer:
         if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
             raise ValueError(f"state_dict iteration must be an integer >= 0, got {iteration!r}")
         self._bind(state["pruned"])
-        self.strength = state["strength_override"]
         self.iteration = iteration
+        self.strength = state["strength_override"]

@@ -1,0 +1,645 @@
+"""The regularizer's launch plan: every penalty term of every layer in at most two launches per weight dtype.
+
+A :class:`PenaltyPlan` is built once per pruned set from two lists of :class:`Rows` — parameters read as
+``[segments, units, length]`` in memory order, unit ``i`` owning ``[:, i, :]``, with their pruned units ``P``:
+
+* ``grams``: the gram term ``c·s·Σ_{a<p, j<N} (1 + m_j) R_aj²`` of each (``R = W_P Wᵀ`` over unit vectors,
+  ``s = 1/N²`` for ``mean=True``) plus ``(l2/2)·‖W_P‖²``;
+* ``squares``: ``½ Σ_{j∈P} ‖x_j‖²`` of each (biases, depthwise carriers, BatchNorm γ and β).
+
+Everything is multiplied by the strength ``r``, read from a 0-d device tensor inside the kernels (no host sync,
+no recompilation per value, and a captured CUDA graph sees the value of each replay). Gradients
+(tpp-method.md §2): pruned unit rows ``4cs·r Σ_j R_aj W_j + l2·r·W_{P_a}``, kept rows ``4cs·r Σ_a R_ai W_{P_a}``,
+squares ``r·x_j`` for ``j ∈ P``.
+
+Launches, per dtype group (gram tensors of one dtype paired with squares tensors of one dtype):
+
+* forward: one program per tile of a table mixing two kinds — ``R`` tiles (``BLOCK_M`` pruned units ×
+  ``BLOCK_N`` units, reduced over the unit vectors, stored fp32 for the backward, and with ``loss=True`` one loss
+  partial each) and squares tiles (one partial each); the loss is one sum of the partials: deterministic, no atomics;
+* backward: gradient tiles of pruned rows, kept rows and squares, added into every ``.grad``
+  (:meth:`PenaltyPlan.add_grads_`) or written to fresh buffers (the autograd path of :meth:`PenaltyPlan.penalty`).
+
+Memory access. A unit vector is read segment by segment, each a contiguous run of ``length`` elements. Where a
+layer's ``length``, ``units`` and address offsets are multiples of 16 bytes, the kernels take a branch whose
+index arithmetic proves it (``(x // V) * V``), so loads compile to 16-byte vectors; other layers take the same code
+without that proof (scalar loads). Every device table is uploaded when the plan is built; a call reads the
+``.grad`` addresses of its tensors and re-uploads their offsets only when one moved.
+"""
+import itertools
+import weakref
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tpp.reference import check_pruned_indices
+
+from . import config
+from .tables import dtype_groups
+
+# Tile kinds (first column of a tile table; the others: tensor position, first pruned/row position, segment,
+# first column).
+_R, _SQUARES, _PRUNED_ROWS, _KEPT_ROWS, _GRAM_SQUARES = 0, 1, 2, 3, 4
+_TILE = 5
+# Per gram tensor ``p_gmeta[l]`` = (N, S, L, p, o_idx, o_r, aligned, 0); per squares tensor ``p_smeta[q]`` =
+# (N, S, L, p, o_idx, aligned, 0, 0). ``p_order[o_idx:o_idx+N]`` lists P then K (squares: P only), ``p_m`` is m.
+_META = 8
+# Launch configurations on a GPU, chosen without timing (so identical on every DDP rank): 64×64 tiles, 32-wide
+# reduction chunks, 3 pipeline stages; the forward on 8 warps keeps its accumulator and pipelined operands in
+# registers without spills (benchmarks/ptx_report.py). The interpreter runs config.default_config's small blocks.
+GPU_CONFIGS = {"fwd": config.Config(64, 64, 32, 8, 3), "bwd": config.Config(64, 64, 32, 4, 3)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _aligned(x, V: tl.constexpr):
+    """``x`` itself for a multiple of ``V``, written so that the compiler can prove it."""
+    return (x // V) * V
+
+
+@triton.jit
+def _r_tile(p_wl, o_rows, m_a, o_j, m_j, N, S, L,
+            INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """R[a, j] for pruned positions a and units j, over the S segments of length L."""
+    b_r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i_s in range(0, S):
+        p_s = p_wl + i_s * N * L
+        for i_k in range(0, L, BLOCK_K):
+            o_k = i_k + tl.arange(0, BLOCK_K)
+            m_k = o_k < L
+            b_wp = tl.load(p_s + o_rows[:, None] * L + o_k[None, :], mask=m_a[:, None] & m_k[None, :], other=0.)
+            b_wt = tl.load(p_s + o_j[None, :] * L + o_k[:, None], mask=m_k[:, None] & m_j[None, :], other=0.)
+            if DOT_FP32:
+                b_wp, b_wt = b_wp.to(tl.float32), b_wt.to(tl.float32)
+            b_r = tl.dot(b_wp, b_wt, b_r, input_precision=INPUT_PRECISION)
+    return b_r
+
+
+@triton.jit
+def _squares_tile(p_xl, o_rows, m_a, i_s, N, L, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ x² over segment i_s of the given units."""
+    b_sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    p_s = p_xl + i_s * N * L
+    for i_k in range(0, L, BLOCK_K):
+        o_k = i_k + tl.arange(0, BLOCK_K)
+        b_x = tl.load(p_s + o_rows[:, None] * L + o_k[None, :], mask=m_a[:, None] & (o_k < L)[None, :], other=0.)
+        b_sq += b_x.to(tl.float32) * b_x.to(tl.float32)
+    return tl.sum(tl.sum(b_sq, axis=1), axis=0)
+
+
+@triton.jit
+def _fwd_kernel(p_w, p_ow, p_gmeta, p_x, p_ox, p_smeta, p_tiles, p_order, p_m, p_r, p_part, p_strength,
+                gram_weight, l2_weight,
+                LOSS: tl.constexpr, MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+                VEC_W: tl.constexpr, VEC_X: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile ``(kind, l, a0, b, 0)``: an R tile (kind _R, columns b…), a squares tile (kind _SQUARES, segment b)
+    or the squares of a gram tensor's pruned rows (kind _GRAM_SQUARES, segment b, times l2_weight); with LOSS,
+    ``r ×`` its loss share into ``p_part[t]``."""
+    i_t = tl.program_id(0)
+    kind = tl.load(p_tiles + i_t * 5)
+    i_l = tl.load(p_tiles + i_t * 5 + 1)
+    i_a = tl.load(p_tiles + i_t * 5 + 2)
+    i_b = tl.load(p_tiles + i_t * 5 + 3)
+    o_a = i_a + tl.arange(0, BLOCK_M)
+    if kind == 0:
+        p_meta = p_gmeta + i_l * 8
+        N = tl.load(p_meta)
+        S = tl.load(p_meta + 1)
+        L = tl.load(p_meta + 2)
+        P = tl.load(p_meta + 3)
+        o_idx = tl.load(p_meta + 4)
+        o_r = tl.load(p_meta + 5)
+        o_w = tl.load(p_ow + i_l)
+        m_a = o_a < P
+        o_j = _aligned(i_b, BLOCK_N) + tl.arange(0, BLOCK_N)
+        m_j = o_j < N
+        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0).to(tl.int64)
+        if tl.load(p_meta + 6) != 0:
+            b_r = _r_tile(p_w + _aligned(o_w, VEC_W), o_rows, m_a, o_j, m_j, N, S, _aligned(L, VEC_W),
+                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+            N_v = _aligned(N, 4)
+            tl.store(p_r + _aligned(o_r, 4) + o_a[:, None] * N_v + o_j[None, :], b_r,
+                     mask=m_a[:, None] & (o_j < N_v)[None, :])
+        else:
+            b_r = _r_tile(p_w + o_w, o_rows, m_a, o_j, m_j, N, S, L,
+                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.store(p_r + o_r + o_a[:, None] * N + o_j[None, :], b_r, mask=m_a[:, None] & m_j[None, :])
+        if LOSS:
+            b_m = tl.load(p_m + o_idx + o_j, mask=m_j, other=0).to(tl.float32)
+            b_loss = tl.sum(tl.sum(b_r * b_r * (1. + b_m)[None, :], axis=1), axis=0) * gram_weight
+            if MEAN:
+                b_loss = b_loss / (N * N).to(tl.float32)
+            tl.store(p_part + i_t, b_loss * tl.load(p_strength).to(tl.float32))
+    elif kind == 1:
+        b_sq = _squares_of(p_x, tl.load(p_ox + i_l), p_smeta + i_l * 8, 5, p_order, o_a, i_b, VEC_X, BLOCK_M, BLOCK_K)
+        if LOSS:  # (squares tiles are in the loss tables only)
+            tl.store(p_part + i_t, 0.5 * b_sq * tl.load(p_strength).to(tl.float32))
+    else:
+        b_sq = _squares_of(p_w, tl.load(p_ow + i_l), p_gmeta + i_l * 8, 6, p_order, o_a, i_b, VEC_W, BLOCK_M, BLOCK_K)
+        if LOSS:
+            tl.store(p_part + i_t, 0.5 * l2_weight * b_sq * tl.load(p_strength).to(tl.float32))
+
+
+@triton.jit
+def _squares_of(p_t, o_t, p_meta, ALIGNED: tl.constexpr, p_order, o_a, i_s, VEC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ x² over segment i_s of the pruned units at positions o_a of the tensor at ``p_t + o_t`` whose metadata
+    row (N, S, L, p, o_idx, …) is at ``p_meta``, column ``ALIGNED`` its alignment flag."""
+    N = tl.load(p_meta)
+    L = tl.load(p_meta + 2)
+    m_a = o_a < tl.load(p_meta + 3)
+    o_rows = tl.load(p_order + tl.load(p_meta + 4) + o_a, mask=m_a, other=0).to(tl.int64)
+    if tl.load(p_meta + ALIGNED) != 0:
+        b_sq = _squares_tile(p_t + _aligned(o_t, VEC), o_rows, m_a, i_s, N, _aligned(L, VEC), BLOCK_M, BLOCK_K)
+    else:
+        b_sq = _squares_tile(p_t + o_t, o_rows, m_a, i_s, N, L, BLOCK_M, BLOCK_K)
+    return b_sq
+
+
+@triton.jit
+def _pruned_rows(p_r, p_wl, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Σ_j R[o_s, j] W[j, o_d] (``p_wl``: the segment's first element; rows L apart)."""
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i_j in range(0, N, BLOCK_J):
+        o_j = i_j + tl.arange(0, BLOCK_J)
+        m_j = o_j < N
+        b_r = tl.load(p_r + o_s[:, None] * N + o_j[None, :], mask=m_s[:, None] & m_j[None, :], other=0.)
+        b_w = tl.load(p_wl + o_j[:, None] * L + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
+        b_acc = tl.dot(b_r, b_w.to(tl.float32), b_acc, input_precision=INPUT_PRECISION)
+    return b_acc
+
+
+@triton.jit
+def _kept_rows(p_r, p_wl, p_order, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Σ_a R[a, o_rows] W[P_a, o_d] for kept units o_rows (columns of R)."""
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i_b in range(0, P, BLOCK_J):
+        o_b = i_b + tl.arange(0, BLOCK_J)
+        m_b = o_b < P
+        b_rt = tl.load(p_r + o_b[None, :] * N + o_rows[:, None], mask=m_s[:, None] & m_b[None, :], other=0.)
+        o_pb = tl.load(p_order + o_b, mask=m_b, other=0).to(tl.int64)
+        b_wp = tl.load(p_wl + o_pb[:, None] * L + o_d[None, :], mask=m_b[:, None] & m_d[None, :], other=0.)
+        b_acc = tl.dot(b_rt, b_wp.to(tl.float32), b_acc, input_precision=INPUT_PRECISION)
+    return b_acc
+
+
+@triton.jit
+def _gram_grad_tile(p_w, p_out, p_r, p_order, o_idx, kind, i_s, o_d, N, L, P, b_gram, b_l2,
+                    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Gradient rows order[i_s…] (all pruned for kind _PRUNED_ROWS, all kept otherwise), columns o_d of one
+    segment (``p_w``/``p_out`` point at the segment's first element)."""
+    o_s = i_s + tl.arange(0, BLOCK_M)
+    m_d = o_d < L
+    if kind == 2:
+        m_s = o_s < P
+        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0).to(tl.int64)
+        b_out = b_gram * _pruned_rows(p_r, p_w, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION,
+                                      BLOCK_M, BLOCK_D, BLOCK_J)
+        b_w = tl.load(p_w + o_rows[:, None] * L + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.)
+        b_out += b_l2 * b_w.to(tl.float32)
+    else:
+        m_s = o_s < N
+        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0).to(tl.int64)
+        b_out = b_gram * _kept_rows(p_r, p_w, p_order + o_idx, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISION,
+                                    BLOCK_M, BLOCK_D, BLOCK_J)
+    p_o = p_out + o_rows[:, None] * L + o_d[None, :]
+    m_o = m_s[:, None] & m_d[None, :]
+    if ACCUMULATE:
+        b_out += tl.load(p_o, mask=m_o, other=0.).to(tl.float32)
+    tl.store(p_o, b_out.to(p_out.dtype.element_ty), mask=m_o)
+
+
+@triton.jit
+def _squares_grad_tile(p_xl, p_out, o_rows, m_a, N, L, b_scale, ACCUMULATE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[rows] (+)= scale · x[rows]`` over one segment (``p_xl``/``p_out`` at its first element)."""
+    for i_k in range(0, L, BLOCK_K):
+        o_k = i_k + tl.arange(0, BLOCK_K)
+        m = m_a[:, None] & (o_k < L)[None, :]
+        o = o_rows[:, None] * L + o_k[None, :]
+        b_out = b_scale * tl.load(p_xl + o, mask=m, other=0.).to(tl.float32)
+        if ACCUMULATE:
+            b_out += tl.load(p_out + o, mask=m, other=0.).to(tl.float32)
+        tl.store(p_out + o, b_out.to(p_out.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_kernel(p_w, p_ow, p_gmeta, p_gout, p_ogout, p_x, p_ox, p_smeta, p_xout, p_oxout, p_tiles, p_order, p_r,
+                p_strength, p_grad, gram_weight, l2_weight,
+                ACCUMULATE: tl.constexpr, MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                VEC_W: tl.constexpr, VEC_X: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Tile ``(kind, l, s0, segment, d0)``: gradient rows of a gram tensor (kinds _PRUNED_ROWS, _KEPT_ROWS) or of
+    the pruned units of a squares tensor (kind _SQUARES), times ``r`` (and the incoming ``p_grad`` if given)."""
+    i_t = tl.program_id(0)
+    kind = tl.load(p_tiles + i_t * 5)
+    i_l = tl.load(p_tiles + i_t * 5 + 1)
+    i_s = tl.load(p_tiles + i_t * 5 + 2)
+    i_g = tl.load(p_tiles + i_t * 5 + 3)
+    i_d = tl.load(p_tiles + i_t * 5 + 4)
+    b_scale = tl.load(p_strength).to(tl.float32)
+    if p_grad is not None:
+        b_scale = b_scale * tl.load(p_grad).to(tl.float32)
+    if kind != 1:
+        p_meta = p_gmeta + i_l * 8
+        N = tl.load(p_meta)
+        L = tl.load(p_meta + 2)
+        P = tl.load(p_meta + 3)
+        o_idx = tl.load(p_meta + 4)
+        p_rl = p_r + tl.load(p_meta + 5)
+        b_gram = 4. * gram_weight * b_scale
+        if MEAN:
+            b_gram = b_gram / (N * N).to(tl.float32)
+        o_d = _aligned(i_d, BLOCK_D) + tl.arange(0, BLOCK_D)
+        o_seg = i_g * N * L
+        if tl.load(p_meta + 6) != 0:
+            L_v = _aligned(L, VEC_W)
+            o_seg_v = _aligned(o_seg, VEC_W)
+            _gram_grad_tile(p_w + _aligned(tl.load(p_ow + i_l), VEC_W) + o_seg_v,
+                            p_gout + _aligned(tl.load(p_ogout + i_l), VEC_W) + o_seg_v,
+                            p_r + _aligned(tl.load(p_meta + 5), 4), p_order, o_idx, kind, i_s, o_d,
+                            _aligned(N, 4), L_v, P, b_gram, b_scale * l2_weight,
+                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J)
+        else:
+            _gram_grad_tile(p_w + tl.load(p_ow + i_l) + o_seg, p_gout + tl.load(p_ogout + i_l) + o_seg,
+                            p_rl, p_order, o_idx, kind, i_s, o_d, N, L, P, b_gram, b_scale * l2_weight,
+                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J)
+    else:
+        p_meta = p_smeta + i_l * 8
+        N = tl.load(p_meta)
+        L = tl.load(p_meta + 2)
+        P = tl.load(p_meta + 3)
+        o_idx = tl.load(p_meta + 4)
+        o_a = i_s + tl.arange(0, BLOCK_M)
+        m_a = o_a < P
+        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0).to(tl.int64)
+        o_seg = i_g * N * L
+        if tl.load(p_meta + 5) != 0:
+            o_seg_v = _aligned(o_seg, VEC_X)
+            _squares_grad_tile(p_x + _aligned(tl.load(p_ox + i_l), VEC_X) + o_seg_v,
+                               p_xout + _aligned(tl.load(p_oxout + i_l), VEC_X) + o_seg_v,
+                               o_rows, m_a, N, _aligned(L, VEC_X), b_scale, ACCUMULATE, BLOCK_M, BLOCK_D)
+        else:
+            _squares_grad_tile(p_x + tl.load(p_ox + i_l) + o_seg, p_xout + tl.load(p_oxout + i_l) + o_seg,
+                               o_rows, m_a, N, L, b_scale, ACCUMULATE, BLOCK_M, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Rows(NamedTuple):
+    """``tensor`` read as ``[segments, units, length]`` in memory order (``segment_length=0``: one segment, a whole
+    row per unit, any dense memory format) with its pruned units ``pruned`` (distinct integer indices)."""
+
+    tensor: Tensor
+    pruned: Tensor
+    segments: int = 1
+    segment_length: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.segment_length or self.tensor.numel() // self.tensor.shape[0]
+
+    @property
+    def units(self) -> int:
+        return self.tensor.numel() // (self.segments * self.length)
+
+
+def _vec(t: Tensor) -> int:
+    """Elements in 16 bytes."""
+    return 16 // t.element_size()
+
+
+def _offsets(tensors: Sequence[Tensor], anchor: Tensor) -> List[int]:
+    """Element distance of each tensor from ``anchor`` (same dtype)."""
+    return [(t.data_ptr() - anchor.data_ptr()) // anchor.element_size() for t in tensors]
+
+
+def _padded_offsets(tensors: Sequence[Tensor], vec: int) -> Tuple[List[int], int]:
+    """Consecutive offsets in one flat buffer, each rounded up to a multiple of ``vec``, and the buffer's size."""
+    offsets, end = [], 0
+    for t in tensors:
+        offsets.append(end)
+        end += -(-t.numel() // vec) * vec
+    return offsets, end
+
+
+class _Launch:
+    """One dtype pairing: gram tensors ``grams`` (one dtype) and squares tensors ``squares`` (one dtype), their
+    device tables, tile tables and the R and partials regions they own."""
+
+    def __init__(self, grams: Sequence[Rows], squares: Sequence[Rows], l2: bool, o_r: int, o_part: int,
+                 fwd: config.Config, bwd: config.Config, device: torch.device):
+        self.grams, self.squares, self.l2 = list(grams), list(squares), l2
+        self.fwd_cfg, self.bwd_cfg = fwd, bwd
+        tensors = [rows.tensor for rows in (*grams, *squares)]
+        self.vec_w = _vec(grams[0].tensor) if grams else 1
+        self.vec_x = _vec(squares[0].tensor) if squares else 1
+        self.anchor_w = grams[0].tensor if grams else tensors[0]
+        self.anchor_x = squares[0].tensor if squares else tensors[0]
+        order, m, gmeta, smeta, o_idx = [], [], [], [], 0
+        for rows in grams:
+            n, p = rows.units, rows.pruned.numel()
+            mask = torch.ones(n, dtype=torch.int8)
+            mask[rows.pruned.cpu().long()] = 0
+            order += [rows.pruned.cpu().long(), (mask != 0).nonzero().squeeze(1)]
+            m.append(mask)
+            gmeta.append([n, rows.segments, rows.length, p, o_idx, o_r, 0, 0])
+            o_idx, o_r = o_idx + n, o_r + p * n
+        for rows in squares:
+            order.append(rows.pruned.cpu().long())
+            m.append(torch.zeros(rows.pruned.numel(), dtype=torch.int8))  # unused: keeps o_idx aligned with m
+            smeta.append([rows.units, rows.segments, rows.length, rows.pruned.numel(), o_idx, 0, 0, 0])
+            o_idx += rows.pruned.numel()
+        self.r_end = o_r
+        self._gmeta, self._smeta = gmeta, smeta
+        self.order = torch.cat(order).to(torch.int32).to(device)
+        self.m = torch.cat(m).to(device)
+        self.o_w = self._upload(_offsets([r.tensor for r in grams], self.anchor_w), device)
+        self.o_x = self._upload(_offsets([r.tensor for r in squares], self.anchor_x), device)
+        self.fwd_tiles_loss = self._tiles(self._fwd_rows(loss=True), device)
+        self.fwd_tiles = self._tiles(self._fwd_rows(loss=False), device)
+        self.bwd_tiles = self._tiles(self._bwd_rows(), device)
+        self.o_part = o_part
+        self.n_part = self.fwd_tiles_loss.shape[0]
+        # the autograd path writes gradients into flat buffers, each tensor at a 16-byte-aligned offset
+        self.o_gflat, self.gflat_numel = _padded_offsets([r.tensor for r in grams], self.vec_w)
+        self.o_xflat, self.xflat_numel = _padded_offsets([r.tensor for r in squares], self.vec_x)
+        self.gmeta = self._meta(gmeta, 6, [0] * len(grams), self.vec_w, device)
+        self.smeta = self._meta(smeta, 5, [0] * len(squares), self.vec_x, device)
+        self.o_gflat_t, self.o_xflat_t = self._upload(self.o_gflat, device), self._upload(self.o_xflat, device)
+        self.grad_ptrs: Optional[List[int]] = None
+
+    @staticmethod
+    def _upload(values: Sequence[int], device: torch.device) -> Tensor:
+        return torch.tensor(list(values) or [0], dtype=torch.int64).to(device)
+
+    def _meta(self, rows: List[List[int]], column: int, o_out: Sequence[int], vec: int,
+              device: torch.device) -> Tensor:
+        """The metadata table with column ``column`` = 1 where every address of the tensor (its own, its output
+        at ``o_out``) and its segment length are multiples of 16 bytes."""
+        rows = [list(r) for r in rows] or [[0] * _META]
+        tensors = [r.tensor for r in (self.grams if column == 6 else self.squares)]
+        anchor = self.anchor_w if column == 6 else self.anchor_x
+        for row, t, o_t, o in zip(rows, tensors, _offsets(tensors, anchor), o_out):
+            r_aligned = column == 5 or (row[0] % 4 == 0 and row[5] % 4 == 0)  # gram tensors: R rows too
+            row[column] = int(row[2] % vec == 0 and o_t % vec == 0 and o % vec == 0 and r_aligned
+                              and anchor.data_ptr() % 16 == 0)
+        return torch.tensor(rows, dtype=torch.int64).to(device)
+
+    def _fwd_rows(self, loss: bool) -> List[Tuple[int, ...]]:
+        cfg = self.fwd_cfg
+        rows = [(_R, i, a, j, 0) for i, r in enumerate(self.grams)
+                for a in range(0, r.pruned.numel(), cfg.block_rows) for j in range(0, r.units, cfg.block_cols)]
+        if loss:
+            rows += [(_SQUARES, q, a, s, 0) for q, r in enumerate(self.squares)
+                     for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
+            rows += [(_GRAM_SQUARES, i, a, s, 0) for i, r in enumerate(self.grams) if self.l2
+                     for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
+        return rows
+
+    def _bwd_rows(self) -> List[Tuple[int, ...]]:
+        cfg = self.bwd_cfg
+        rows = []
+        for i, r in enumerate(self.grams):
+            p, n = r.pruned.numel(), r.units
+            for s in range(r.segments):
+                for d in range(0, r.length, cfg.block_cols):
+                    rows += [(_PRUNED_ROWS, i, a, s, d) for a in range(0, p, cfg.block_rows)]
+                    rows += [(_KEPT_ROWS, i, a, s, d) for a in range(p, n, cfg.block_rows)]
+        rows += [(_SQUARES, q, a, s, 0) for q, r in enumerate(self.squares)
+                 for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
+        return rows
+
+    @staticmethod
+    def _tiles(rows: Sequence[Tuple[int, ...]], device: torch.device) -> Tensor:
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), _TILE).to(device)
+
+    def bind_grads(self, grads: Sequence[Tensor], device: torch.device) -> None:
+        """Offsets and alignment of the ``.grad`` tensors (rebuilt when one of them moved)."""
+        ng = len(self.grams)
+        gw, gx = grads[:ng], grads[ng:]
+        self.anchor_gw = gw[0] if gw else grads[0]
+        self.anchor_gx = gx[0] if gx else grads[0]
+        o_gw, o_gx = _offsets(gw, self.anchor_gw), _offsets(gx, self.anchor_gx)
+        self.o_gw, self.o_gx = self._upload(o_gw, device), self._upload(o_gx, device)
+        aligned_w = self.anchor_gw.data_ptr() % 16 == 0
+        aligned_x = self.anchor_gx.data_ptr() % 16 == 0
+        self.gmeta_acc = self._meta(self._gmeta, 6, [o if aligned_w else 1 for o in o_gw], self.vec_w, device)
+        self.smeta_acc = self._meta(self._smeta, 5, [o if aligned_x else 1 for o in o_gx], self.vec_x, device)
+
+
+_plans: "weakref.WeakValueDictionary[int, PenaltyPlan]" = weakref.WeakValueDictionary()
+_plan_ids = itertools.count()
+
+
+class PenaltyPlan:
+    """Every device table of the penalty of ``grams`` and ``squares`` (see the module docstring), built once.
+
+    ``gram_weight`` is c, ``l2_weight`` (0 or 1) switches the gram tensors' ``½‖W_P‖²``, ``mean`` divides each gram
+    term by N². Tensors must be float32/float16/bfloat16 on one device (CUDA, or CPU under ``TRITON_INTERPRET=1``),
+    rows dense; empty pruned sets are dropped. Indices are validated here (a device sync), never per call.
+    """
+
+    def __init__(self, grams: Sequence[Rows], squares: Sequence[Rows], *, gram_weight: float, l2_weight: float,
+                 mean: bool, input_precision: Optional[str] = None):
+        grams = [r for r in grams if r.pruned.numel()]
+        squares = [r for r in squares if r.pruned.numel()]
+        everything = [*grams, *squares]
+        if not everything:
+            raise ValueError("a PenaltyPlan needs at least one tensor with pruned units")
+        device = everything[0].tensor.device
+        config.check_device(everything[0].tensor)
+        for i, rows in enumerate(everything):
+            _check_rows(rows, device, f"tensor {i}")
+        self.device = device
+        self.gram_weight, self.l2_weight, self.mean = float(gram_weight), float(l2_weight), bool(mean)
+        self.precision = config.input_precision(input_precision)
+        fwd, bwd = (config.default_config("gram_fwd"), config.default_config("gram_bwd")) if config.INTERPRET \
+            else (GPU_CONFIGS["fwd"], GPU_CONFIGS["bwd"])
+        gram_groups = [[grams[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in grams])]
+        square_groups = [[squares[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in squares])]
+        self.launches, o_r, o_part = [], 0, 0
+        for g, s in itertools.zip_longest(gram_groups, square_groups, fillvalue=[]):
+            launch = _Launch(g, s, bool(self.l2_weight), o_r, o_part, fwd, bwd, device)
+            self.launches.append(launch)
+            o_r, o_part = launch.r_end, o_part + launch.n_part
+        self.r_numel, self.n_part = o_r, o_part
+        self.tensors = [r.tensor for launch in self.launches for r in (*launch.grams, *launch.squares)]
+        self._r = torch.empty(self.r_numel, dtype=torch.float32, device=device)  # scratch of add_grads_
+        self.id = next(_plan_ids)
+        _plans[self.id] = self
+
+    # -------------------------------------------------------------- launches
+    def _launch_fwd(self, launch: _Launch, tiles: Tensor, r: Tensor, partials: Optional[Tensor],
+                    strength: Tensor) -> None:
+        cfg = launch.fwd_cfg
+        _fwd_kernel[(tiles.shape[0],)](
+            launch.anchor_w, launch.o_w, launch.gmeta, launch.anchor_x, launch.o_x, launch.smeta, tiles,
+            launch.order, launch.m, r, partials, strength, self.gram_weight, self.l2_weight,
+            LOSS=partials is not None, MEAN=self.mean, INPUT_PRECISION=self.precision,
+            DOT_FP32=config.INTERPRET and launch.anchor_w.dtype == torch.bfloat16,
+            VEC_W=launch.vec_w, VEC_X=launch.vec_x,
+            BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def _launch_bwd(self, launch: _Launch, r: Tensor, outs: Tuple[Tensor, Tensor, Tensor, Tensor],
+                    metas: Tuple[Tensor, Tensor], strength: Tensor, grad: Optional[Tensor],
+                    accumulate: bool) -> None:
+        cfg = launch.bwd_cfg
+        gout, o_gout, xout, o_xout = outs
+        _bwd_kernel[(launch.bwd_tiles.shape[0],)](
+            launch.anchor_w, launch.o_w, metas[0], gout, o_gout, launch.anchor_x, launch.o_x, metas[1], xout,
+            o_xout, launch.bwd_tiles, launch.order, r, strength, grad, self.gram_weight, self.l2_weight,
+            ACCUMULATE=accumulate, MEAN=self.mean, INPUT_PRECISION=self.precision,
+            VEC_W=launch.vec_w, VEC_X=launch.vec_x,
+            BLOCK_M=cfg.block_rows, BLOCK_D=cfg.block_cols, BLOCK_J=cfg.block_red,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    # ------------------------------------------------------------------ paths
+    @torch.no_grad()
+    def add_grads_(self, strength: Tensor) -> None:
+        """Add the penalty's gradients at strength ``strength`` (0-d float tensor on the device) into the
+        ``.grad`` of every tensor, creating zero gradients where missing: two launches per dtype group."""
+        grads = [t.grad for t in self.tensors]
+        ptrs = [None if g is None else g.data_ptr() for g in grads]
+        if ptrs != self._grad_ptrs:
+            self._bind_grads()
+            grads = [t.grad for t in self.tensors]
+        with config.on_device(self._r):
+            for launch in self.launches:
+                if launch.grams:
+                    self._launch_fwd(launch, launch.fwd_tiles, self._r, None, strength)
+                self._launch_bwd(launch, self._r, (launch.anchor_gw, launch.o_gw, launch.anchor_gx, launch.o_gx),
+                                 (launch.gmeta_acc, launch.smeta_acc), strength, None, True)
+
+    _grad_ptrs: Optional[List[Optional[int]]] = None
+
+    def _bind_grads(self) -> None:
+        for t in self.tensors:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+            elif t.grad.stride() != t.stride() or t.grad.dtype != t.dtype or t.grad.device != t.device:
+                raise ValueError(f"a .grad of shape {tuple(t.grad.shape)} has another layout, dtype or device than "
+                                 f"its parameter (strides {t.grad.stride()} vs {t.stride()}): the penalty's "
+                                 "gradients are added in the parameter's memory order")
+        start = 0
+        for launch in self.launches:
+            count = len(launch.grams) + len(launch.squares)
+            launch.bind_grads([t.grad for t in self.tensors[start:start + count]], self.device)
+            start += count
+        self._grad_ptrs = [t.grad.data_ptr() for t in self.tensors]
+
+    def penalty(self, strength: Tensor) -> Tensor:
+        """The penalty at strength ``strength`` (0-d float tensor on the device): a differentiable float32 scalar
+        (one launch per dtype group and one sum; the backward one launch per dtype group)."""
+        return _PenaltyFunction.apply(self.id, strength, *self.tensors)
+
+    def _forward(self, strength: Tensor) -> Tuple[Tensor, Tensor]:
+        r = torch.empty(self.r_numel, dtype=torch.float32, device=self.device)
+        partials = torch.empty(self.n_part, dtype=torch.float32, device=self.device)
+        with config.on_device(r):
+            for launch in self.launches:
+                self._launch_fwd(launch, launch.fwd_tiles_loss, r,
+                                 partials[launch.o_part:launch.o_part + launch.n_part], strength)
+        return partials.sum(), r
+
+    def _grads(self, grad: Tensor, strength: Tensor, r: Tensor) -> List[Tensor]:
+        """Per launch, the flat gradient buffers of its gram and its squares tensors."""
+        flats = []
+        with config.on_device(r):
+            for launch in self.launches:
+                gflat = launch.anchor_w.new_empty(max(launch.gflat_numel, 1))
+                xflat = launch.anchor_x.new_zeros(max(launch.xflat_numel, 1))
+                self._launch_bwd(launch, r, (gflat, launch.o_gflat_t, xflat, launch.o_xflat_t),
+                                 (launch.gmeta, launch.smeta), strength, grad, False)
+                flats += [gflat, xflat]
+        return flats
+
+    def _views(self, flats: Sequence[Tensor]) -> List[Tensor]:
+        """Each tensor's gradient as a view of the flat buffers of :meth:`_grads`."""
+        views = []
+        for launch, gflat, xflat in zip(self.launches, flats[0::2], flats[1::2]):
+            views += [gflat.as_strided(r.tensor.shape, r.tensor.stride(), o)
+                      for r, o in zip(launch.grams, launch.o_gflat)]
+            views += [xflat.as_strided(r.tensor.shape, r.tensor.stride(), o)
+                      for r, o in zip(launch.squares, launch.o_xflat)]
+        return views
+
+
+def _check_rows(rows: Rows, device: torch.device, what: str) -> None:
+    t = rows.tensor
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{what}: float32, float16 or bfloat16 expected, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{what} is on {t.device}, expected {device}")
+    if rows.segments == 1:
+        from .checks import rows_dense
+
+        if not rows_dense(t):
+            raise ValueError(f"{what}: rows must be dense (contiguous or channels-last)")
+    elif not t.is_contiguous() or t.numel() % (rows.segments * rows.length):
+        raise ValueError(f"{what}: a tensor read in {rows.segments} segments must be contiguous and a multiple of "
+                         f"segments × segment_length elements")
+    check_pruned_indices(rows.pruned, rows.units, what)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tpp::plan_penalty", mutates_args=())
+def _plan_penalty(plan: int, strength: Tensor, tensors: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    return _plans[plan]._forward(strength)
+
+
+@_plan_penalty.register_fake
+def _(plan, strength, tensors):
+    return strength.new_empty((), dtype=torch.float32), strength.new_empty(_plans[plan].r_numel,
+                                                                            dtype=torch.float32)
+
+
+@torch.library.custom_op("tpp::plan_penalty_bwd", mutates_args=())
+def _plan_penalty_bwd(plan: int, grad: Tensor, strength: Tensor, r: Tensor, tensors: List[Tensor]) -> List[Tensor]:
+    return _plans[plan]._grads(grad, strength, r)
+
+
+@_plan_penalty_bwd.register_fake
+def _(plan, grad, strength, r, tensors):
+    out = []
+    for launch in _plans[plan].launches:
+        out += [r.new_empty(max(launch.gflat_numel, 1), dtype=launch.anchor_w.dtype),
+                r.new_empty(max(launch.xflat_numel, 1), dtype=launch.anchor_x.dtype)]
+    return out
+
+
+class _PenaltyFunction(torch.autograd.Function):
+    """Autograd of the two ops (a plain ``autograd.Function``: its per-call cost stays small with ~100 inputs)."""
+
+    @staticmethod
+    def forward(ctx, plan: int, strength: Tensor, *tensors: Tensor) -> Tensor:
+        loss, r = _plan_penalty(plan, strength, list(tensors))
+        ctx.plan = plan
+        ctx.save_for_backward(strength, r, *tensors)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        strength, r, *tensors = ctx.saved_tensors
+        flats = _plan_penalty_bwd(ctx.plan, grad_loss, strength, r, tensors)
+        return None, None, *_plans[ctx.plan]._views(flats)
