@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from tpp import TPPRegularizer
 from tpp.graph import ChannelUse, ModelGraph, analyze_model
 
 
@@ -510,8 +511,19 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_names_module_and_bn_map():
-    with pytest.raises(ValueError, match=r"module 'body\.1' \(Gate\).*bn_map"):
+    with pytest.raises(ValueError, match=r"module 'body\.1' \(Gate\).*leaf_modules=\['body\.1'\].*bn_map"):
         analyze_model(Untraceable())
+
+
+def test_leaf_modules_make_the_rest_analysable():
+    model = Untraceable()
+    g = analyze_model(model, leaf_modules=["body.1"])
+    assert g.traced and list(g.units) == ["conv2"]
+    assert "body.1 (Gate)" in g.refusals["conv"] and g.refusals["fc"] == "output is the model output"
+    reg = TPPRegularizer(model, 0.5, leaf_modules=["body.1"])
+    assert list(reg.pruned) == ["conv2"] and reg.prune().conv2.out_channels == 2
+    with pytest.raises(ValueError, match="leaf_modules entry 'nope'"):
+        analyze_model(model, leaf_modules=["nope"])
 
 
 def test_untraceable_root_forward():

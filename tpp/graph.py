@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -146,19 +146,29 @@ class ModelGraph:
         return outputs[-1] if outputs else None
 
 
-def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = None) -> ModelGraph:
+def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = None,
+                  leaf_modules: Iterable[str] = ()) -> ModelGraph:
     """Analyse ``model`` with torch.fx (``traced=True``), or describe it from ``bn_map`` (``traced=False``).
 
-    ``bn_map`` maps Conv2d/Linear names to the BatchNorm normalizing their output (or None). When given, fx is not
-    used: the listed layers are independent with that BN and no other known use (consumers unknown), the others are
-    coupled with reason ``"not in bn_map"``, and ``index`` is the registration order. Raises ``TypeError`` for a
-    non-module, ``ValueError`` for a bad ``bn_map`` entry or a model fx cannot trace.
+    ``leaf_modules``: qualified names of submodules fx should not trace into (e.g. one with data-dependent control
+    flow); each is then an opaque op — layers feeding it are refused, layers inside it are never called — and the
+    rest of the model is analysed as usual. ``bn_map`` maps Conv2d/Linear names to the BatchNorm normalizing their
+    output (or None). When given, fx is not used: the listed layers are independent with that BN and no other known
+    use (consumers unknown), the others are coupled with reason ``"not in bn_map"``, and ``index`` is the
+    registration order. Raises ``TypeError`` for a non-module, ``ValueError`` for a bad ``bn_map`` or
+    ``leaf_modules`` entry or a model fx cannot trace (naming the submodule and these two ways out).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"analyze_model expects an nn.Module, got {type(model).__name__}")
     if bn_map is not None:
         return _from_bn_map(model, bn_map)
-    tracer = _Tracer()
+    leaves = [leaf_modules] if isinstance(leaf_modules, str) else list(leaf_modules)
+    modules = dict(model.named_modules())
+    for name in leaves:
+        if not isinstance(name, str) or not name or name not in modules:
+            raise ValueError(f"leaf_modules entry {name!r} is not the qualified name of a submodule of "
+                             f"{type(model).__name__}")
+    tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(model)
     except Exception as err:
@@ -168,11 +178,12 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
             if failed
             else f"the forward of {type(model).__name__} itself"
         )
+        leaf = f"leaf_modules=[{failed!r}]" if failed else "leaf_modules=['<the submodule>']"
         raise ValueError(
             f"torch.fx cannot trace {type(model).__name__}: tracing failed in {where}: {type(err).__name__}: {err}. "
-            "Make that code traceable, or pass the layer -> BatchNorm mapping explicitly, e.g. "
-            "analyze_model(model, bn_map={'conv1': 'bn1', 'fc': None}); the layers listed there are then treated "
-            "as independently prunable."
+            f"Ways out: make that code traceable; or keep it opaque with {leaf} (tpp then prunes around it); or "
+            "pass the layer -> BatchNorm mapping explicitly, e.g. analyze_model(model, bn_map={'conv1': 'bn1', "
+            "'fc': None}); the layers listed there are then treated as independently prunable."
         ) from err
     return _Analysis(model, graph).model_graph()
 
@@ -185,14 +196,15 @@ class _Tracer(fx.Tracer):
     """fx tracer keeping Conv2d/Linear/BatchNorm/MultiheadAttention (and subclasses) as leaves; records the innermost
     module a failure came from."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaves: Iterable[str] = ()) -> None:
         super().__init__()
+        self.leaves = frozenset(leaves)
         self.stack: list[str] = []  # qualified names of the modules being traced, outermost first
         self.failed_in: tuple[BaseException, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _LAYERS + _BNS + (nn.MultiheadAttention,)) or super().is_leaf_module(
-            m, module_qualified_name)
+        return isinstance(m, _LAYERS + _BNS + (nn.MultiheadAttention,)) or module_qualified_name in self.leaves \
+            or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))

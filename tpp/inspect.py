@@ -17,7 +17,8 @@ __all__ = ["inspect_model"]
 
 
 def inspect_model(model: nn.Module, example_input=None, ratio: RatioSpec | None = None,
-                  skip: str | Iterable[str] = (), *, bn_map: Mapping[str, str | None] | None = None) -> str:
+                  skip: str | Iterable[str] = (), *, bn_map: Mapping[str, str | None] | None = None,
+                  leaf_modules: Iterable[str] = ()) -> str:
     """The report of ``tpp inspect``: every prunable unit (private layer, coupled group with its members,
     attention heads) with its kind, size (``size×segments`` with grouped convs) and the share of the model's FLOPs
     spent in the layers pruning it shrinks (its producers and consumers; shares overlap), then every refused layer
@@ -25,9 +26,10 @@ def inspect_model(model: nn.Module, example_input=None, ratio: RatioSpec | None 
 
     ``example_input`` (e.g. one image) enables the FLOPs columns; ``ratio`` (any spec :func:`tpp.select_filters`
     takes, with ``skip``) adds the units it prunes and the FLOPs and parameter reduction of removing them, without
-    training. Raises what :func:`tpp.graph.analyze_model` and :func:`tpp.select_filters` raise.
+    training. ``bn_map``/``leaf_modules`` go to :func:`tpp.graph.analyze_model`. Raises what it and
+    :func:`tpp.select_filters` raise.
     """
-    graph = analyze_model(model, bn_map=bn_map)
+    graph = analyze_model(model, bn_map=bn_map, leaf_modules=leaf_modules)
     flops = flops_by_module(model, example_input) if example_input is not None else None
     total = sum(flops.values()) if flops else 0
     chosen = layer_ratios(graph, ratio, skip) if ratio is not None else {}

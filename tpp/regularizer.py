@@ -135,6 +135,7 @@ class TPPRegularizer:
         schedule: a :class:`GrowingSchedule` (default: the reference CIFAR run).
         backend: ``"auto" | "torch" | "triton" | "cuda"``; ``$TPP_BACKEND`` overrides it.
         bn_map: ``{layer: bn or None}`` for models torch.fx cannot trace (see :func:`tpp.graph.analyze_model`).
+        leaf_modules: submodules torch.fx should not trace into (opaque; see :func:`tpp.graph.analyze_model`).
         target_speedup: instead of ``pruning_ratio``, a FLOPs speedup (> 1) to reach within 2% by
             :func:`tpp.count_flops` on ``example_input``; the ratios are found by :func:`tpp.selection.
             search_speedup` (``speedup_mode`` ``"uniform"`` or ``"global"``), logged at INFO and kept in
@@ -145,7 +146,8 @@ class TPPRegularizer:
                  variant: str = "decorrelate", gram_weight: float = 1000.0, reduction: str = "mean",
                  bn: bool = True, weight_l2: bool = True, schedule: GrowingSchedule | None = None,
                  backend: str = "auto", *, bn_map: Mapping[str, str | None] | None = None,
-                 target_speedup: float | None = None, example_input=None, speedup_mode: str = "uniform"):
+                 target_speedup: float | None = None, example_input=None, speedup_mode: str = "uniform",
+                 leaf_modules: Iterable[str] = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if (pruning_ratio is None) == (target_speedup is None):
@@ -169,7 +171,7 @@ class TPPRegularizer:
         self.model = unwrap_model(model)
         self.variant, self.gram_weight, self.reduction = variant, float(gram_weight), reduction
         self.bn, self.weight_l2, self.schedule = bn, weight_l2, schedule
-        self.graph = analyze_model(self.model, bn_map=bn_map)
+        self.graph = analyze_model(self.model, bn_map=bn_map, leaf_modules=leaf_modules)
         params = list(self.model.parameters())
         if not params:
             raise ValueError("model has no parameters to regularize")
