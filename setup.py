@@ -52,6 +52,7 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "demo": ["scikit-learn>=1.2", "matplotlib>=3.6"],
+        "timm": ["timm>=0.9"],
     },
     entry_points={"console_scripts": ["tpp=tpp.cli:main"]},
     classifiers=[
