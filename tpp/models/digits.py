@@ -4,7 +4,7 @@
   block with a 1×1 projection shortcut (32), global average pooling, Linear. The stem and the blocks' second convs
   form a coupled group per stage (pruned with one shared index set); the blocks' first convs are private.
 * ``digits_vit``: a tiny pre-norm ViT — 2×2 patches (16 tokens) embedded to 32, a class token, learned position
-  embeddings, two blocks of ``nn.MultiheadAttention`` (4 heads of 8) and an MLP (64), LayerNorm, Linear head. Its
+  embeddings, two blocks of ``nn.MultiheadAttention`` (8 heads of 4) and an MLP (64), LayerNorm, Linear head. Its
   attention heads and MLP hidden neurons are the prunable units; the 32-wide residual stream is LayerNorm-coupled
   and refused.
 """
@@ -72,7 +72,7 @@ class _Encoder(nn.Module):
 class DigitsViT(nn.Module):
     """Tiny ViT for 1×8×8 inputs (module docstring)."""
 
-    def __init__(self, num_classes: int = 10, dim: int = 32, heads: int = 4, hidden: int = 64, depth: int = 2,
+    def __init__(self, num_classes: int = 10, dim: int = 32, heads: int = 8, hidden: int = 64, depth: int = 2,
                  patch: int = 2, image: int = 8) -> None:
         super().__init__()
         self.patch = nn.Conv2d(1, dim, patch, patch)
