@@ -1,4 +1,4 @@
-"""torch.fx analysis of a model: which Conv2d/Linear layers TPP may prune on their own.
+"""torch.fx analysis of a model: the units TPP prunes (tpp-method.md §12) — private layers, coupled groups, heads.
 
 ``analyze_model(model)`` traces the model symbolically (no example input; parameters, buffers and modules are left as
 they are) and, for every Conv2d/Linear, follows its output channels forward through steps that keep them aligned:
@@ -7,18 +7,24 @@ they are) and, for every Conv2d/Linear, follows its output channels forward thro
 * pooling (incl. adaptive), upsampling, mean over the spatial dims;
 * BatchNorm (role ``"bn"``) and depthwise convs (role ``"depthwise"``), which carry the channels on;
 * flatten (``nn.Flatten``, ``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``, ``reshape``) into a
-  Linear, where each channel becomes ``in_features // C`` consecutive features.
+  Linear, where each channel becomes ``in_features // C`` consecutive features;
+* concatenations along the channels (``torch.cat(..., 1)``), at an offset (``ChannelUse.offset``) when every
+  part's channel count follows from the layers producing it (DenseNet);
+* stochastic depth (torchvision's ``stochastic_depth``), which drops whole samples.
 
-The walk stops at a Conv2d/Linear consuming the channels (role ``"input"``). A layer is *independently prunable*
-(``LayerInfo.coupling is None``) only if every path ends that way. Anything else gives a human-readable reason:
-a join with another branch (add/sub/mul/div/cat), the model output, a grouped conv, a shared module, or an op the
-walk does not understand (conservative: unknown means not prunable). Joins are followed further (``uses`` then lists
-the consumers of the joined tensor too) and put the joined layers into one ``group``. Softmax/log_softmax mix the
-channels (coupled) but are followed to find the model output, so a classifier under ``log_softmax`` is still
-``is_output``.
+The walk stops at a Conv2d/Linear consuming the channels (role ``"input"``; a grouped conv with ``groups``). A
+layer is *independently prunable* (``LayerInfo.coupling is None``) only if every path ends that way. Anything else
+gives a human-readable reason: a join with another branch (add/sub/mul/div), the model output, a LayerNorm/GroupNorm
+(zeroing a channel changes the others' statistics: never exact), a shared module, or an op the walk does not
+understand (conservative: unknown means not prunable). Joins are followed further (``uses`` then lists the consumers
+of the joined tensor too) and put the joined layers into one ``group``; a group whose only reasons are joins of its
+own members' channels is a coupled-group :class:`Unit` (residual streams, squeeze-excite scales). Softmax/log_softmax
+mix the channels (coupled) but are followed to find the model output, so a classifier under ``log_softmax`` is
+still ``is_output``. Each ``nn.MultiheadAttention`` called once with a packed in-projection is a heads unit.
+``ModelGraph.units`` lists the units, ``ModelGraph.refusals`` every other layer with its reason.
 
 If fx cannot trace the model, ``analyze_model`` raises ``ValueError`` naming the submodule that failed; pass
-``bn_map`` to describe the layers by hand instead. When ``bn_map`` is given it is always used and no tracing happens
+``leaf_modules`` to keep that submodule opaque, or ``bn_map`` to describe the layers by hand instead. When ``bn_map`` is given it is always used and no tracing happens
 (an explicit description beats a guess), see ``analyze_model``.
 """
 from __future__ import annotations

@@ -4,13 +4,17 @@
 one index set per layer (or per coupled group):
 
 * the layer itself: Conv2d/Linear output filters (weight rows, bias);
-* every BatchNorm the channels pass through (weight, bias, running_mean, running_var, ``num_features``);
+* every BatchNorm the channels pass through (weight, bias, running_mean, running_var, ``num_features``), at the
+  channels' offset after a concatenation;
 * depthwise convs carrying the channels on (filters and ``in_channels = out_channels = groups``);
-* every consumer's input channels: Conv2d ``weight[:, kept]``, a Linear after flatten whole blocks of ``block``
-  consecutive in_features.
+* every consumer's input channels: Conv2d ``weight[:, kept]`` (a grouped conv: the kept positions within each
+  group, ``groups`` unchanged), a Linear after flatten whole blocks of ``block`` consecutive in_features, shifted
+  by the offset after a concatenation.
 
 A coupled group (outputs joined by add/sub/mul/div, e.g. the convs feeding one residual stream) is pruned only as a
-whole, every member with the same index set. Groups joined by ``torch.cat`` are refused.
+whole, every member with the same index set; channels feeding grouped convs only alike in every group. Attention
+heads (``pruned[attention module] = head indices``) are removed whole: the module becomes a
+:class:`tpp.attention.PrunedMultiheadAttention` with the same ``embed_dim`` and ``head_dim``.
 
 Removal is exact: when the pruned W, b and the γ, β of the BatchNorms the channels pass through are zero, the pruned
 model computes the same function in eval mode (without BN a channel carries its bias: zero b[P] too).
