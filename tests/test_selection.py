@@ -143,8 +143,10 @@ def test_target_speedup_is_reached_within_2_percent(resnet18, mode):
     assert abs(speedup / 2.0 - 1) <= 0.02 and speedup == pytest.approx(search.speedup)
     assert set(reg.pruned) == {m for name in search.ratios for m in reg.graph.units[name].members}
     assert f"target speedup 2x ({mode}" in search.describe() and "layer1.0.conv1: " in search.describe()
-    if mode == "uniform":
-        assert torch.equal(reg.pruned["layer1.0.conv1"], select_filters(resnet18, search.level)["layer1.0.conv1"])
+    if mode == "uniform":  # one ratio; where counts jump, some units one channel further
+        for name, ratio in search.ratios.items():
+            size = reg.graph.units[name].size
+            assert num_pruned(search.level, size) <= ratio * size <= num_pruned(search.level, size) + 1
     else:
         assert len({round(r, 3) for r in search.ratios.values()}) > 1  # the ranking is global: ratios differ
 

@@ -215,7 +215,8 @@ def search_speedup(model: nn.Module, target: float, example_input, *, mode: str 
                    tolerance: float = 0.02, max_steps: int = 40) -> SpeedupSearch:
     """Ratios whose pruning reaches ``count_flops(model) / count_flops(pruned) = target`` within ``tolerance``.
 
-    ``mode="uniform"``: one ratio for every unit (every unit but the skipped ones), found by bisection.
+    ``mode="uniform"``: one ratio for every unit (every unit but the skipped ones), found by bisection; where the
+    counts jump (many units change at one ratio), some units (in zero-out order) take the next count up.
     ``mode="global"``: every unit's scores (:func:`unit_scores`) divided by that unit's mean score, ranked
     together; the lowest fraction ``q`` of all units is pruned (each unit capped at ``⌊0.995·N⌋``), ``q`` found by
     bisection. FLOPs are counted on ``example_input`` (a batch of one is enough). ``model`` is not modified.
@@ -236,8 +237,7 @@ def search_speedup(model: nn.Module, target: float, example_input, *, mode: str 
     base = count_flops(model, example_input)
     scores = {name: unit_scores(model, graph.units[name]) for name in units}
 
-    def at(q: float) -> tuple[float, dict[str, float], dict[str, Tensor], float]:
-        counts = _uniform_counts(graph, units, q) if mode == "uniform" else _global_counts(graph, scores, q)
+    def at(level: float, counts: Mapping[str, int]) -> tuple[float, dict[str, float], dict[str, Tensor], float]:
         pruned, ratios = {}, {}
         for name, k in counts.items():
             unit = graph.units[name]
@@ -246,22 +246,38 @@ def search_speedup(model: nn.Module, target: float, example_input, *, mode: str 
                 pruned.update({m: idx.clone() for m in unit.members})
                 ratios[name] = k / unit.size
         flops = count_flops(prune_model(model, pruned, graph=graph), example_input) if pruned else base
-        return q, ratios, pruned, base / flops
+        return level, ratios, pruned, base / flops
+
+    def counts_at(q: float) -> dict[str, int]:
+        return _uniform_counts(graph, units, q) if mode == "uniform" else _global_counts(graph, scores, q)
+
+    def off(candidate) -> float:
+        return abs(candidate[3] / target - 1)
 
     low, high = 0.0, float(MAX_PRUNED_FRACTION)
-    best = at(high)
+    best = at(high, counts_at(high))
     if best[3] < target * (1 - tolerance):
         raise ValueError(f"target speedup {target:g}x is out of reach: pruning every unit of "
                          f"{type(model).__name__} at the cap ({float(MAX_PRUNED_FRACTION)}) gives {best[3]:.3f}x")
     steps = 1
-    while abs(best[3] / target - 1) > tolerance and steps < max_steps:
+    while off(best) > tolerance and steps < max_steps and high - low > 1e-9:
         mid = (low + high) / 2
-        found = at(mid)
+        found = at(mid, counts_at(mid))
         steps += 1
-        if abs(found[3] / target - 1) < abs(best[3] / target - 1):
-            best = found
+        best = found if off(found) < off(best) else best
         low, high = (mid, high) if found[3] < target else (low, mid)
-    if abs(best[3] / target - 1) > tolerance:
+    # units change counts in steps (many at one ratio): take the units that differ between the bracketing ratios
+    # one at a time, in zero-out order, from the lower ratio's count to the higher one's
+    below, above = counts_at(low), counts_at(high)
+    differ = [name for name in units if below[name] != above[name]]
+    first, last = 0, len(differ)
+    while off(best) > tolerance and steps < max_steps and last - first > 1:
+        k = (first + last) // 2
+        found = at(low, {**below, **{name: above[name] for name in differ[:k]}})
+        steps += 1
+        best = found if off(found) < off(best) else best
+        first, last = (k, last) if found[3] < target else (first, k)
+    if off(best) > tolerance:
         raise ValueError(f"no {mode} ratio reaches {target:g}x within {tolerance:.0%}: the closest is "
                          f"{best[3]:.3f}x (the units are too coarse); try mode='global' or another target")
     return SpeedupSearch(float(target), mode, *best, steps)
