@@ -24,8 +24,9 @@ still ``is_output``. Each ``nn.MultiheadAttention`` called once with a packed in
 ``ModelGraph.units`` lists the units, ``ModelGraph.refusals`` every other layer with its reason.
 
 If fx cannot trace the model, ``analyze_model`` raises ``ValueError`` naming the submodule that failed; pass
-``leaf_modules`` to keep that submodule opaque, or ``bn_map`` to describe the layers by hand instead. When ``bn_map`` is given it is always used and no tracing happens
-(an explicit description beats a guess), see ``analyze_model``.
+``leaf_modules`` to keep that submodule opaque, or ``bn_map`` to describe the layers by hand instead. When
+``bn_map`` is given it is always used and no tracing happens (an explicit description beats a guess), see
+``analyze_model``.
 """
 from __future__ import annotations
 
