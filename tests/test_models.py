@@ -166,7 +166,7 @@ def test_digits_models_have_group_and_head_units():
 
 def test_timm_models(tmp_path):
     timm = pytest.importorskip("timm")
-    model = build_model("timm:resnet18", num_classes=7)
+    model = build_model("timm:resnet18", num_classes=7).eval()
     assert isinstance(model, nn.Module) and model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
     torch.save(model.state_dict(), tmp_path / "w.pt")
     loaded = build_model("timm:resnet18", num_classes=7, pretrained=str(tmp_path / "w.pt"))

@@ -585,3 +585,76 @@ def test_flops_reduction_at_half(name):
     x = torch.zeros(1, 3, 224, 224)
     small = prune_model(model, select_filters(model, 0.5))
     assert count_flops(model, x) / count_flops(small, x) >= UNIT_SPEEDUPS[name]
+
+
+class PackedAttention(nn.Module):
+    """timm's ``Attention`` (1.0) in miniature: one packed qkv Linear, heads by reshape, ``attn_dim`` wide."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attn_dim = num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        self.norm = nn.Identity()
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(self.norm(x.transpose(1, 2).reshape(b, n, self.attn_dim)))
+
+
+class PackedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.norm = nn.LayerNorm(16)
+        self.attn = PackedAttention()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(self.norm(x))
+        return self.head(x.mean(1))
+
+
+def test_packed_qkv_attention_heads(seed, tmp_path):
+    torch.manual_seed(seed)
+    model = PackedNet().double().eval()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    reg = TPPRegularizer(model, "attn:0.5")
+    assert reg.graph.units["attn"].kind == "heads" and reg.pruned["attn"].numel() == 2
+    assert [s.role for s in reg.slots("attn")] == ["gram", "l2", "zero"]
+    assert "attn.qkv" not in reg.graph.refusals and "embed" in reg.graph.refusals  # LayerNorm-coupled
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y0 = model(x)
+        reg.zero_pruned()
+        y = model(x)
+        small = reg.prune()
+        assert_close_to_reference(small(x), y, torch.float64)
+    assert (y - y0).abs().max() > 1e-3 * y0.abs().max()
+    attn = small.attn
+    assert (attn.num_heads, attn.attn_dim, attn.qkv.out_features, attn.proj.in_features) == (2, 8, 24, 8)
+    assert type(attn) is PackedAttention  # shrunk in place, not replaced
+    flops = count_flops(model, x) - count_flops(small, x)
+    assert flops == 2 * (2 * 5 * 16 * 24 + 2 * 5 * 8 * 16 + 2 * 2 * 5 * 5 * 8)  # qkv, proj, QKᵀ and AV halves
+    save_pruned(small, reg.pruned, tmp_path / "p.pt")
+    loaded = load_pruned(PackedNet().double().eval(), tmp_path / "p.pt")
+    assert torch.equal(loaded(x), small(x))
+
+
+def test_timm_vit_heads_are_exact(seed):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).double().eval()
+    model = randomize_all(model, torch.Generator().manual_seed(seed), (2, 3, 32, 32))
+    reg = TPPRegularizer(model, 0.5)
+    assert reg.graph.units["blocks.0.attn"].kind == "heads"
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    reg.zero_pruned()
+    with torch.no_grad():
+        assert_close_to_reference(reg.prune()(x), model(x), torch.float64)

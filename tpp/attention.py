@@ -1,4 +1,5 @@
-"""``PrunedMultiheadAttention``: an ``nn.MultiheadAttention`` whose heads were removed (tpp-method.md §12).
+"""Attention heads as pruning units (tpp-method.md §12): where their parameters live (:func:`head_parameters`) and
+``PrunedMultiheadAttention``, an ``nn.MultiheadAttention`` whose heads were removed.
 
 ``nn.MultiheadAttention`` ties its inner width (``num_heads · head_dim``) to ``embed_dim``, the width of its input
 and output; removing heads keeps ``embed_dim`` and ``head_dim`` (so the ``1/√head_dim`` scale) and shrinks the
@@ -10,12 +11,13 @@ the same call signature and results (``(output, weights or None)``). Only self-a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PrunedMultiheadAttention"]
+__all__ = ["PrunedMultiheadAttention", "HeadParameters", "head_parameters"]
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -110,3 +112,43 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+@dataclass(frozen=True)
+class HeadParameters:
+    """Where an attention module's heads live: ``packed_weight`` ``[3·H·d_h, E]`` (q, k, v rows of head ``h`` at
+    ``[h·d_h, (h+1)·d_h)`` of each third), its bias (or None), and ``out_weight`` ``[E_out, H·d_h]`` (head ``h``'s
+    input columns at the same range)."""
+
+    packed_weight: Tensor
+    packed_bias: Tensor | None
+    out_weight: Tensor
+    num_heads: int
+    head_dim: int
+
+
+def head_parameters(module: nn.Module) -> HeadParameters | None:
+    """The heads of ``module`` if tpp can prune them whole, else None.
+
+    Two layouts: ``nn.MultiheadAttention`` (and :class:`PrunedMultiheadAttention`) with a packed
+    ``in_proj_weight``; and a *packed-qkv* module in timm's ``Attention`` style: attributes ``qkv`` and ``proj``
+    (Linear), ``num_heads``, ``head_dim`` and ``attn_dim = num_heads · head_dim`` — the width its forward reshapes
+    to (timm ≥ 1.0), no ``gate`` and an ``nn.Identity`` ``norm`` if it has those."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is None:  # separate q/k/v projections (kdim/vdim differ from embed_dim)
+            return None
+        inner = module.in_proj_weight.shape[0] // 3
+        return HeadParameters(module.in_proj_weight, module.in_proj_bias, module.out_proj.weight,
+                              module.num_heads, inner // module.num_heads)
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)
+            and isinstance(head_dim, int)):
+        return None
+    inner = heads * head_dim
+    if getattr(module, "attn_dim", None) != inner or qkv.out_features != 3 * inner or proj.in_features != inner:
+        return None
+    if getattr(module, "gate", None) is not None or not isinstance(getattr(module, "norm", nn.Identity()),
+                                                                   nn.Identity):
+        return None
+    return HeadParameters(qkv.weight, qkv.bias, proj.weight, heads, head_dim)

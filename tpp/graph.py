@@ -20,7 +20,8 @@ understand (conservative: unknown means not prunable). Joins are followed furthe
 of the joined tensor too) and put the joined layers into one ``group``; a group whose only reasons are joins of its
 own members' channels is a coupled-group :class:`Unit` (residual streams, squeeze-excite scales). Softmax/log_softmax
 mix the channels (coupled) but are followed to find the model output, so a classifier under ``log_softmax`` is
-still ``is_output``. Each ``nn.MultiheadAttention`` called once with a packed in-projection is a heads unit.
+still ``is_output``. Each attention module called once with a packed q/k/v projection is a heads unit
+(``nn.MultiheadAttention``, timm-style ``Attention``: :func:`tpp.attention.head_parameters`; kept opaque by fx).
 ``ModelGraph.units`` lists the units, ``ModelGraph.refusals`` every other layer with its reason.
 
 If fx cannot trace the model, ``analyze_model`` raises ``ValueError`` naming the submodule that failed; pass
@@ -38,6 +39,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+
+from .attention import head_parameters
 
 __all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "Unit", "analyze_model"]
 
@@ -175,7 +178,8 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
         if not isinstance(name, str) or not name or name not in modules:
             raise ValueError(f"leaf_modules entry {name!r} is not the qualified name of a submodule of "
                              f"{type(model).__name__}")
-    tracer = _Tracer(leaves)
+    packed = [n for n, m in modules.items() if not isinstance(m, nn.MultiheadAttention) and head_parameters(m)]
+    tracer = _Tracer(leaves + packed)
     try:
         graph = tracer.trace(model)
     except Exception as err:
@@ -488,28 +492,30 @@ class _Analysis:
         return segments
 
     def _heads(self) -> dict[str, tuple[Unit | None, str | None]]:
-        """Every nn.MultiheadAttention: its heads unit, or why its heads cannot be pruned."""
+        """Every attention module (:func:`tpp.attention.head_parameters`): its heads unit, or why its heads cannot
+        be pruned."""
         found = {}
         for name, m in self.modules.items():
-            if not isinstance(m, nn.MultiheadAttention):
+            params = head_parameters(m)
+            if not isinstance(m, nn.MultiheadAttention) and params is None:
                 continue
             calls = self.calls.get(name, [])
             reason = None
             if len(calls) != 1:
                 reason = f"attention module is called {len(calls)} times in forward"
-            elif not m._qkv_same_embed_dim:
+            elif params is None:
                 reason = "q, k and v have separate projections (kdim/vdim differ from embed_dim); tpp prunes the " \
                          "heads of a packed in_proj_weight only"
-            elif m.bias_k is not None or m.add_zero_attn:
+            elif getattr(m, "bias_k", None) is not None or getattr(m, "add_zero_attn", False):
                 reason = "add_bias_kv/add_zero_attn is not supported"
-            elif m.num_heads < 2:
+            elif params.num_heads < 2:
                 reason = "a single head"
             if reason is not None:
                 found[name] = (None, reason)
                 continue
             at = self.pos[calls[0]]
             index = sum(1 for layer in self.order if self.calls.get(layer) and self.pos[self.calls[layer][0]] < at)
-            found[name] = (Unit(name, "heads", (name,), m.num_heads, 1, index), None)
+            found[name] = (Unit(name, "heads", (name,), params.num_heads, 1, index), None)
         return found
 
     def _group_coupling(self, group: tuple[str, ...]) -> str | None:

@@ -5,7 +5,9 @@
   producing ``out`` (all elements, batch included) costs ``out.numel() · (C_in / groups) · kh · kw`` MACs; a Linear
   ``out.numel() · in_features``; an attention call with ``L`` queries, ``S`` keys and inner width ``I`` (heads ×
   head dim) ``B·I·(L·E_q + S·E_k + S·E_v)`` for the projections, ``2·B·L·S·I`` for ``QKᵀ`` and ``AV``, and
-  ``B·L·I·E_out`` for the out-projection — what ``torch.utils.flop_counter.FlopCounterMode`` counts.
+  ``B·L·I·E_out`` for the out-projection — what ``torch.utils.flop_counter.FlopCounterMode`` counts. A timm-style
+  packed-qkv attention module (:func:`tpp.attention.head_parameters`) adds ``2·B·N²·I`` for its two attention
+  matmuls to its ``qkv`` and ``proj`` Linears.
 * ``jacobian_singular_values``: per sample, ``J(x) = ∂f(x)/∂x ∈ R^{classes × inputs}`` and its singular values
   (tpp-method.md §7), measured in eval mode so that samples do not interact through BN batch statistics.
 
@@ -22,6 +24,8 @@ from typing import Iterator, Union
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from .attention import head_parameters
 
 __all__ = ["count_flops", "flops_by_module", "count_params", "jacobian_singular_values", "jsv_summary",
            "measure_latency"]
@@ -71,6 +75,11 @@ def flops_by_module(model: nn.Module, example_input: Inputs) -> dict[str, int]:
     def attention_hook(m: nn.MultiheadAttention, args: tuple, kwargs: dict, _out) -> None:
         add(m, _attention_macs(m, *_qkv(args, kwargs)))
 
+    def packed_hook(m: nn.Module, args: tuple, kwargs: dict, _out) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))  # [batch, tokens, features]
+        params = head_parameters(m)
+        add(m, 2 * x.shape[0] * x.shape[1] ** 2 * params.num_heads * params.head_dim)  # QKᵀ and AV
+
     handles = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -79,6 +88,8 @@ def flops_by_module(model: nn.Module, example_input: Inputs) -> dict[str, int]:
             handles.append(m.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
+        elif head_parameters(m) is not None:  # timm-style: its qkv/proj Linears are counted as such
+            handles.append(m.register_forward_hook(packed_hook, with_kwargs=True))
     try:
         with _eval_mode(model), torch.no_grad():
             model(*_as_args(example_input))

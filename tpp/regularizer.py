@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from .attention import head_parameters
 from .backends import resolve_backend
 from .graph import analyze_model
 from .schedule import GrowingSchedule
@@ -241,14 +242,12 @@ class TPPRegularizer:
     def _bound(self, unit, indices: Tensor, channels: Tensor, modules: dict[str, nn.Module]) -> list[_Unit]:
         """The ``_Unit``s of one graph unit: its own (``unit.members`` as names), then one per offset carrier."""
         if unit.kind == "heads":
-            m = modules[unit.name]
-            head = m.in_proj_weight.shape[0] // 3 // m.num_heads
-            slots = [Slot(m.in_proj_weight, "gram", 3, head * m.in_proj_weight.shape[1])]
-            if m.in_proj_bias is not None:
-                slots.append(Slot(m.in_proj_bias, "l2", 3, head))
-            slots.append(Slot(m.out_proj.weight, "zero", m.out_proj.weight.shape[0], head))
-            device = m.in_proj_weight.device
-            return [_Unit(unit.members, unit.index, indices.to(device), tuple(slots))]
+            p = head_parameters(modules[unit.name])
+            slots = [Slot(p.packed_weight, "gram", 3, p.head_dim * p.packed_weight.shape[1])]
+            if p.packed_bias is not None:
+                slots.append(Slot(p.packed_bias, "l2", 3, p.head_dim))
+            slots.append(Slot(p.out_weight, "zero", p.out_weight.shape[0], p.head_dim))
+            return [_Unit(unit.members, unit.index, indices.to(p.packed_weight.device), tuple(slots))]
 
         def slot(param: Tensor, role: str) -> Slot:
             if unit.segments == 1:

@@ -27,6 +27,7 @@ from typing import Iterable, Mapping, Union
 import torch
 from torch import Tensor, nn
 
+from .attention import head_parameters
 from .graph import ModelGraph, Unit, analyze_model
 
 RatioSpec = Union[float, str, Mapping[str, float]]
@@ -150,7 +151,7 @@ def unit_scores(model: nn.Module, unit: Unit) -> Tensor:
     v rows of the packed in-projection."""
     modules = dict(model.named_modules())
     if unit.kind == "heads":
-        w = modules[unit.name].in_proj_weight.detach().to("cpu", torch.float64)
+        w = head_parameters(modules[unit.name]).packed_weight.detach().to("cpu", torch.float64)
         return w.reshape(3, unit.channels, -1).abs().mean(dim=(0, 2))
     total = torch.zeros(unit.size, dtype=torch.float64)
     for member in unit.members:

@@ -34,7 +34,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .attention import PrunedMultiheadAttention
+from .attention import HeadParameters, PrunedMultiheadAttention, head_parameters
 from .files import atomic_save
 from .graph import ModelGraph, Unit, analyze_model
 
@@ -80,7 +80,10 @@ def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
     with torch.no_grad():  # build every replacement first: nothing below can fail half-way
         updates = [(modules[name], _shrunk(modules[name], keep.get("out"), keep.get("in")))
                    for name, keep in plan.items()]
-        replaced = [(name, PrunedMultiheadAttention.keeping(modules[name], kept)) for name, kept in heads.items()]
+        replaced = [(name, PrunedMultiheadAttention.keeping(modules[name], kept)) for name, kept in heads.items()
+                    if isinstance(modules[name], nn.MultiheadAttention)]
+        updates += [(modules[name], {"num_heads": kept.numel(), "attn_dim": kept.numel() * modules[name].head_dim})
+                    for name, kept in heads.items() if not isinstance(modules[name], nn.MultiheadAttention)]
     for module, new in updates:
         _assign(module, new)
     for name, new in replaced:
@@ -127,8 +130,14 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
         unit = _unit(graph, name, indices)
         done.update(unit.members)
         if unit.kind == "heads":
-            _expect_heads(modules, name, unit.channels)
+            params = _expect_heads(modules, name, unit.channels)
             heads[name] = _complement(idx, unit.channels)
+            if not isinstance(modules[name], nn.MultiheadAttention):  # packed qkv Linear: shrunk where it is
+                d = params.head_dim
+                rows = _blocks(idx, d)
+                _remove(removed, f"{name}.qkv", "out", 0, 3 * unit.channels * d,
+                        torch.cat([rows + s * unit.channels * d for s in range(3)]), name)
+                _remove(removed, f"{name}.proj", "in", 0, unit.channels * d, rows, name)
             continue
         channels = unit.channels
         for member in unit.members:
@@ -231,12 +240,14 @@ def _expect(modules: dict[str, nn.Module], name: str, role: str, channels: int, 
                          f"channels, found {found}. Was the graph built for another model, or was it changed since?")
 
 
-def _expect_heads(modules: dict[str, nn.Module], name: str, heads: int) -> None:
+def _expect_heads(modules: dict[str, nn.Module], name: str, heads: int) -> HeadParameters:
     m = modules.get(name)
-    if not isinstance(m, nn.MultiheadAttention) or m.num_heads != heads:
+    params = head_parameters(m) if m is not None else None
+    if params is None or params.num_heads != heads:
         found = "no such module" if m is None else repr(m)
-        raise ValueError(f"the graph does not describe this model: {name!r} should be a MultiheadAttention with "
+        raise ValueError(f"the graph does not describe this model: {name!r} should be an attention module with "
                          f"{heads} heads, found {found}. Was the graph built for another model?")
+    return params
 
 
 def _remove(removed: dict, name: str, side: str, start: int, width: int, idx: Tensor, source: str) -> None:
@@ -317,7 +328,7 @@ def save_pruned(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
     _check_plain(extra, "extra")
     modules = dict(model.named_modules())
     for name in pruned:
-        if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear, nn.MultiheadAttention)):
+        if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear)) and head_parameters(modules.get(name)) is None:
             raise ValueError(f"pruned layer {name!r}: no Conv2d/Linear/MultiheadAttention of that name in "
                              f"{type(model).__name__}")
     spec = {name: _as_indices(idx, None, f"pruned indices of layer {name!r}").tolist() for name, idx in pruned.items()}
