@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from fractions import Fraction
-from typing import Iterable, Mapping, Union
+from typing import Iterable, Mapping, NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -238,7 +238,7 @@ def search_speedup(model: nn.Module, target: float, example_input, *, mode: str 
     base = count_flops(model, example_input)
     scores = {name: unit_scores(model, graph.units[name]) for name in units}
 
-    def at(level: float, counts: Mapping[str, int]) -> tuple[float, dict[str, float], dict[str, Tensor], float]:
+    def at(level: float, counts: Mapping[str, int]) -> _Candidate:
         pruned, ratios = {}, {}
         for name, k in counts.items():
             unit = graph.units[name]
@@ -247,26 +247,26 @@ def search_speedup(model: nn.Module, target: float, example_input, *, mode: str 
                 pruned.update({m: idx.clone() for m in unit.members})
                 ratios[name] = k / unit.size
         flops = count_flops(prune_model(model, pruned, graph=graph), example_input) if pruned else base
-        return level, ratios, pruned, base / flops
+        return _Candidate(level, ratios, pruned, base / flops)
 
     def counts_at(q: float) -> dict[str, int]:
         return _uniform_counts(graph, units, q) if mode == "uniform" else _global_counts(graph, scores, q)
 
-    def off(candidate) -> float:
-        return abs(candidate[3] / target - 1)
+    def off(candidate: _Candidate) -> float:
+        return abs(candidate.speedup / target - 1)
 
     low, high = 0.0, float(MAX_PRUNED_FRACTION)
     best = at(high, counts_at(high))
-    if best[3] < target * (1 - tolerance):
+    if best.speedup < target * (1 - tolerance):
         raise ValueError(f"target speedup {target:g}x is out of reach: pruning every unit of "
-                         f"{type(model).__name__} at the cap ({float(MAX_PRUNED_FRACTION)}) gives {best[3]:.3f}x")
+                         f"{type(model).__name__} at the cap ({float(MAX_PRUNED_FRACTION)}) gives {best.speedup:.3f}x")
     steps = 1
     while off(best) > tolerance and steps < max_steps and high - low > 1e-9:
         mid = (low + high) / 2
         found = at(mid, counts_at(mid))
         steps += 1
         best = found if off(found) < off(best) else best
-        low, high = (mid, high) if found[3] < target else (low, mid)
+        low, high = (mid, high) if found.speedup < target else (low, mid)
     # units change counts in steps (many at one ratio): take the units that differ between the bracketing ratios
     # one at a time, in zero-out order, from the lower ratio's count to the higher one's
     below, above = counts_at(low), counts_at(high)
@@ -277,11 +277,18 @@ def search_speedup(model: nn.Module, target: float, example_input, *, mode: str 
         found = at(low, {**below, **{name: above[name] for name in differ[:k]}})
         steps += 1
         best = found if off(found) < off(best) else best
-        first, last = (k, last) if found[3] < target else (first, k)
+        first, last = (k, last) if found.speedup < target else (first, k)
     if off(best) > tolerance:
         raise ValueError(f"no {mode} ratio reaches {target:g}x within {tolerance:.0%}: the closest is "
-                         f"{best[3]:.3f}x (the units are too coarse); try mode='global' or another target")
+                         f"{best.speedup:.3f}x (the units are too coarse); try mode='global' or another target")
     return SpeedupSearch(float(target), mode, *best, steps)
+
+
+class _Candidate(NamedTuple):
+    level: float
+    ratios: dict[str, float]
+    pruned: dict[str, Tensor]
+    speedup: float
 
 
 def _uniform_counts(graph: ModelGraph, units: list[str], ratio: float) -> dict[str, int]:
