@@ -549,15 +549,15 @@ class _Analysis:
     def _structural(self, name: str, m: nn.Module) -> str | None:
         """A reason not to prune ``name`` that does not depend on its consumers."""
         calls = self.calls.get(name, [])
+        for node in self.nodes:
+            if node.op == "get_attr" and node.target.rpartition(".")[0] == name:
+                return f"its parameter {node.target} is read directly in forward (node {node.name})"
         if not calls:
             return "never called as a module in forward"
         if len(calls) > 1:
             return f"module is called {len(calls)} times in forward (shared module)"
         if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1:
             return "depthwise conv: its channels follow the layer feeding it"
-        for node in self.nodes:
-            if node.op == "get_attr" and node.target.rpartition(".")[0] == name:
-                return f"its parameter {node.target} is read directly in forward (node {node.name})"
         own = {id(p) for p in m.parameters()}
         for other, mod in self.modules.items():
             if other != name and mod is not m and any(id(p) in own for p in mod.parameters(recurse=False)):
