@@ -9,8 +9,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def cuda_extension() -> dict:
-    """With ``TPP_BUILD_CUDA=1``: the ``tpp._C`` extension from csrc/ (torch.ops.tpp_cuda, CUDA kernels for
-    ``$TORCH_CUDA_ARCH_LIST``, default sm_90); without it, nothing (tpp.cuda_ops then builds it just in time)."""
+    """With ``TPP_BUILD_CUDA=1``: the ``tpp_kernels._C`` extension from csrc/ (torch.ops.tpp_cuda, CUDA kernels for
+    ``$TORCH_CUDA_ARCH_LIST``, default sm_90); without it, nothing (tpp_kernels.cuda then builds it just in time)."""
     if os.environ.get("TPP_BUILD_CUDA") != "1":
         return {}
     try:
@@ -18,7 +18,7 @@ def cuda_extension() -> dict:
     except ImportError as e:
         raise SystemExit(f"TPP_BUILD_CUDA=1 needs torch while building ({e}): "
                          "pip install --no-build-isolation ...") from e
-    spec = importlib.util.spec_from_file_location("tpp_cuda_build", HERE / "tpp" / "cuda_build.py")
+    spec = importlib.util.spec_from_file_location("tpp_cuda_build", HERE / "tpp_kernels" / "cuda_build.py")
     cuda_build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cuda_build)
     if torch.version.cuda is None:
@@ -33,7 +33,7 @@ def cuda_extension() -> dict:
 
     args = cuda_build.extension_args(with_cuda=True)
     extension = CUDAExtension(
-        "tpp._C", [os.path.relpath(s, HERE) for s in args["sources"]],
+        "tpp_kernels._C", [os.path.relpath(s, HERE) for s in args["sources"]],
         extra_compile_args={"cxx": args["extra_cflags"], "nvcc": args["extra_cuda_cflags"]})
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
@@ -53,6 +53,7 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "demo": ["scikit-learn>=1.2", "matplotlib>=3.6"],
         "timm": ["timm>=0.9"],
+        "export": ["onnx>=1.15", "onnxruntime>=1.17"],           # tpp export --format onnx
     },
     entry_points={"console_scripts": ["tpp=tpp.cli:main"]},
     classifiers=[

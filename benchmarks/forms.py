@@ -8,7 +8,9 @@ indices), reduction "mean" as the reference run:
 * ``compiled``       — ``torch.compile(dynamic=True)`` of the pruned-row functions (one graph for all layers);
 * ``triton-layer``   — ``tpp_kernels.gram_penalty`` once per layer (the per-layer launch baseline);
 * ``triton-grouped`` — ``tpp_kernels.gram_penalty_multi``: every layer in one launch per stage;
-* ``cuda``           — ``tpp.cuda_ops.gram_penalty_multi``, the CUDA extension.
+* ``triton-plan``    — ``tpp_kernels.plan.PenaltyPlan`` over the gram term: the regularizer's fast path (tables
+                       built once, 128×128 R tiles, 16-byte loads);
+* ``cuda``           — ``tpp_kernels.cuda.gram_penalty_multi``, the CUDA extension.
 
 Each form has ``penalty(weights, pruned) -> loss`` (autograd; timed as "fwd" and "fwd+bwd") and, except the two
 full-gram forms, ``add_grad(weights, grads, pruned)``, the in-place gradient path of ``apply_gradients``
@@ -55,6 +57,30 @@ def _triton_layer_add_grad(weights: Layers, grads: Layers, pruned: Layers) -> No
         tpp_kernels.add_gram_penalty_grad_([w], [g], [p], 1.0)
 
 
+class _PlanForm:
+    """The regularizer's fused plan over the gram term only (``tpp_kernels.plan``), one plan per layer list."""
+
+    def __init__(self):
+        self._plans = {}
+
+    def _plan(self, weights: Layers, pruned: Layers):
+        from tpp_kernels.plan import PenaltyPlan, Rows
+
+        key = tuple((w.data_ptr(), p.data_ptr()) for w, p in zip(weights, pruned))
+        if key not in self._plans:
+            self._plans[key] = (PenaltyPlan([Rows(w, p) for w, p in zip(weights, pruned)], [], gram_weight=1.0,
+                                            l2_weight=0.0, mean=True), weights[0].new_ones((), dtype=torch.float64))
+        return self._plans[key]
+
+    def penalty(self, weights: Layers, pruned: Layers) -> Tensor:
+        plan, one = self._plan(weights, pruned)
+        return plan.penalty(one)
+
+    def add_grad(self, weights: Layers, grads: Layers, pruned: Layers) -> None:
+        plan, one = self._plan(weights, pruned)
+        plan.add_grads_(one, grads)
+
+
 def _module_form(name: str, module) -> Form:
     return Form(name, module.gram_penalty_multi, lambda w, g, p: module.add_gram_penalty_grad_(w, g, p, 1.0))
 
@@ -87,9 +113,16 @@ def _load(name: str) -> Form:
         if name == "triton-layer":
             return Form(name, _sum_per_layer(tpp_kernels.gram_penalty), _triton_layer_add_grad)
         return _module_form(name, tpp_kernels)
+    if name == "triton-plan":
+        from tpp_kernels import config
+
+        if not (torch.cuda.is_available() or config.INTERPRET):
+            raise RuntimeError("the plan's kernels need CUDA tensors or TRITON_INTERPRET=1 (no CPU kernel)")
+        plan = _PlanForm()
+        return Form(name, plan.penalty, plan.add_grad)
     if name == "cuda":
         try:
-            from tpp import cuda_ops
+            from tpp_kernels import cuda as cuda_ops
         except (ImportError, OSError) as e:
             raise RuntimeError(f"CUDA extension unavailable: {e}") from e
         if not cuda_ops.has_cuda_kernels():
@@ -98,8 +131,8 @@ def _load(name: str) -> Form:
     raise ValueError(f"unknown form {name!r}; known: {NAMES}")
 
 
-NAMES = ("paper", "masked-full", "pruned-row", "compiled", "triton-layer", "triton-grouped", "cuda")
-GPU_ONLY = ("triton-layer", "triton-grouped", "cuda")
+NAMES = ("paper", "masked-full", "pruned-row", "compiled", "triton-layer", "triton-grouped", "triton-plan", "cuda")
+GPU_ONLY = ("triton-layer", "triton-grouped", "triton-plan", "cuda")
 FULL_GRAM = ("paper", "masked-full")  # autograd only: no in-place gradient path
 
 

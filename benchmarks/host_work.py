@@ -7,7 +7,9 @@ float32, CPU tensors) with ``backend="triton"``: the host microseconds per call 
 warm-up), the kernel launches and the top-level ATen ops (a ``TorchDispatchMode`` count) of
 
 * ``apply_gradients()`` (``.grad`` kept between calls, as in a training loop with ``zero_grad(set_to_none=False)``);
-* ``penalty()`` + ``backward()`` (``.grad`` set to ``None`` before each call).
+* ``penalty()`` + ``backward()`` (``.grad`` set to ``None`` before each call);
+* beside it, PyTorch's own floor for that path: a no-op ``autograd.Function`` over the same tensors whose backward
+  returns views of one buffer (what autograd costs for that many leaves, whatever the penalty).
 
 A stub replaces each ``@triton.jit`` kernel of ``tpp_kernels``: launching costs one Python call and records the
 grid, so the figures are what the host does around the launches. Triton's own launcher (argument binding, about
@@ -65,6 +67,23 @@ def stubbed_kernels():
             setattr(module, attr, value)
 
 
+class _NoOp(torch.autograd.Function):
+    """The cheapest autograd node over ``tensors``: a constant forward, views of one buffer as gradients."""
+
+    @staticmethod
+    def forward(ctx, flat, *tensors):
+        ctx.shapes = [(t.shape, t.stride()) for t in tensors]
+        return flat.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat = grad.new_empty(sum(s.numel() for s, _ in ctx.shapes))
+        offsets = [0]
+        for shape, _ in ctx.shapes:
+            offsets.append(offsets[-1] + shape.numel())
+        return None, *(flat.as_strided(shape, stride, o) for (shape, stride), o in zip(ctx.shapes, offsets))
+
+
 class _OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -111,9 +130,18 @@ def main(argv=None) -> dict:
             p.grad = None
         reg.penalty().backward()
 
+    tensors = [slot.param for name in reg.pruned for slot in reg.slots(name)]
+    flat = torch.zeros(1)
+
+    def autograd_floor():
+        for p in params:
+            p.grad = None
+        _NoOp.apply(flat, *tensors).backward()
+
     with stubbed_kernels():
         rows = {"apply_gradients()": measure(reg.apply_gradients, args.calls),
-                "penalty() + backward()": measure(penalty_backward, args.calls)}
+                "penalty() + backward()": measure(penalty_backward, args.calls),
+                f"autograd floor ({len(tensors)} leaves)": measure(autograd_floor, args.calls)}
     layers = len(reg.pruned)
     lines = [f"Host work per call, ResNet50 2.31x set ({layers} layers, {sum(len(i) for i in reg.pruned.values())} "
              f"filters), backend triton, launches stubbed; {torch.__version__}, one torch thread",

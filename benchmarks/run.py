@@ -1,7 +1,7 @@
 """``make bench``: run the benchmarks, then write ``benchmarks/results/<device>-<date>.{json,md}`` and the plots.
 
     python benchmarks/run.py [--set quick|full] [--device cpu|cuda] [--only sweep,layer-sets,steps]
-                             [--threads N] [-- extra pytest arguments]
+                             [--threads N] [--results DIR] [-- extra pytest arguments]
 
 The set defaults to ``full`` on a CUDA device and ``quick`` elsewhere (:mod:`workloads`). ``--only`` runs some
 parts and merges their results into the day's file for the device (cases run again replace the old ones), so the
@@ -43,6 +43,7 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--only", default=None, help=f"comma-separated parts of {tuple(PARTS)}; merged into the day's file")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--results", default=str(RESULTS), help="where the files go (default: benchmarks/results)")
     ap.add_argument("pytest_args", nargs="*", help="passed to pytest after --")
     args = ap.parse_args()
 
@@ -52,8 +53,9 @@ def main() -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         ap.error(f"--only: unknown parts {sorted(unknown)}; known: {list(PARTS)}")
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{machine.slug(device)}-{dt.date.today().isoformat()}"
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    stem = results / f"{machine.slug(device)}-{dt.date.today().isoformat()}"
     part_json = stem.with_suffix(".part.json")
     cmd = [sys.executable, "-m", "pytest", *(str(HERE / PARTS[p]) for p in parts), "-q", "-p", "no:cacheprovider",
            f"--benchmark-json={part_json}", "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name",

@@ -8,6 +8,7 @@ itself (the paper's algorithm does: it reads the pruned indices back with ``.tol
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -78,3 +79,19 @@ def fastest_seconds(fn: Callable[[], object], device: torch.device, warmup: int,
     for _ in range(warmup):
         _timed(fn, lambda: None, sync)
     return min(_timed(fn, lambda: None, sync) for _ in range(repeats))
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+                   inner: int = 1) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` synchronized windows of ``inner`` back-to-back calls,
+    after ``warmup`` untimed calls: for calls too short to time one by one (a CUDA-graph replay)."""
+    sync = synchronizer(device)
+    for _ in range(warmup):
+        fn()
+    sync()
+
+    def window() -> None:
+        for _ in range(inner):
+            fn()
+
+    return statistics.median(_timed(window, lambda: None, sync) / inner for _ in range(repeats))

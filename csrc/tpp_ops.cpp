@@ -69,7 +69,7 @@ const Kernels& kernels_for(const c10::Device& device) {
 
 // ------------------------------------------------------------------------------------------------------------
 // Argument checks (metadata only; index values on CPU too — on CUDA they would need a host sync, so the CUDA
-// positions kernel asserts them on the device and tpp.cuda_ops checks them once per pruned set).
+// positions kernel asserts them on the device and tpp_kernels.cuda checks them once per pruned set).
 // ------------------------------------------------------------------------------------------------------------
 
 std::string dtype_name(c10::ScalarType t) {
@@ -137,7 +137,7 @@ std::vector<Layer> check_layers(TensorList tensors, TensorList pruned, const cha
     const Tensor& idx = pruned[i];
     const std::string wn = item(name, i), pn = item("pruned_idxs", i);
     TORCH_CHECK_TYPE(supported(w.scalar_type()), wn, " must be float32, float16 or bfloat16, got ",
-                     dtype_name(w.scalar_type()), " (tpp.reference handles other dtypes)");
+                     dtype_name(w.scalar_type()), " (tpp_kernels.reference handles other dtypes)");
     if (matrix) {
       TORCH_CHECK_VALUE(w.dim() >= 2, wn, " must have at least 2 dims [N, ...], got shape ", w.sizes());
     } else {
@@ -450,7 +450,7 @@ void bn_penalty_add_grad(TensorList values, TensorList grads, TensorList pruned,
   bn_grads(layers, grads.vec(), scale, s, /*accumulate=*/true);
 }
 
-// Hash of the csrc/ sources this library was built from (tpp.cuda_build.source_hash()): stale-build check.
+// Hash of the csrc/ sources this library was built from (tpp_kernels.cuda_build.source_hash()): stale-build check.
 std::string source_hash() {
 #ifdef TPP_SOURCE_HASH
   return TPP_XSTR(TPP_SOURCE_HASH);
@@ -578,12 +578,12 @@ const Kernels& cpu_kernels() {
 }  // namespace tpp
 
 // ------------------------------------------------------------------------------------------------------------
-// Registration. Autograd and the fake (meta) kernels are registered in Python (tpp/cuda_ops.py), where they
+// Registration. Autograd and the fake (meta) kernels are registered in Python (tpp_kernels/cuda.py), where they
 // handle symbolic shapes under torch.compile.
 // ------------------------------------------------------------------------------------------------------------
 
 TORCH_LIBRARY(tpp_cuda, m) {
-  m.set_python_module("tpp.cuda_ops");
+  m.set_python_module("tpp_kernels.cuda");
   m.def("gram_penalty_fwd(Tensor[] weights, Tensor[] pruned, bool mean) -> (Tensor, Tensor)");
   m.def("gram_penalty_bwd(Tensor grad, Tensor[] weights, Tensor[] pruned, Tensor r, bool mean) -> Tensor[]");
   m.def("gram_penalty_add_grad(Tensor[] weights, Tensor(a!)[] grads, Tensor[] pruned, float scale, "

@@ -21,7 +21,7 @@ TINY = ["--delta", "0.5", "--stabilize-iters", "4", "--zero-out-interval", "1", 
         "--lr-milestones", "1", "--batch-size", "128", "--jsv-samples", "8", "--quiet"]
 CNN = ["--model", "digits_cnn", "--data", "digits", "--ratio", "features.3:0.5,features.7:0.5"]
 ARTIFACTS = {"config.json", "metrics.json", "report.md", "strength_penalty.png", "accuracy.png", "jsv.png",
-             "pruned.pt", "pretrained.pt"}
+             "pruned.pt", "pretrained.pt", "summary.csv", "regularize.csv"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,8 +56,13 @@ def test_prune_writes_every_artifact(tpp_run, capsys):
     assert "![strength_penalty](strength_penalty.png)" in report and "| `features.3` | 16 |" in report
     for png in ("strength_penalty.png", "accuracy.png", "jsv.png"):
         assert (tpp_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the pruned model reloads onto the unpruned architecture and reproduces the final accuracy
+    assert "measured latency" in report and m["latency_s"]["base"] > 0 and m["latency_s"]["pruned"] > 0
+    # the pruned model reloads from its path alone, or onto the unpruned architecture, and reproduces the final
+    # accuracy
+    alone = load_pruned(tpp_run / "pruned.pt")
     pruned = load_pruned(build_model("digits_cnn"), tpp_run / "pruned.pt", arch="digits_cnn")
+    for k, v in pruned.state_dict().items():
+        assert torch.equal(alone.state_dict()[k], v)
     assert pruned.features[3].out_channels == 16 and pruned.features[7].out_channels == 32
     saved = torch.load(tpp_run / "pruned.pt", weights_only=True)
     assert saved["extra"]["method"] == "tpp" and saved["extra"]["data"] == "digits"
@@ -75,12 +80,30 @@ def test_weights_and_resume_reuse_a_run(tpp_run, tmp_path, capsys):
     base = json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"]["base"]
     assert json.loads((out / "metrics.json").read_text())["metrics"]["accuracy"]["base"] == base
     assert "l1" in capsys.readouterr().out
+    # a finished run (its checkpoint removed) is not started over by --resume auto
+    _fails(["prune", *CNN, "--method", "l1", "--weights", str(tpp_run / "pretrained.pt"), "--out", str(out),
+            "--resume", "auto", *TINY], capsys, "holds no checkpoint to resume", "--overwrite", out=out)
     # resuming the finished run rewrites its artifacts in its own folder
     before = json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"]
     code = main(["prune", *CNN, "--method", "tpp", "--resume", str(tpp_run / "checkpoint.pt"), "--keep-checkpoint",
                  *TINY])
     assert code == 0
+    code = main(["prune", *CNN, "--method", "tpp", "--out", str(tpp_run), "--resume", "auto", "--keep-checkpoint",
+                 *TINY])
+    assert code == 0
     assert json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"] == before
+    # a run folder of tpp 0.1: its checkpoint.pt (identity in top-level keys, plain hooks) still resumes
+    import shutil
+
+    old = tmp_path / "old-run"
+    shutil.copytree(tpp_run, old)
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    del state["identity"]
+    state.update(skip=[], hooks={})
+    torch.save(state, old / "checkpoint.pt")
+    assert main(["prune", *CNN, "--method", "tpp", "--resume", str(old / "checkpoint.pt"), *TINY]) == 0
+    assert json.loads((old / "metrics.json").read_text())["metrics"]["accuracy"] == before
+    assert not (old / "checkpoint.pt").exists()                  # removed at the end, as always without --keep
 
 
 def _fails(args, capsys, *needles, out=None):
@@ -160,11 +183,11 @@ def test_weights_or_checkpoint_for_another_architecture_exit_2(tmp_path, capsys,
            "no such file", out=out)
     _fails(["prune", "--model", "mlp7", "--data", "digits", "--ratio", "0.5", "--method", "tpp", "--resume",
             str(tpp_run / "checkpoint.pt"), "--out", str(out), *TINY], capsys,
-            "written for another architecture", "(--model mlp7)", out=out)
+            "written for another architecture", "model: checkpoint 'digits_cnn', this run 'mlp7'", out=out)
     _fails(["prune", *CNN, "--method", "l1", "--resume", str(tpp_run / "checkpoint.pt"), "--out", str(out),
-            *TINY], capsys, "method 'tpp'", out=out)
+            *TINY], capsys, "another pruning spec", "method: checkpoint 'tpp', this run 'l1'", out=out)
     _fails(["prune", *CNN[:4], "--ratio", "features.3:0.7", "--resume", str(tpp_run / "checkpoint.pt"), "--out",
-            str(out), *TINY], capsys, "is a run at ratio 'features.3:0.5,features.7:0.5'", out=out)
+            str(out), *TINY], capsys, "ratio: checkpoint \"'features.3:0.5,features.7:0.5'\"", out=out)
     _fails(["prune", *CNN, "--skip", "features.0", "--resume", str(tpp_run / "checkpoint.pt"), "--out", str(out),
             *TINY], capsys, "skip", out=out)
     _fails(["prune", *CNN, "--resume", str(tpp_run / "pruned.pt"), "--out", str(out), *TINY], capsys,
@@ -198,14 +221,78 @@ def test_python_dash_m_tpp(tmp_path):
 
 
 def test_progress_printer_without_a_terminal():
+    """Not a terminal: a line at every tenth of a phase, none for the phase's first step (its rate is unknown), a
+    finished line at the end; every rate is measured over a real interval."""
     import io
+    import re
 
-    from tpp.cli import _Progress
+    from tpp.progress import Progress
 
     stream = io.StringIO()
-    progress = _Progress(stream)
+    progress = Progress(stream=stream, batch=None, interval=3600)
     for i in range(1, 101):
-        progress("regularize", i, 100, {"strength": i / 100, "phase": "grow"})
-    progress("finetune", 1, 0, {"epoch": 1})
+        progress("regularize", i, 100, {"strength": i / 100, "phase": "grow", "loss": torch.tensor(0.5)})
+    progress("finetune", 3, 3, {"epoch": 1, "epochs": 1})            # a phase finished at its first report
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 12 and "1/100" in lines[0] and "100/100 strength=1 " in lines[10] and "finetune" in lines[11]
+    assert [re.search(r"\] (\d+)/100", line).group(1) for line in lines[:-1]] == [str(10 * k) for k in range(1, 11)]
+    assert "r 1 grow" in lines[9] and "loss 0.5000" in lines[0] and "finetune" in lines[10] and "– it/s" in lines[10]
+    rates = [float(re.search(r"([\d,.]+) it/s", line).group(1).replace(",", "")) for line in lines[:-1]]
+    assert all(0 < r < 1e7 for r in rates), rates
+
+
+def test_help_shows_real_defaults_and_loads_no_torch(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = ("import sys\nfrom tpp.cli import main\n"
+            "for argv in (['--help'], ['prune', '--help'], ['train', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'triton') or "
+            "m in ('tpp.pipeline', 'tpp.graph', 'tpp.regularizer'))\nprint('HEAVY', heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
+    assert "usage: tpp train" in proc.stdout and "(default: None)" not in proc.stdout
+    text = " ".join(proc.stdout.split())
+    assert "--reg-lr REG_LR pruning-phase SGD learning rate (default: from the recipe: cifar 0.001, imagenet " \
+           "0.001, demo 0.01)" in text
+    assert "--seed SEED random seed (data split, order, initialization) (default: 0)" in text
+    assert "--amp {auto,none,bf16,fp16} autocast dtype; fp16 adds a GradScaler; auto: bf16 on GPUs, none on CPU " \
+           "(default: none)" in text                                            # tpp prune: fp32 as before
+    assert "auto: bf16 on GPUs, none on CPU (default: auto)" in text                # tpp train
+
+
+# ------------------------------------------------------------------------------------------------- export
+def test_export_torchscript_matches_pytorch(tpp_run, tmp_path, capsys):
+    out = tmp_path / "model.ts"
+    assert main(["export", str(tpp_run), "--format", "torchscript", "--out", str(out)]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    scripted = torch.jit.load(str(out))
+    model = load_pruned(tpp_run / "pruned.pt").eval()
+    _, test = load_digits_split(seed=0)
+    x = test.tensors[0][:32]
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+    assert dict(scripted.named_parameters())["features.3.weight"].shape[0] == 16     # the pruned architecture
+
+
+def test_export_onnx_without_the_extra_exits_2(tpp_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)         # as if not installed
+    assert main(["export", str(tpp_run), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpp export: error: ") and 'pip install "tpp[export]"' in err and "onnxruntime" in err
+    assert len(err.strip().splitlines()) == 1 and not (tpp_run / "pruned.onnx").exists()
+
+
+def test_export_onnx_matches_pytorch(tpp_run, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(tpp_run), "--format", "onnx", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0 and "ok at atol" in capsys.readouterr().out
+
+
+def test_export_bad_input_exits_2(tmp_path, tpp_run, capsys):
+    assert main(["export", str(tmp_path), "--format", "torchscript"]) == 2
+    assert "no pruned.pt" in capsys.readouterr().err
+    assert main(["export", str(tpp_run / "config.json"), "--format", "torchscript"]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert main(["export", str(tpp_run), "--format", "torchscript", "--input-shape", "3,x"]) == 2
+    assert "--input-shape" in capsys.readouterr().err

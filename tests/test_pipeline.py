@@ -167,7 +167,7 @@ def test_resume_refuses_another_architecture_or_method(digits, cnn, tmp_path):
     run_pruning(cnn, *digits, "l1", 0.5, skip=CNN_SKIP, checkpoint=ckpt, **dict(FAST, finetune_epochs=0))
     with pytest.raises(ValueError, match="another architecture"):
         run_pruning(MLP(64, 32, 3, 10), *digits, "l1", 0.5, resume=ckpt, **FAST)
-    with pytest.raises(ValueError, match="method 'l1'"):
+    with pytest.raises(ValueError, match="another pruning spec — method: checkpoint 'l1', this run 'orthp'"):
         run_pruning(cnn, *digits, "orthp", 0.5, skip=CNN_SKIP, resume=ckpt, **FAST)
     with pytest.raises(ValueError, match="ratio"):
         run_pruning(cnn, *digits, "l1", 0.7, skip=CNN_SKIP, resume=ckpt, **FAST)
@@ -200,3 +200,36 @@ def test_recipes_hold_the_paper_settings():
     assert default_recipe("cifar100", "vgg19").batch_size == 256 and default_recipe("cifar10").batch_size == 128
     demo = RECIPES["demo"]
     assert demo.schedule.total_iters == 600 and demo.run_kwargs()["schedule"] is demo.schedule
+
+
+def test_run_config_is_typed_and_a_run_traces_its_model_once(digits, cnn, monkeypatch):
+    import dataclasses
+
+    import tpp.graph
+    from tpp.pipeline import RunConfig
+
+    config = RunConfig(method="tpp", ratio=0.5, skip="features.0", **{k: v for k, v in FAST.items()
+                                                                       if k not in ("jsv_samples", "seed")})
+    assert config.reg_iters == SCHEDULE.total_iters and config.skip == ("features.0",) and config.log_every == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.reg_lr = 1.0
+    with pytest.raises(TypeError, match="either config= or method"):
+        run_pruning(cnn, *digits, "tpp", 0.5, config=config)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'reg_lrr'"):
+        run_pruning(cnn, *digits, "tpp", 0.5, reg_lrr=1.0)
+    assert RunConfig.from_recipe(RECIPES["demo"], method="l1", ratio=0.3).finetune_epochs == 10
+
+    traced = []
+    real = tpp.graph.analyze_model
+
+    def counting(model, bn_map=None):
+        traced.append(type(model).__name__)
+        return real(model, bn_map=bn_map)
+
+    for module in ("tpp.graph", "tpp.pipeline", "tpp.regularizer", "tpp.selection", "tpp.surgery"):
+        monkeypatch.setattr(f"{module}.analyze_model", counting)
+    result = run_pruning(cnn, *digits, config=dataclasses.replace(config, finetune_epochs=0))
+    assert traced == ["VGGCifar"]                     # regularizer, selection and removal share one trace
+    assert set(result.pruned) == {"features.3", "features.7"}
+    latency = result.metrics["latency_s"]
+    assert latency["base"] > 0 and latency["pruned"] > 0 and latency["batch"] == 1

@@ -138,3 +138,42 @@ def test_bad_input_is_refused_before_any_launch():
     plan = PenaltyPlan([Rows(w, torch.tensor([1], device=DEVICE))], [], gram_weight=1, l2_weight=1, mean=True)
     with pytest.raises(ValueError, match="layout"):
         plan.add_grads_(torch.tensor(1.0, device=DEVICE))
+    with pytest.raises(ValueError, match="2 gradients for 1 tensors"):
+        plan.add_grads_(torch.tensor(1.0, device=DEVICE), [torch.zeros_like(w)] * 2)
+
+
+def test_add_grads_into_given_buffers(seed):
+    grams, squares = random_terms(seed)
+    plan = PenaltyPlan(grams, squares, gram_weight=2.0, l2_weight=1.0, mean=True, input_precision="ieee")
+    tensors = [r.tensor for r in (*grams, *squares)]
+    buffers = [torch.zeros_like(t) for t in tensors]
+    plan.add_grads_(torch.tensor(1.0, device=DEVICE), buffers)
+    assert all(t.grad is None for t in tensors)
+    _, ref_grads = reference_penalty(grams, squares, 1.0, 2.0, 1.0, True)
+    for i, (b, ref) in enumerate(zip(buffers, ref_grads)):
+        assert_close(b, ref, TOL[torch.float32][1], f"gradient {i}")
+
+
+def test_ops_pass_opcheck(seed):
+    grams, squares = random_terms(seed)
+    plan = PenaltyPlan(grams, squares, gram_weight=2.0, l2_weight=1.0, mean=True, input_precision="ieee")
+    strength = torch.tensor(0.7, device=DEVICE)
+    tensors = [r.tensor for r in (*grams, *squares)]
+    torch.library.opcheck(torch.ops.tpp.plan_penalty.default, (plan.id, strength, tensors))
+    _, r = torch.ops.tpp.plan_penalty.default(plan.id, strength, tensors)
+    grad = torch.tensor(1.5, device=DEVICE)
+    torch.library.opcheck(torch.ops.tpp.plan_penalty_bwd.default, (plan.id, grad, strength, r, tensors))
+
+
+def test_penalty_compiles_fullgraph(seed):
+    """The plan inside torch.compile(fullgraph=True), backward included: same value and gradients as eager."""
+    grams, squares = random_terms(seed)
+    plan = PenaltyPlan(grams, squares, gram_weight=2.0, l2_weight=1.0, mean=False, input_precision="ieee")
+    tensors = [r.tensor.requires_grad_() for r in (*grams, *squares)]
+    strength = torch.tensor(0.3, device=DEVICE)
+    eager = plan.penalty(strength)
+    eager_grads = torch.autograd.grad(eager, tensors)
+    compiled = torch.compile(lambda: plan.penalty(strength), fullgraph=True, backend="aot_eager")()
+    torch.testing.assert_close(compiled, eager)
+    for g, e in zip(torch.autograd.grad(compiled, tensors), eager_grads):
+        torch.testing.assert_close(g, e)

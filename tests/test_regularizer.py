@@ -12,6 +12,8 @@ from torch.nn import functional as F
 from tpp import GrowingSchedule, TPPRegularizer, reference
 
 TINY = GrowingSchedule(delta=0.25, interval=2, ceiling=1.0, stabilize_iters=12, zero_out_interval=3)
+# Where the triton backend runs: CUDA tensors on a GPU host, else CPU tensors in the interpreter (conftest.py).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class SmallNet(nn.Module):
@@ -350,11 +352,11 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match=r"\$TPP_BACKEND"):
         TPPRegularizer(net, 0.5, schedule=TINY)
     monkeypatch.setenv("TPP_BACKEND", "cuda")
-    monkeypatch.setitem(sys.modules, "tpp.cuda_ops", None)  # the extension neither built nor buildable
+    monkeypatch.setitem(sys.modules, "tpp_kernels.cuda", None)  # the extension neither built nor buildable
     with pytest.raises(ValueError, match="backend 'cuda' is unavailable"):
         TPPRegularizer(net, 0.5, schedule=TINY, backend="torch")
     monkeypatch.setenv("TPP_BACKEND", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by conftest.py only without a GPU
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         TPPRegularizer(net, 0.5, schedule=TINY)
 
@@ -379,9 +381,9 @@ def test_model_without_prunable_filters():
 
 @pytest.mark.parametrize("variant", ["decorrelate", "diagonal"])
 def test_triton_backend_matches_torch_backend(variant, seed):
-    """Under TRITON_INTERPRET=1 (tests/conftest.py) the fused kernels run on CPU tensors."""
+    """On CUDA tensors on a GPU host; else under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors."""
     pytest.importorskip("triton")
-    nets = [make_net(seed, torch.float32) for _ in range(2)]
+    nets = [make_net(seed, torch.float32).to(KERNEL_DEVICE) for _ in range(2)]
     regs = [TPPRegularizer(net, 0.45, variant=variant, schedule=TINY, backend=name)
             for net, name in zip(nets, ("torch", "triton"))]
     assert regs[1].backend.name == "triton"
@@ -469,9 +471,10 @@ def test_training_step_compiles_fullgraph(backend, seed):
     break, same loss and gradients as eager."""
     if backend == "triton":
         pytest.importorskip("triton")
-    nets = [make_net(seed, torch.float32) for _ in range(2)]
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    nets = [make_net(seed, torch.float32).to(device) for _ in range(2)]
     regs = [TPPRegularizer(net, 0.5, schedule=TINY, backend=backend) for net in nets]
-    x, y = torch.randn(2, 3, 5, 5), torch.tensor([1, 3])
+    x, y = torch.randn(2, 3, 5, 5, device=device), torch.tensor([1, 3], device=device)
 
     def loss_of(net, reg):
         return F.cross_entropy(net(x), y) + reg.penalty()

@@ -658,3 +658,51 @@ def test_timm_vit_heads_are_exact(seed):
     reg.zero_pruned()
     with torch.no_grad():
         assert_close_to_reference(reg.prune()(x), model(x), torch.float64)
+
+
+def _v01_file(path, model, pruned, arch, extra):
+    """A pruned model written exactly as tpp 0.1's save_pruned wrote it (no model_args; the constructor
+    arguments only in ``extra``, as `tpp prune` and `tpp train` put them there)."""
+    small = prune_model(model, pruned)
+    torch.save({"format": "tpp-pruned", "version": 1, "arch": arch,
+                "pruned": {k: v.tolist() for k, v in pruned.items()}, "state_dict": small.state_dict(),
+                "extra": extra}, path)
+    return small
+
+
+@pytest.mark.parametrize("writer", ["tpp prune", "tpp train"])
+def test_v01_checkpoints_load_from_their_path_alone(tmp_path, writer, seed):
+    torch.manual_seed(seed)
+    if writer == "tpp prune":     # mlp7 needs in_features=64 (digits): only in extra["model_kwargs"]
+        model = mlp7(in_features=64).eval()
+        pruned = select_filters(model, 0.5)
+        extra = {"num_classes": 10, "model_kwargs": {"in_features": 64}, "data": "digits", "method": "l1",
+                 "ratio": 0.5}
+        arch, x = "mlp7", torch.randn(3, 1, 8, 8)
+    else:                         # tpp train wrote num_classes, recipe, method, ratio
+        model = resnet20(num_classes=3).eval()
+        pruned = select_filters(model, "*layer*.conv1:0.5")
+        extra = {"num_classes": 3, "recipe": "smoke", "method": "tpp", "ratio": "*layer*.conv1:0.5"}
+        arch, x = "resnet20", torch.randn(2, 3, 16, 16)
+    small = _v01_file(tmp_path / "pruned.pt", model, pruned, arch, extra)
+    loaded = load_pruned(tmp_path / "pruned.pt").eval()
+    assert_same_state(loaded, small.state_dict())
+    assert torch.equal(loaded(x), small.eval()(x))
+    assert_same_state(load_pruned(model, tmp_path / "pruned.pt"), small.state_dict())   # the 0.1 call still works
+
+
+def test_load_from_path_rebuilds_registry_and_torchvision_models(tmp_path, seed):
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    pruned = select_filters(model, "layer*.conv1:0.5")
+    save_pruned(prune_model(model, pruned), pruned, tmp_path / "tv.pt", arch="resnet18", model_args={"num_classes": 5})
+    loaded = load_pruned(tmp_path / "tv.pt").eval()
+    assert isinstance(loaded, torchvision.models.ResNet) and loaded.fc.out_features == 5
+    assert loaded.layer1[0].conv1.out_channels == 32
+    save_pruned(prune_model(model, pruned), pruned, tmp_path / "anon.pt")                  # no arch recorded
+    with pytest.raises(ValueError, match=r"names no architecture; pass the unpruned model: load_pruned\(model, path\)"):
+        load_pruned(tmp_path / "anon.pt")
+    save_pruned(prune_model(model, pruned), pruned, tmp_path / "bad.pt", arch="resnet18",
+                model_args={"num_classes": 7})
+    with pytest.raises(ValueError, match="'fc.weight' has shape"):
+        load_pruned(tmp_path / "bad.pt")

@@ -1,10 +1,21 @@
-"""Command-line argument types and the usage error shared by ``tpp prune`` and ``tpp train``."""
+"""The flags of ``tpp prune`` and ``tpp train``, declared once, and the one path from flags to a :class:`Recipe`.
+
+:func:`add_run_arguments` adds every flag a run takes to a parser (the few that belong to one command are marked
+so in :data:`FLAGS`); :func:`resolve_recipe` turns parsed flags into the run's recipe: a base recipe (a name, or the
+generic one of the dataset), a ``--config`` JSON file on top, then each flag given. Help texts show the real
+defaults: a value, or the recipe's values. Bad input raises :class:`UsageError` (one line, exit status 2).
+Pure Python: building the parser imports neither torch nor the pipeline.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
-__all__ = ["EXIT_USAGE", "UsageError", "count", "number", "epoch_list", "parse_ratio", "add_schedule_arguments"]
+__all__ = ["EXIT_USAGE", "UsageError", "count", "number", "epoch_list", "parse_ratio", "add_run_arguments",
+           "resolve_recipe", "HelpFormatter", "SCHEDULE_FLAGS", "RECIPE_FLAGS"]
 
 EXIT_USAGE = 2
 
@@ -13,26 +24,24 @@ class UsageError(Exception):
     """Bad command-line input: printed as ``tpp <cmd>: error: <message>``, exit status ``EXIT_USAGE``."""
 
 
+def _typed(text: str, convert, ok, expected: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def count(text: str) -> int:
     """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _typed(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def number(text: str) -> float:
     """A finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _typed(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def epoch_list(text: str) -> tuple[int, ...]:
@@ -41,15 +50,6 @@ def epoch_list(text: str) -> tuple[int, ...]:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 30,60,75, got {text!r}") from None
-
-
-def add_schedule_arguments(group) -> None:
-    """The :class:`tpp.GrowingSchedule` overrides, each defaulting to ``None`` (= the recipe's value)."""
-    group.add_argument("--delta", type=number, help="Δ, strength added every --interval iterations")
-    group.add_argument("--interval", type=count, help="K_u, iterations between strength increments")
-    group.add_argument("--ceiling", type=number, help="strength at which growth stops")
-    group.add_argument("--stabilize-iters", type=count, help="iterations at the ceiling before removal")
-    group.add_argument("--zero-out-interval", type=count, help="iterations between zeroing consecutive layers")
 
 
 def parse_ratio(text):
@@ -72,3 +72,189 @@ def parse_ratio(text):
         raise UsageError(f"--ratio {text!r}: {err}; expected a number in [0, 1) or 'pattern:ratio,...' with "
                          "ratios in [0, 1)") from None
     return text
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` where a flag has a real default; flags defaulting to the recipe say so themselves."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _from_recipe(field: str) -> str:
+    """"from the recipe: cifar 0.001, imagenet 0.001, demo 0.01" — the generic recipes' values of ``field``."""
+    from .recipes import GENERIC
+
+    def show(v):
+        v = v.state_dict() if hasattr(v, "state_dict") else v
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    values = {r.name: show(getattr(r, field)) for r in GENERIC}
+    if len(set(values.values())) == 1:
+        return f"default: from the recipe, {next(iter(values.values()))} in each"
+    return "default: from the recipe: " + ", ".join(f"{k} {v}" for k, v in values.items())
+
+
+def _schedule_default(key: str) -> str:
+    from .recipes import GENERIC
+
+    return "default: from the recipe: " + ", ".join(f"{r.name} {getattr(r.schedule, key)}" for r in GENERIC)
+
+
+#: flag → GrowingSchedule field
+SCHEDULE_FLAGS = {"delta": "Δ, strength added every --interval iterations",
+                  "interval": "K_u, iterations between strength increments",
+                  "ceiling": "strength at which growth stops",
+                  "stabilize_iters": "iterations at the ceiling before removal",
+                  "zero_out_interval": "iterations between zeroing consecutive layers"}
+#: flags that set a recipe field of the same name
+RECIPE_FLAGS = ("model", "data", "method", "image_size", "reg_lr", "momentum", "weight_decay", "batch_size",
+                "eval_batch_size", "finetune_epochs", "finetune_lr", "lr_schedule", "lr_milestones", "lr_gamma",
+                "label_smoothing", "weights", "pretrain_epochs", "pretrain_lr")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """Every flag of a run, for ``command`` (``"prune"`` or ``"train"``): the shared ones and the command's own."""
+    prune, train = command == "prune", command == "train"
+    if train:
+        p.add_argument("recipe", nargs="?", help="recipe name (--list), or omit and give --config or "
+                                                 "--model/--data/--ratio")
+        p.add_argument("--list", action="store_true", help="list the recipes and exit")
+    p.add_argument("--show", action="store_true", help="print the resolved recipe as JSON and exit")
+    p.add_argument("--config", help="JSON file of recipe fields (on top of the named recipe, if any)")
+
+    g = p.add_argument_group("what to prune" + (" (defaults: the recipe's)" if train else ""))
+    if prune:
+        g.add_argument("--recipe", help="recipe whose settings the flags change (tpp list; default: by dataset — "
+                                        "cifar for mnist/cifar10/cifar100, imagenet for imagefolder, demo for digits)")
+    g.add_argument("--model", help="model name (tpp list), or torchvision:<name>")
+    g.add_argument("--data", help="dataset: digits (embedded), mnist, cifar10, cifar100, imagefolder")
+    g.add_argument("--data-root", help="folder holding the dataset (not needed for digits; imagefolder: with train/ "
+                                       "and val/)")
+    g.add_argument("--download", action="store_true", help="download mnist/cifar into --data-root if missing")
+    g.add_argument("--image-size", type=count, help="training crop / evaluation size (imagefolder, mnist; default: "
+                                                    "the dataset's, 32 for mnist with mlp7)")
+    g.add_argument("--ratio", help="pruning ratio: a number in [0, 1) for every prunable layer but the classifier, "
+                                   "or 'pattern:ratio,...' (shell wildcards on layer names, last match wins)")
+    g.add_argument("--skip", help="comma-separated layer patterns never pruned")
+    g.add_argument("--method", help="tpp, l1, greg, diagonal, no-bn, kernorth, orthconv, orthp, scratch, "
+                                    "l1-kernorth, l1-orthconv (default: tpp)")
+    g.add_argument("--weights", help="the model to prune: a state_dict file, 'torchvision[:ENUM]' for torchvision's "
+                                     "weights, or 'none' (random initialization)"
+                                     + (" (default: train one here, see --pretrain-epochs)" if prune
+                                        else " (default: the recipe's, IMAGENET1K_V1 for ImageNet)"))
+    if prune:
+        g.add_argument("--pretrain-epochs", type=count,
+                       help=f"without --weights, train the model here first ({_from_recipe('pretrain_epochs')})")
+        g.add_argument("--pretrain-lr", type=number,
+                       help=f"pretraining learning rate ({_from_recipe('pretrain_lr')})")
+
+    g = p.add_argument_group("schedule and optimization")
+    for key, text in SCHEDULE_FLAGS.items():
+        g.add_argument("--" + key.replace("_", "-"), type=count if key.endswith(("interval", "iters")) else number,
+                       help=f"{text} ({_schedule_default(key)})")
+    g.add_argument("--reg-iters", type=count, help="regularization iterations of kernorth/orthconv (default: the "
+                                                   "schedule's total)")
+    g.add_argument("--orth-weight", type=number, help="λ of KernOrth/OrthConv (default: 1e-3 kernorth, 1e-2 "
+                                                      "orthconv)")
+    for flag, kind, text in (("reg-lr", number, "pruning-phase SGD learning rate"),
+                             ("momentum", number, "SGD momentum"),
+                             ("weight-decay", number, "weight decay"),
+                             ("batch-size", count, "global training batch (split over the processes)"),
+                             ("eval-batch-size", count, "global evaluation batch"),
+                             ("finetune-epochs", count, "finetuning epochs"),
+                             ("finetune-lr", number, "finetuning learning rate"),
+                             ("lr-milestones", epoch_list, "epochs where the step schedule multiplies the finetuning "
+                                                           "lr by --lr-gamma, e.g. 60,90"),
+                             ("lr-gamma", number, "lr decay factor"),
+                             ("label-smoothing", number, "of the training cross-entropy")):
+        g.add_argument("--" + flag, type=kind, help=f"{text} ({_from_recipe(flag.replace('-', '_'))})")
+    g.add_argument("--lr-schedule", choices=("step", "cosine"), help="finetuning lr per epoch ("
+                                                                    + _from_recipe("lr_schedule") + ")")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="none" if prune else "auto",
+                   help="autocast dtype; fp16 adds a GradScaler; auto: bf16 on GPUs, none on CPU")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="off" if prune else "auto",
+                   help="channels_last memory format (auto: on GPUs)")
+    g.add_argument("--backend", default="auto", help="TPPRegularizer backend: auto, torch, triton, cuda")
+    g.add_argument("--workers", type=count, help="DataLoader workers per process (default: 8 on GPUs, 0 on CPU)")
+    g.add_argument("--threads", type=count, default=0,
+                   help="torch CPU threads per process (0: torch's default; 1 is often fastest for small models)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN/CUDA kernels (slower; off: cudnn.benchmark)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run folder (default: runs/<recipe or model-data-method>-<time>)")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out")
+    g.add_argument("--resume", help="'auto' (the newest checkpoint in --out, if any) or a checkpoint file of a "
+                                    "run folder")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available); under torchrun each "
+                                    "process uses cuda:LOCAL_RANK")
+    if train:
+        g.add_argument("--dist-backend", choices=("nccl", "gloo"), help="default: nccl on cuda, gloo on cpu")
+    g.add_argument("--seed", type=int, default=0, help="random seed (data split, order, initialization)")
+    g.add_argument("--checkpoint-every", type=count, help="checkpoint every this many regularization iterations "
+                                                          "(default: 1000, at most a tenth of them)")
+    g.add_argument("--finetune-checkpoint-every", type=count,
+                   help="also checkpoint every this many finetuning iterations (default: 1000 on ImageNet-size "
+                        "epochs, else per epoch only; 0: per epoch only)")
+    if train:
+        g.add_argument("--keep-last", type=count, default=2, help="numbered checkpoints kept (best.pt besides)")
+    else:
+        g.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after the run")
+    g.add_argument("--jsv-samples", type=count, default=64 if prune else 0,
+                   help="test samples for the mean Jacobian singular value (one backward per class each; 0: skip)")
+    g.add_argument("--log-every", type=count, help="record strength, penalty and loss every this many "
+                                                   "regularization iterations (default: ~200 records per run)")
+    g.add_argument("--log-interval", type=number, default=30.0,
+                   help="seconds between progress lines in logs (a line at every tenth of a phase besides)")
+    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <out>/tb")
+    g.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    g.add_argument("--stop-after-iters", type=count, help="debugging: stop (as if killed) after this many training "
+                                                          "iterations, exit status 0 and the command to resume")
+
+
+def resolve_recipe(args, command: str):
+    """The run's :class:`tpp.recipes.Recipe`: the base recipe (the named one — ``tpp train RECIPE`` or
+    ``--recipe`` — else the generic recipe of the dataset), ``--config`` on top, then every flag given."""
+    from .recipes import default_recipe, get_recipe, recipe_from_dict
+
+    values: dict = {}
+    if args.config:
+        try:
+            values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--config {args.config}: {err}") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"--config {args.config}: expected a JSON object of recipe fields")
+    for key in RECIPE_FLAGS:
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    if args.ratio is not None:
+        values["ratio"] = args.ratio
+    if args.skip is not None:
+        values["skip"] = args.skip
+    schedule = {k: getattr(args, k) for k in SCHEDULE_FLAGS if getattr(args, k) is not None}
+    if schedule:
+        values["schedule"] = {**(values.get("schedule") or {}), **schedule}
+    try:
+        base = get_recipe(args.recipe) if args.recipe else None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if base is None:
+        base = default_recipe(values.get("data", ""), values.get("model", ""))
+    try:
+        recipe = recipe_from_dict(values, base)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err).replace("GrowingSchedule.", "--").replace("_", "-")) from None
+    if not recipe.complete:
+        missing = [f"--{k}" for k, v in (("model", recipe.model), ("data", recipe.data), ("ratio", recipe.ratio))
+                   if v in ("", None)]
+        raise UsageError(f"recipe {recipe.name!r} does not say what to prune: give {', '.join(missing)} "
+                         f"(or a recipe that does: {'tpp train --list' if command == 'train' else 'tpp list'})")
+    return replace(recipe, ratio=parse_ratio(recipe.ratio))

@@ -25,7 +25,7 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from tpp_kernels import reference
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -163,7 +163,7 @@ def _module_backend(name: str, module: str) -> Backend:
 
 def _triton_available() -> bool:
     try:
-        importlib.import_module("tpp_kernels")
+        importlib.import_module("tpp_kernels.gram")
     except ImportError:
         return False
     return True
@@ -188,7 +188,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
             raise ValueError(f"backend 'triton' is unavailable: {e}. Install triton>=3.2 or use backend='torch'") \
                 from e
     try:
-        return _module_backend("cuda", "tpp.cuda_ops")
+        return _module_backend("cuda", "tpp_kernels.cuda")
     except ImportError as e:
         raise ValueError(f"backend 'cuda' is unavailable: {e}. Build the extension with TPP_BUILD_CUDA=1 "
                          f"or use backend='torch'") from e

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["load_digits_split", "build_dataset", "build_loader", "list_datasets"]
+__all__ = ["load_digits_split", "build_dataset", "build_loader", "list_datasets", "num_classes_of", "IMAGENET_STATS"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -33,7 +33,7 @@ _CIFAR = {  # torchvision class, (mean, std)
     "cifar10": ("CIFAR10", ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
     "cifar100": ("CIFAR100", ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
 }
-_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def load_digits_split(
@@ -129,7 +129,7 @@ def _imagefolder(root: Optional[PathLike], train: bool, download: bool) -> Datas
         steps = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()]
     else:
         steps = [T.Resize(256), T.CenterCrop(224)]
-    transform = T.Compose(steps + [T.ToTensor(), T.Normalize(*_IMAGENET_STATS)])
+    transform = T.Compose(steps + [T.ToTensor(), T.Normalize(*IMAGENET_STATS)])
     return datasets.ImageFolder(str(split_dir), transform=transform)
 
 
@@ -145,6 +145,15 @@ _DATASETS: dict[str, Callable[..., Dataset]] = {
 def list_datasets() -> list[str]:
     """Names ``build_dataset`` accepts."""
     return sorted(_DATASETS)
+
+
+def num_classes_of(name: str, dataset: Dataset) -> int:
+    """Number of classes of dataset ``name`` (``dataset``: one of its splits, read for imagefolder)."""
+    if name == "cifar100":
+        return 100
+    if name == "imagefolder":
+        return len(dataset.classes)
+    return 10
 
 
 def build_dataset(

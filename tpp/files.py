@@ -4,13 +4,12 @@ never a truncated file; on an error the temporary file (``.<name>.tmp-<pid>``) i
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-import torch
-
-__all__ = ["fsync_dir", "atomic_save", "write_text_atomic"]
+__all__ = ["fsync_dir", "atomic_save", "write_text_atomic", "write_json"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,10 +46,18 @@ def _atomic_write(path: PathLike, write: Callable[[Any], None]) -> Path:
 
 def atomic_save(obj: Any, path: PathLike, save: Optional[Callable[[Any, Any], None]] = None) -> Path:
     """``torch.save(obj)`` (or ``save(obj, file)``) to ``path`` atomically."""
-    save = save or torch.save
+    if save is None:
+        import torch  # here, not at import: the command line's quick paths write JSON without torch
+
+        save = torch.save
     return _atomic_write(path, lambda f: save(obj, f))
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:
     """``text`` (UTF-8) to ``path`` atomically."""
     return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: PathLike, data: Any) -> Path:
+    """``data`` as indented JSON (anything else as its ``str``) to ``path`` atomically: every JSON file of a run."""
+    return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import reference
 from .attention import head_parameters
 from .backends import resolve_backend
-from .graph import analyze_model
+from .graph import ModelGraph, analyze_model
 from .schedule import GrowingSchedule
 from .selection import RatioSpec, SpeedupSearch, search_speedup, select_filters
 
@@ -141,14 +141,15 @@ class TPPRegularizer:
             :func:`tpp.count_flops` on ``example_input``; the ratios are found by :func:`tpp.selection.
             search_speedup` (``speedup_mode`` ``"uniform"`` or ``"global"``), logged at INFO and kept in
             ``self.speedup_search`` (``.ratios``, ``.speedup``, ``.describe()``).
+        graph: an existing :func:`tpp.graph.analyze_model` of ``model`` (not traced again).
     """
 
     def __init__(self, model: nn.Module, pruning_ratio: RatioSpec | None = None, skip: str | Iterable[str] = (),
                  variant: str = "decorrelate", gram_weight: float = 1000.0, reduction: str = "mean",
                  bn: bool = True, weight_l2: bool = True, schedule: GrowingSchedule | None = None,
                  backend: str = "auto", *, bn_map: Mapping[str, str | None] | None = None,
-                 target_speedup: float | None = None, example_input=None, speedup_mode: str = "uniform",
-                 leaf_modules: Iterable[str] = ()):
+                 graph: ModelGraph | None = None, target_speedup: float | None = None, example_input=None,
+                 speedup_mode: str = "uniform", leaf_modules: Iterable[str] = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if (pruning_ratio is None) == (target_speedup is None):
@@ -172,7 +173,8 @@ class TPPRegularizer:
         self.model = unwrap_model(model)
         self.variant, self.gram_weight, self.reduction = variant, float(gram_weight), reduction
         self.bn, self.weight_l2, self.schedule = bn, weight_l2, schedule
-        self.graph = analyze_model(self.model, bn_map=bn_map, leaf_modules=leaf_modules)
+        self.graph = analyze_model(self.model, bn_map=bn_map, leaf_modules=leaf_modules) if graph is None \
+            else graph
         params = list(self.model.parameters())
         if not params:
             raise ValueError("model has no parameters to regularize")

@@ -215,7 +215,8 @@ def _images(files: Iterable[Path]) -> list[str]:
 
 
 def write_run_report(out_dir: Path, config: Mapping, result: Mapping, plots: Sequence[Path] = ()) -> Path:
-    """``report.md`` of one ``tpp prune`` run: settings, results table, pruned layers, plots."""
+    """``report.md`` of one ``tpp prune``/``tpp train`` run: settings, results table, latency, pruned layers,
+    plots."""
     out_dir = Path(out_dir)
     m = result["metrics"]
     cfg = result["config"]
@@ -224,7 +225,8 @@ def write_run_report(out_dir: Path, config: Mapping, result: Mapping, plots: Seq
               ("removed_untransformed", "removed (before the method's transform)"),
               ("after_removal", "right after removal"), ("final", "after finetuning")]
     lines = [
-        f"# tpp prune: {config.get('model', '?')} on {config.get('data', '?')}, method `{result['method']}`",
+        f"# {config.get('command', 'tpp prune').split(' --')[0]}: {config.get('model', '?')} on "
+        f"{config.get('data', '?')}, method `{result['method']}`",
         "",
         f"{cfg['method_description']}.",
         "",
@@ -257,6 +259,11 @@ def write_run_report(out_dir: Path, config: Mapping, result: Mapping, plots: Seq
         f"- FLOPs per sample: {m['flops']['base']:,} → {m['flops'].get('pruned', 0):,} "
         f"({_cell(m['flops'].get('speedup'), '.2f')}× speedup)",
     ]
+    latency = m.get("latency_s") or {}
+    if "base" in latency and "pruned" in latency:
+        lines.append(f"- measured latency (median forward, batch {latency.get('batch')}, {latency.get('device')}): "
+                     f"{1e3 * latency['base']:.3g} ms → {1e3 * latency['pruned']:.3g} ms "
+                     f"({_cell(latency.get('speedup'), '.2f')}× faster)")
     if "max_abs_pruned_before_zero" in m:
         lines.append(f"- largest |W, b, γ, β| of pruned filters before the final zero-out: "
                      f"{m['max_abs_pruned_before_zero']:.3g}")

@@ -19,9 +19,12 @@ heads (``pruned[attention module] = head indices``) are removed whole: the modul
 Removal is exact: when the pruned W, b and the γ, β of the BatchNorms the channels pass through are zero, the pruned
 model computes the same function in eval mode (without BN a channel carries its bias: zero b[P] too).
 
-``save_pruned``/``load_pruned`` store ``{"format": "tpp-pruned", "version": 1, "arch", "pruned", "state_dict",
-"extra"}`` with ``torch.save``; loading rebuilds the structure from the unpruned architecture with ``prune_model``
-and reads the file with ``torch.load(weights_only=True)``.
+``save_pruned``/``load_pruned`` store ``{"format": "tpp-pruned", "version": 1, "arch", "model_args", "pruned",
+"state_dict", "extra"}`` with ``torch.save`` (``model_args``, the unpruned model's constructor arguments, is optional:
+tpp 0.1 files lack it and keep ``num_classes``/``model_kwargs`` in ``extra``); loading reads the file with
+``torch.load(weights_only=True)``, builds the unpruned architecture — the one given, or the registry/torchvision/timm
+model the file names — and shrinks it with ``prune_model``. The pruned-model format version is
+:data:`PRUNED_FORMAT_VERSION` (run checkpoints have their own, :data:`tpp.identity.RUN_PRUNED_FORMAT_VERSION`).
 """
 from __future__ import annotations
 
@@ -38,10 +41,10 @@ from .attention import HeadParameters, PrunedMultiheadAttention, head_parameters
 from .files import atomic_save
 from .graph import ModelGraph, Unit, analyze_model
 
-__all__ = ["prune_model", "save_pruned", "load_pruned", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["prune_model", "save_pruned", "load_pruned", "build_unpruned", "PRUNED_FORMAT", "PRUNED_FORMAT_VERSION"]
 
-CHECKPOINT_FORMAT = "tpp-pruned"
-CHECKPOINT_VERSION = 1
+PRUNED_FORMAT = "tpp-pruned"
+PRUNED_FORMAT_VERSION = 1           # of pruned-model files; optional keys were added within version 1
 
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 PathLike = Union[str, os.PathLike]
@@ -311,13 +314,15 @@ def _assign(module: nn.Module, new: dict[str, object]) -> None:
 
 
 def save_pruned(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], path: PathLike, *,
-                arch: str | None = None, extra=None) -> None:
+                arch: str | None = None, model_args: Mapping | None = None, extra=None) -> None:
     """Write the pruned ``model`` (the result of ``prune_model(unpruned, pruned)``) to ``path``, atomically.
 
-    The file holds ``{"format": "tpp-pruned", "version": 1, "arch": arch, "pruned": {name: [ints]},
-    "state_dict": model.state_dict(), "extra": extra}``: tensors and plain data only, so
-    ``torch.load(weights_only=True)`` reads it. ``extra`` may contain None, bool, int, float, str, tensors, and
-    lists/tuples/dicts (string keys) of those; anything else raises ``TypeError`` before writing.
+    The file holds ``{"format": "tpp-pruned", "version": 1, "arch": arch, "model_args": model_args,
+    "pruned": {name: [ints]}, "state_dict": model.state_dict(), "extra": extra}``: tensors and plain data only, so
+    ``torch.load(weights_only=True)`` reads it. ``arch`` (a :func:`tpp.models.build_model` name, or
+    ``"timm:<name>"``) with ``model_args`` (its keyword arguments, e.g. ``{"num_classes": 10}``) lets
+    ``load_pruned(path)`` rebuild the model alone. ``extra`` and ``model_args`` may contain None, bool, int, float,
+    str, tensors, and lists/tuples/dicts (string keys) of those; anything else raises ``TypeError`` before writing.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_pruned expects an nn.Module, got {type(model).__name__}")
@@ -326,13 +331,15 @@ def save_pruned(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
     if arch is not None and not isinstance(arch, str):
         raise TypeError(f"arch must be a string or None, got {type(arch).__name__}")
     _check_plain(extra, "extra")
+    _check_plain(dict(model_args) if model_args is not None else None, "model_args")
     modules = dict(model.named_modules())
     for name in pruned:
         if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear)) and head_parameters(modules.get(name)) is None:
             raise ValueError(f"pruned layer {name!r}: no Conv2d/Linear/MultiheadAttention of that name in "
                              f"{type(model).__name__}")
     spec = {name: _as_indices(idx, None, f"pruned indices of layer {name!r}").tolist() for name, idx in pruned.items()}
-    checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": arch, "pruned": spec,
+    checkpoint = {"format": PRUNED_FORMAT, "version": PRUNED_FORMAT_VERSION, "arch": arch,
+                  "model_args": dict(model_args) if model_args is not None else None, "pruned": spec,
                   "state_dict": model.state_dict(), "extra": extra}
     atomic_save(checkpoint, path)
 
@@ -353,33 +360,26 @@ def _check_plain(value, where: str) -> None:
                         "float, str, tensors and lists/tuples/dicts of those (it is read with weights_only=True)")
 
 
-def load_pruned(model: nn.Module, path_or_obj: PathLike | Mapping, *, arch: str | None = None) -> nn.Module:
-    """The pruned model saved by :func:`save_pruned`, rebuilt on ``model``, an instance of the UNPRUNED architecture.
+def load_pruned(model: nn.Module | PathLike | Mapping, path_or_obj: PathLike | Mapping | None = None, *,
+                arch: str | None = None) -> nn.Module:
+    """The pruned model saved by :func:`save_pruned`: ``load_pruned(path)`` or ``load_pruned(unpruned, path)``.
 
-    ``path_or_obj`` is a file (read with ``torch.load(weights_only=True)``) or the dict it holds. The structure is
-    ``prune_model(model, checkpoint["pruned"])`` (``model`` itself is not modified), then the weights are loaded
-    strictly. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is not a tpp-pruned
-    checkpoint, an ``arch`` differing from the saved one (when both are given), or a checkpoint that does not fit
-    ``model`` (naming the first mismatching layer, key or shape).
+    With one argument the unpruned architecture is built from the file (:func:`build_unpruned`: its ``arch`` and
+    constructor arguments — tpp 0.1 files included); with two, ``model`` is an instance of the UNPRUNED
+    architecture (not modified). A path is read with ``torch.load(weights_only=True)``; the loaded dict is accepted
+    too. The structure is ``prune_model(model, checkpoint["pruned"])``, then the weights are loaded strictly.
+    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is not a tpp-pruned checkpoint,
+    an ``arch`` differing from the saved one (when both are given), a file naming no buildable architecture (one
+    argument), or a checkpoint that does not fit ``model`` (naming the first mismatching layer, key or shape).
     """
-    if not isinstance(model, nn.Module):
+    if path_or_obj is None and not isinstance(model, nn.Module):
+        model, path_or_obj = None, model
+    elif not isinstance(model, nn.Module):
         raise TypeError(f"load_pruned expects an nn.Module, got {type(model).__name__}")
-    source = "checkpoint"
-    if isinstance(path_or_obj, Mapping):
-        checkpoint = path_or_obj
-    elif isinstance(path_or_obj, (str, os.PathLike)):
-        source = str(path_or_obj)
-        if not Path(path_or_obj).is_file():
-            raise FileNotFoundError(f"pruned model checkpoint not found: {source}")
-        try:
-            checkpoint = torch.load(path_or_obj, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors come in many types; the first line says which
-            first = (str(err).strip().splitlines() or [""])[0]
-            raise ValueError(f"{source} is not a tpp-pruned checkpoint: torch.load(weights_only=True) failed: "
-                             f"{type(err).__name__}: {first}") from err
-    else:
-        raise TypeError(f"path_or_obj must be a path or a loaded checkpoint dict, got {type(path_or_obj).__name__}")
+    checkpoint, source = _read(path_or_obj)
     _check_checkpoint(checkpoint, source, arch)
+    if model is None:
+        model = build_unpruned(checkpoint, source)
     try:
         pruned_model = prune_model(model, checkpoint["pruned"])
     except (TypeError, ValueError) as err:
@@ -400,14 +400,59 @@ def load_pruned(model: nn.Module, path_or_obj: PathLike | Mapping, *, arch: str 
     return pruned_model
 
 
+def _read(path_or_obj) -> tuple[Mapping, str]:
+    if isinstance(path_or_obj, Mapping):
+        return path_or_obj, "checkpoint"
+    if not isinstance(path_or_obj, (str, os.PathLike)):
+        raise TypeError(f"path_or_obj must be a path or a loaded checkpoint dict, got {type(path_or_obj).__name__}")
+    source = str(path_or_obj)
+    if not Path(path_or_obj).is_file():
+        raise FileNotFoundError(f"pruned model checkpoint not found: {source}")
+    try:
+        return torch.load(path_or_obj, map_location="cpu", weights_only=True), source
+    except Exception as err:  # unpickling errors come in many types; the first line says which
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{source} is not a tpp-pruned checkpoint: torch.load(weights_only=True) failed: "
+                         f"{type(err).__name__}: {first}") from err
+
+
+def build_unpruned(checkpoint: Mapping, source: str = "checkpoint") -> nn.Module:
+    """The unpruned architecture a tpp-pruned checkpoint names: ``arch`` built with ``model_args`` (tpp 0.1 files:
+    ``extra["num_classes"]`` and ``extra["model_kwargs"]``) by :func:`tpp.models.build_model` (registry and
+    torchvision names) or, for ``"timm:<name>"``, ``timm.create_model``."""
+    arch = checkpoint.get("arch")
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"{source} names no architecture; pass the unpruned model: load_pruned(model, path)")
+    args = checkpoint.get("model_args")
+    if args is None:                                       # tpp 0.1: what tpp prune / tpp train put in extra
+        extra = checkpoint.get("extra") if isinstance(checkpoint.get("extra"), Mapping) else {}
+        args = dict(extra.get("model_kwargs") or {})
+        if extra.get("num_classes") is not None:
+            args["num_classes"] = extra["num_classes"]
+    args = dict(args)
+    try:
+        if arch.startswith("timm:"):
+            try:
+                import timm
+            except ImportError:
+                raise ValueError(f"{source} holds a timm model ({arch}): pip install timm to rebuild it") from None
+            return timm.create_model(arch.removeprefix("timm:"), pretrained=False, **args)
+        from .models import build_model
+
+        return build_model(arch, **args)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{source}: cannot build its architecture {arch!r} with {args}: {err}; pass the unpruned "
+                         "model: load_pruned(model, path)") from err
+
+
 def _check_checkpoint(checkpoint, source: str, arch: str | None) -> None:
-    if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != PRUNED_FORMAT:
         found = f"format {checkpoint.get('format')!r}" if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
-        raise ValueError(f"{source} is not a tpp-pruned checkpoint ({found}, expected format {CHECKPOINT_FORMAT!r}); "
+        raise ValueError(f"{source} is not a tpp-pruned checkpoint ({found}, expected format {PRUNED_FORMAT!r}); "
                          "save one with tpp.save_pruned")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
+    if checkpoint.get("version") != PRUNED_FORMAT_VERSION:
         raise ValueError(f"{source}: unsupported tpp-pruned checkpoint version {checkpoint.get('version')!r} "
-                         f"(this tpp reads version {CHECKPOINT_VERSION})")
+                         f"(this tpp reads version {PRUNED_FORMAT_VERSION})")
     for key, kind in (("pruned", Mapping), ("state_dict", Mapping)):
         if not isinstance(checkpoint.get(key), kind):
             raise ValueError(f"{source}: malformed tpp-pruned checkpoint, {key!r} is not a dict")

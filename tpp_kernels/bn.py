@@ -15,9 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tpp import reference
-
-from . import checks, config, tables
+from . import checks, config, reference, tables
 from .tables import LRU, flat_views
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,7 +170,7 @@ def _add_grads(gammas: Sequence[Tensor], betas: Sequence[Tensor], gamma_grads: S
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ops (on CPU without the interpreter, the kernels are tpp.reference)
+# Ops (on CPU without the interpreter, the kernels are tpp_kernels.reference)
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -1,15 +1,16 @@
-"""Argument checks run before any launch: they read only metadata (no device sync), so they also run under
-``torch.compile``. Index *values* (range, duplicates) are checked once per pruned set, when the launch tables are
-built (``tpp.reference.check_pruned_indices``, which synchronizes)."""
+"""Argument checks of every backend (Triton ops, CUDA bindings), run before any launch: they read only metadata (no
+device sync), so they also run under ``torch.compile``. Index *values* (range, duplicates) are checked once per
+pruned set (``tpp_kernels.reference.check_pruned_indices``, which synchronizes): by the Triton backend when its
+launch tables are built, by the CUDA backend through :func:`index_values_once`."""
 import math
+from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from tpp.reference import REDUCTIONS, VARIANTS, check_pruned_indices
-
 from .config import INPUT_PRECISIONS
+from .reference import REDUCTIONS, VARIANTS, check_pruned_indices
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -24,12 +25,13 @@ def options(variant: str, reduction: str, input_precision: Optional[str]) -> Non
         raise ValueError(f"input_precision must be None or one of {INPUT_PRECISIONS}, got {input_precision!r}")
 
 
-def tensor_list(values, name: str) -> List[Tensor]:
+def tensor_list(values, name: str, optional: bool = False) -> List[Optional[Tensor]]:
+    """``values`` as a list of tensors (``None`` entries allowed when ``optional``)."""
     if isinstance(values, Tensor) or not isinstance(values, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(values).__name__}")
     for i, t in enumerate(values):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+        if not isinstance(t, Tensor) and not (optional and t is None):
+            raise TypeError(f"{name}[{i}] must be a tensor{' or None' if optional else ''}, got {type(t).__name__}")
     return list(values)
 
 
@@ -41,7 +43,7 @@ def same_length(a: Sequence, b: Sequence, name_a: str, name_b: str) -> None:
 def floating(t: Tensor, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}"
-                        " (use tpp.reference for other dtypes)")
+                        " (use tpp_kernels.reference for other dtypes)")
 
 
 def same_device(t: Tensor, device: torch.device, name: str) -> None:
@@ -89,26 +91,52 @@ def layers(weights, pruned, weights_name: str, pruned_name: str, min_dim: int,
     return weights, pruned
 
 
+def vectors(values, pruned: Sequence[Tensor], name: str, pruned_name: str) -> List[Optional[Tensor]]:
+    """Check optional 1-D per-layer vectors (a BatchNorm's γ or β; ``None``: absent) against their pruned sets."""
+    values = tensor_list(values, name, optional=True)
+    same_length(values, pruned, name, pruned_name)
+    device = next((v.device for v in values if v is not None), None)
+    for i, (v, idx) in enumerate(zip(values, pruned)):
+        if v is None:
+            continue
+        floating(v, f"{name}[{i}]")
+        if v.dim() != 1:
+            raise ValueError(f"{name}[{i}] must have 1 dims, got shape {tuple(v.shape)}")
+        same_device(v, device, f"{name}[{i}]")
+        pruned_indices(idx, v.shape[0], device, f"{pruned_name}[{i}]")
+    return values
+
+
 def like(tensors, reference: Sequence[Tensor], name: str, reference_name: str) -> List[Tensor]:
     """Check one tensor per reference tensor, with its shape, dtype and device."""
     tensors = tensor_list(tensors, name)
     same_length(tensors, reference, name, reference_name)
     for i, (t, ref) in enumerate(zip(tensors, reference)):
-        if t.shape != ref.shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, {reference_name}[{i}] {tuple(ref.shape)}")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype}, {reference_name}[{i}] {ref.dtype}")
-        same_device(t, ref.device, f"{name}[{i}]")
+        matches(t, ref, f"{name}[{i}]", f"{reference_name}[{i}]")
     return tensors
+
+
+def matches(t: Tensor, ref: Tensor, name: str, reference_name: str) -> None:
+    """``t`` has the shape, dtype and device of ``ref``."""
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, {reference_name} {tuple(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, {reference_name} {ref.dtype}")
+    same_device(t, ref.device, name)
 
 
 def dense_like(tensors, reference: Sequence[Tensor], name: str, reference_name: str) -> List[Tensor]:
     """Check gradient buffers updated in place: :func:`like`, and rows dense."""
     tensors = like(tensors, reference, name, reference_name)
     for i, t in enumerate(tensors):
-        if not rows_dense(t):
-            raise ValueError(f"{name}[{i}] must be dense (contiguous or channels-last) to be updated in place")
+        dense(t, f"{name}[{i}]")
     return tensors
+
+
+def dense(t: Tensor, name: str) -> None:
+    """``t`` can be updated in place by the kernels (:func:`rows_dense`)."""
+    if not rows_dense(t):
+        raise ValueError(f"{name} must be dense (contiguous or channels-last) to be updated in place")
 
 
 def scale(value: Union[float, Tensor], device: torch.device) -> Tuple[float, Optional[Tensor]]:
@@ -128,3 +156,22 @@ def index_values(tensors: Sequence[Tensor], pruned: Sequence[Tensor]) -> None:
     """Range and distinctness of every pruned set (syncs; the kernels' layouts run it once per pruned set)."""
     for i, (t, idx) in enumerate(zip(tensors, pruned)):
         check_pruned_indices(idx, t.shape[0], f"pruned_idxs[{i}]")
+
+
+_checked: "OrderedDict[tuple, Tensor]" = OrderedDict()
+
+
+def index_values_once(layers: Sequence[Tuple[int, int, Tensor]]) -> None:
+    """:func:`index_values` for ``(position, N, indices)`` triples, once per index tensor and version (a sync on
+    CUDA the first time). Skipped while compiling: the ops then check on their own."""
+    if torch.compiler.is_compiling():
+        return
+    for i, n, idx in layers:
+        key = (idx.data_ptr(), None if idx.is_inference() else idx._version, idx.dtype, idx.shape, idx.device, n)
+        if key in _checked:
+            _checked.move_to_end(key)
+            continue
+        check_pruned_indices(idx, n, f"pruned_idxs[{i}]")
+        _checked[key] = idx  # holding the tensor keeps its memory from being reused under the same data_ptr
+        if len(_checked) > 1024:
+            _checked.popitem(last=False)

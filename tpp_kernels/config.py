@@ -18,11 +18,27 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INPUT_PRECISIONS = ("ieee", "tf32")
 
 
+@torch.compiler.assume_constant_result
+def matmul_precision() -> str:
+    """The precision torch gives fp32 matmuls on CUDA (what cuBLAS runs through ATen): "tf32" or "ieee".
+
+    ``torch.backends.cuda.matmul.fp32_precision`` where torch has it (≥ 2.9; it resolves the generic
+    ``torch.backends.fp32_precision`` and ``torch.set_float32_matmul_precision``), else
+    ``torch.get_float32_matmul_precision()`` ("highest" → ieee). Read once per trace under ``torch.compile``.
+    """
+    value = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if value is None:
+        value = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if value == "tf32" else "ieee"
+
+
 def input_precision(requested: Optional[str]) -> str:
-    """The ``tl.dot`` input precision for fp32 operands: ``requested``, else "ieee" in the interpreter, else "tf32"."""
-    if requested is None:
-        return "ieee" if INTERPRET else "tf32"
-    return requested
+    """The ``tl.dot`` input precision for fp32 operands, one policy for every backend: ``requested`` when given, else
+    "ieee" in the interpreter, else torch's fp32 matmul precision (:func:`matmul_precision`; the CUDA backend's
+    cuBLAS GEMMs follow the same setting)."""
+    if requested is not None:
+        return requested
+    return "ieee" if INTERPRET else matmul_precision()
 
 
 def check_device(t: torch.Tensor) -> None:

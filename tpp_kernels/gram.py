@@ -24,10 +24,10 @@ unwrapped, so a traced launch would run the interpreter on FakeTensors. An opaqu
 no neighbouring work for Inductor to fuse into a reduction over whole weight tensors — and
 ``torch.compile(fullgraph=True)`` still captures it without a graph break (``register_fake`` gives the output
 shapes, ``register_autograd`` the backward). Kernels: on every device the Triton launcher; on CPU without the
-interpreter the reference (``tpp.reference``), so the ops work on CPU tensors either way.
+interpreter the reference (``tpp_kernels.reference``), so the ops work on CPU tensors either way.
 
 ``variant="diagonal"`` needs the whole gram ``W Wᵀ`` (kept filters are pushed to orthonormality), which has no
-pruned-rows shortcut: the public functions compute it with ``tpp.reference`` (autograd, every device).
+pruned-rows shortcut: the public functions compute it with ``tpp_kernels.reference`` (autograd, every device).
 """
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -37,9 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tpp import reference
-
-from . import checks, config, tables
+from . import checks, config, reference, tables
 from .tables import LRU, flat_views
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,7 +325,7 @@ def _add_grads(weights: Sequence[Tensor], grads: Sequence[Tensor], pruned: Seque
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ops (on CPU without the interpreter, the kernels are tpp.reference)
+# Ops (on CPU without the interpreter, the kernels are tpp_kernels.reference)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -440,9 +438,9 @@ def gram_penalty_multi(weights: Sequence[Tensor], pruned_idxs: Sequence[Tensor],
     ``weights[i]`` is ``[N, ...]`` (conv or linear weight, read as ``[N, D]``), float32/float16/bfloat16;
     ``pruned_idxs[i]`` its distinct pruned filter indices (any integer dtype, same device; p = 0 allowed).
     Differentiable; returns a float32 0-d tensor. One forward and one backward launch per weight dtype, none if no
-    layer has a pruned filter. ``input_precision`` ("ieee" | "tf32") applies to fp32 dot operands; default "tf32",
-    "ieee" under the Triton interpreter. ``variant="diagonal"`` runs ``tpp.reference`` (it needs the whole gram).
-    """
+    layer has a pruned filter. ``input_precision`` ("ieee" | "tf32") applies to fp32 dot operands; default: torch's
+    fp32 matmul precision ("tf32" unless ``torch.get_float32_matmul_precision()`` is "highest"), "ieee" under the
+    Triton interpreter. ``variant="diagonal"`` runs the reference (it needs the whole gram)."""
     checks.options(variant, reduction, input_precision)
     weights, pruned_idxs = checks.layers(weights, pruned_idxs, "weights", "pruned_idxs", min_dim=2)
     if not weights:

@@ -28,16 +28,16 @@ without that proof (scalar loads). Every device table is uploaded when the plan 
 """
 import itertools
 import weakref
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from tpp.reference import check_pruned_indices
-
 from . import config
+from .checks import rows_dense
+from .reference import check_pruned_indices
 from .tables import dtype_groups
 
 # Tile kinds (first column of a tile table; the others: tensor position, first pruned/row position, segment,
@@ -45,12 +45,15 @@ from .tables import dtype_groups
 _R, _SQUARES, _PRUNED_ROWS, _KEPT_ROWS, _GRAM_SQUARES = 0, 1, 2, 3, 4
 _TILE = 5
 # Per gram tensor ``p_gmeta[l]`` = (N, S, L, p, o_idx, o_r, aligned, 0); per squares tensor ``p_smeta[q]`` =
-# (N, S, L, p, o_idx, aligned, 0, 0). ``p_order[o_idx:o_idx+N]`` lists P then K (squares: P only), ``p_m`` is m.
+# (N, S, L, p, o_idx, aligned, 0, 0), int32 (index arithmetic stays 32-bit: every tensor and the R buffer hold
+# fewer than 2^31 elements; tensors are addressed as an anchor pointer plus an int64 offset).
+# ``p_order[o_idx:o_idx+N]`` lists P then K (squares: P only), ``p_m`` is m.
 _META = 8
-# Launch configurations on a GPU, chosen without timing (so identical on every DDP rank): 64×64 tiles, 32-wide
-# reduction chunks, 3 pipeline stages; the forward on 8 warps keeps its accumulator and pipelined operands in
-# registers without spills (benchmarks/ptx_report.py). The interpreter runs config.default_config's small blocks.
-GPU_CONFIGS = {"fwd": config.Config(64, 64, 32, 8, 3), "bwd": config.Config(64, 64, 32, 4, 3)}
+# Launch configurations on a GPU, chosen without timing (so identical on every DDP rank): the largest tiles that
+# compile for sm_90 without register spills (benchmarks/ptx_report.py), which minimize the modelled traffic
+# (benchmarks/traffic.py): 128×128 R tiles, 64 gradient rows × 128 columns, 32-wide reduction chunks, 8 warps,
+# 3 pipeline stages. The interpreter runs config.default_config's small blocks.
+GPU_CONFIGS = {"fwd": config.Config(128, 128, 32, 8, 3), "bwd": config.Config(64, 128, 32, 8, 3)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,19 +70,21 @@ def _aligned(x, V: tl.constexpr):
 @triton.jit
 def _r_tile(p_wl, o_rows, m_a, o_j, m_j, N, S, L,
             INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """R[a, j] for pruned positions a and units j, over the S segments of length L."""
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """R[a, j] for pruned positions a and units j, over the S segments of length L (loads pipelined in STAGES
+    stages; None: the launch's num_stages)."""
     b_r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i_s in range(0, S):
         p_s = p_wl + i_s * N * L
-        for i_k in range(0, L, BLOCK_K):
+        for i_k in tl.range(0, L, BLOCK_K, num_stages=STAGES):
             o_k = i_k + tl.arange(0, BLOCK_K)
             m_k = o_k < L
             b_wp = tl.load(p_s + o_rows[:, None] * L + o_k[None, :], mask=m_a[:, None] & m_k[None, :], other=0.)
-            b_wt = tl.load(p_s + o_j[None, :] * L + o_k[:, None], mask=m_k[:, None] & m_j[None, :], other=0.)
+            b_w = tl.load(p_s + o_j[:, None] * L + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.)
             if DOT_FP32:
-                b_wp, b_wt = b_wp.to(tl.float32), b_wt.to(tl.float32)
-            b_r = tl.dot(b_wp, b_wt, b_r, input_precision=INPUT_PRECISION)
+                b_wp, b_w = b_wp.to(tl.float32), b_w.to(tl.float32)
+            # both operands K-major (tf32 tensor-core dots read no other layout from shared memory)
+            b_r = tl.dot(b_wp, tl.trans(b_w), b_r, input_precision=INPUT_PRECISION)
     return b_r
 
 
@@ -122,16 +127,16 @@ def _fwd_kernel(p_w, p_ow, p_gmeta, p_x, p_ox, p_smeta, p_tiles, p_order, p_m, p
         m_a = o_a < P
         o_j = _aligned(i_b, BLOCK_N) + tl.arange(0, BLOCK_N)
         m_j = o_j < N
-        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0).to(tl.int64)
+        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0)
         if tl.load(p_meta + 6) != 0:
             b_r = _r_tile(p_w + _aligned(o_w, VEC_W), o_rows, m_a, o_j, m_j, N, S, _aligned(L, VEC_W),
-                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, None)
             N_v = _aligned(N, 4)
             tl.store(p_r + _aligned(o_r, 4) + o_a[:, None] * N_v + o_j[None, :], b_r,
                      mask=m_a[:, None] & (o_j < N_v)[None, :])
         else:
-            b_r = _r_tile(p_w + o_w, o_rows, m_a, o_j, m_j, N, S, L,
-                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+            b_r = _r_tile(p_w + o_w, o_rows, m_a, o_j, m_j, N, S, L,  # (unaligned: unpipelined, few registers)
+                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, 1)
             tl.store(p_r + o_r + o_a[:, None] * N + o_j[None, :], b_r, mask=m_a[:, None] & m_j[None, :])
         if LOSS:
             b_m = tl.load(p_m + o_idx + o_j, mask=m_j, other=0).to(tl.float32)
@@ -157,7 +162,7 @@ def _squares_of(p_t, o_t, p_meta, ALIGNED: tl.constexpr, p_order, o_a, i_s, VEC:
     N = tl.load(p_meta)
     L = tl.load(p_meta + 2)
     m_a = o_a < tl.load(p_meta + 3)
-    o_rows = tl.load(p_order + tl.load(p_meta + 4) + o_a, mask=m_a, other=0).to(tl.int64)
+    o_rows = tl.load(p_order + tl.load(p_meta + 4) + o_a, mask=m_a, other=0)
     if tl.load(p_meta + ALIGNED) != 0:
         b_sq = _squares_tile(p_t + _aligned(o_t, VEC), o_rows, m_a, i_s, N, _aligned(L, VEC), BLOCK_M, BLOCK_K)
     else:
@@ -167,10 +172,10 @@ def _squares_of(p_t, o_t, p_meta, ALIGNED: tl.constexpr, p_order, o_a, i_s, VEC:
 
 @triton.jit
 def _pruned_rows(p_r, p_wl, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Σ_j R[o_s, j] W[j, o_d] (``p_wl``: the segment's first element; rows L apart)."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i_j in range(0, N, BLOCK_J):
+    for i_j in tl.range(0, N, BLOCK_J, num_stages=STAGES):
         o_j = i_j + tl.arange(0, BLOCK_J)
         m_j = o_j < N
         b_r = tl.load(p_r + o_s[:, None] * N + o_j[None, :], mask=m_s[:, None] & m_j[None, :], other=0.)
@@ -181,14 +186,14 @@ def _pruned_rows(p_r, p_wl, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION: tl.conste
 
 @triton.jit
 def _kept_rows(p_r, p_wl, p_order, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Σ_a R[a, o_rows] W[P_a, o_d] for kept units o_rows (columns of R)."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i_b in range(0, P, BLOCK_J):
+    for i_b in tl.range(0, P, BLOCK_J, num_stages=STAGES):
         o_b = i_b + tl.arange(0, BLOCK_J)
         m_b = o_b < P
         b_rt = tl.load(p_r + o_b[None, :] * N + o_rows[:, None], mask=m_s[:, None] & m_b[None, :], other=0.)
-        o_pb = tl.load(p_order + o_b, mask=m_b, other=0).to(tl.int64)
+        o_pb = tl.load(p_order + o_b, mask=m_b, other=0)
         b_wp = tl.load(p_wl + o_pb[:, None] * L + o_d[None, :], mask=m_b[:, None] & m_d[None, :], other=0.)
         b_acc = tl.dot(b_rt, b_wp.to(tl.float32), b_acc, input_precision=INPUT_PRECISION)
     return b_acc
@@ -197,23 +202,23 @@ def _kept_rows(p_r, p_wl, p_order, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISI
 @triton.jit
 def _gram_grad_tile(p_w, p_out, p_r, p_order, o_idx, kind, i_s, o_d, N, L, P, b_gram, b_l2,
                     ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Gradient rows order[i_s…] (all pruned for kind _PRUNED_ROWS, all kept otherwise), columns o_d of one
     segment (``p_w``/``p_out`` point at the segment's first element)."""
     o_s = i_s + tl.arange(0, BLOCK_M)
     m_d = o_d < L
     if kind == 2:
         m_s = o_s < P
-        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0).to(tl.int64)
+        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0)
         b_out = b_gram * _pruned_rows(p_r, p_w, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION,
-                                      BLOCK_M, BLOCK_D, BLOCK_J)
+                                      BLOCK_M, BLOCK_D, BLOCK_J, STAGES)
         b_w = tl.load(p_w + o_rows[:, None] * L + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.)
         b_out += b_l2 * b_w.to(tl.float32)
     else:
         m_s = o_s < N
-        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0).to(tl.int64)
+        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0)
         b_out = b_gram * _kept_rows(p_r, p_w, p_order + o_idx, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISION,
-                                    BLOCK_M, BLOCK_D, BLOCK_J)
+                                    BLOCK_M, BLOCK_D, BLOCK_J, STAGES)
     p_o = p_out + o_rows[:, None] * L + o_d[None, :]
     m_o = m_s[:, None] & m_d[None, :]
     if ACCUMULATE:
@@ -271,11 +276,11 @@ def _bwd_kernel(p_w, p_ow, p_gmeta, p_gout, p_ogout, p_x, p_ox, p_smeta, p_xout,
                             p_gout + _aligned(tl.load(p_ogout + i_l), VEC_W) + o_seg_v,
                             p_r + _aligned(tl.load(p_meta + 5), 4), p_order, o_idx, kind, i_s, o_d,
                             _aligned(N, 4), L_v, P, b_gram, b_scale * l2_weight,
-                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J)
+                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J, None)
         else:
             _gram_grad_tile(p_w + tl.load(p_ow + i_l) + o_seg, p_gout + tl.load(p_ogout + i_l) + o_seg,
                             p_rl, p_order, o_idx, kind, i_s, o_d, N, L, P, b_gram, b_scale * l2_weight,
-                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J)
+                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J, 1)
     else:
         p_meta = p_smeta + i_l * 8
         N = tl.load(p_meta)
@@ -284,7 +289,7 @@ def _bwd_kernel(p_w, p_ow, p_gmeta, p_gout, p_ogout, p_x, p_ox, p_smeta, p_xout,
         o_idx = tl.load(p_meta + 4)
         o_a = i_s + tl.arange(0, BLOCK_M)
         m_a = o_a < P
-        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0).to(tl.int64)
+        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0)
         o_seg = i_g * N * L
         if tl.load(p_meta + 5) != 0:
             o_seg_v = _aligned(o_seg, VEC_X)
@@ -329,12 +334,12 @@ def _offsets(tensors: Sequence[Tensor], anchor: Tensor) -> List[int]:
     return [(t.data_ptr() - anchor.data_ptr()) // anchor.element_size() for t in tensors]
 
 
-def _padded_offsets(tensors: Sequence[Tensor], vec: int) -> Tuple[List[int], int]:
-    """Consecutive offsets in one flat buffer, each rounded up to a multiple of ``vec``, and the buffer's size."""
+def _flat_offsets(tensors: Sequence[Tensor]) -> Tuple[List[int], int]:
+    """Consecutive offsets of ``tensors`` in one flat buffer (every element written: no gaps), and its size."""
     offsets, end = [], 0
     for t in tensors:
         offsets.append(end)
-        end += -(-t.numel() // vec) * vec
+        end += t.numel()
     return offsets, end
 
 
@@ -376,11 +381,11 @@ class _Launch:
         self.bwd_tiles = self._tiles(self._bwd_rows(), device)
         self.o_part = o_part
         self.n_part = self.fwd_tiles_loss.shape[0]
-        # the autograd path writes gradients into flat buffers, each tensor at a 16-byte-aligned offset
-        self.o_gflat, self.gflat_numel = _padded_offsets([r.tensor for r in grams], self.vec_w)
-        self.o_xflat, self.xflat_numel = _padded_offsets([r.tensor for r in squares], self.vec_x)
-        self.gmeta = self._meta(gmeta, 6, [0] * len(grams), self.vec_w, device)
-        self.smeta = self._meta(smeta, 5, [0] * len(squares), self.vec_x, device)
+        # the autograd path writes gradients into flat buffers, tensor after tensor
+        self.o_gflat, self.gflat_numel = _flat_offsets([r.tensor for r in grams])
+        self.o_xflat, self.xflat_numel = _flat_offsets([r.tensor for r in squares])
+        self.gmeta = self._meta(gmeta, 6, self.o_gflat, self.vec_w, device)
+        self.smeta = self._meta(smeta, 5, self.o_xflat, self.vec_x, device)
         self.o_gflat_t, self.o_xflat_t = self._upload(self.o_gflat, device), self._upload(self.o_xflat, device)
         self.grad_ptrs: Optional[List[int]] = None
 
@@ -399,7 +404,7 @@ class _Launch:
             r_aligned = column == 5 or (row[0] % 4 == 0 and row[5] % 4 == 0)  # gram tensors: R rows too
             row[column] = int(row[2] % vec == 0 and o_t % vec == 0 and o % vec == 0 and r_aligned
                               and anchor.data_ptr() % 16 == 0)
-        return torch.tensor(rows, dtype=torch.int64).to(device)
+        return torch.tensor(rows, dtype=torch.int32).to(device)
 
     def _fwd_rows(self, loss: bool) -> List[Tuple[int, ...]]:
         cfg = self.fwd_cfg
@@ -425,8 +430,25 @@ class _Launch:
                  for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
         return rows
 
-    @staticmethod
-    def _tiles(rows: Sequence[Tuple[int, ...]], device: torch.device) -> Tensor:
+    def _work(self, tile: Tuple[int, ...]) -> int:
+        """Elements a program streams (operand tiles over its reduction), to launch the longest first."""
+        kind, i, a, b, d = tile
+        if kind in (_SQUARES, _GRAM_SQUARES):
+            rows = self.squares[i] if kind == _SQUARES else self.grams[i]
+            return min(self.fwd_cfg.block_rows, rows.pruned.numel() - a) * rows.length
+        rows = self.grams[i]
+        n, p, length = rows.units, rows.pruned.numel(), rows.length
+        if kind == _R:
+            m, cols = min(self.fwd_cfg.block_rows, p - a), min(self.fwd_cfg.block_cols, n - b)
+            return (m + cols) * rows.segments * length
+        cols = min(self.bwd_cfg.block_cols, length - d)
+        if kind == _PRUNED_ROWS:
+            return (min(self.bwd_cfg.block_rows, p - a) + cols) * n
+        return (min(self.bwd_cfg.block_rows, n - a) + cols) * p
+
+    def _tiles(self, rows: Sequence[Tuple[int, ...]], device: torch.device) -> Tensor:
+        """The tile table, longest programs first (the GPU starts them in order: the short ones fill the tail)."""
+        rows = sorted(rows, key=self._work, reverse=True)
         return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), _TILE).to(device)
 
     def bind_grads(self, grads: Sequence[Tensor], device: torch.device) -> None:
@@ -444,6 +466,7 @@ class _Launch:
 
 
 _plans: "weakref.WeakValueDictionary[int, PenaltyPlan]" = weakref.WeakValueDictionary()
+_view_specs: Dict[int, Tuple] = {}  # plan id -> PenaltyPlan._view_specs()
 _plan_ids = itertools.count()
 
 
@@ -453,10 +476,13 @@ class PenaltyPlan:
     ``gram_weight`` is c, ``l2_weight`` (0 or 1) switches the gram tensors' ``½‖W_P‖²``, ``mean`` divides each gram
     term by N². Tensors must be float32/float16/bfloat16 on one device (CUDA, or CPU under ``TRITON_INTERPRET=1``),
     rows dense; empty pruned sets are dropped. Indices are validated here (a device sync), never per call.
+    ``configs`` ({"fwd": …, "bwd": …}) overrides the launch configurations (the traffic model builds GPU tile tables
+    on a CPU with it).
     """
 
     def __init__(self, grams: Sequence[Rows], squares: Sequence[Rows], *, gram_weight: float, l2_weight: float,
-                 mean: bool, input_precision: Optional[str] = None):
+                 mean: bool, input_precision: Optional[str] = None,
+                 configs: Optional[Dict[str, config.Config]] = None):
         grams = [r for r in grams if r.pruned.numel()]
         squares = [r for r in squares if r.pruned.numel()]
         everything = [*grams, *squares]
@@ -469,8 +495,10 @@ class PenaltyPlan:
         self.device = device
         self.gram_weight, self.l2_weight, self.mean = float(gram_weight), float(l2_weight), bool(mean)
         self.precision = config.input_precision(input_precision)
-        fwd, bwd = (config.default_config("gram_fwd"), config.default_config("gram_bwd")) if config.INTERPRET \
-            else (GPU_CONFIGS["fwd"], GPU_CONFIGS["bwd"])
+        if configs is None:
+            configs = {"fwd": config.default_config("gram_fwd"), "bwd": config.default_config("gram_bwd")} \
+                if config.INTERPRET else GPU_CONFIGS
+        fwd, bwd = configs["fwd"], configs["bwd"]
         gram_groups = [[grams[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in grams])]
         square_groups = [[squares[i] for i in g] for g in dtype_groups([r.tensor.dtype for r in squares])]
         self.launches, o_r, o_part = [], 0, 0
@@ -479,10 +507,14 @@ class PenaltyPlan:
             self.launches.append(launch)
             o_r, o_part = launch.r_end, o_part + launch.n_part
         self.r_numel, self.n_part = o_r, o_part
+        if o_r >= 2**31:
+            raise ValueError(f"the pruned rows' gram blocks need {o_r} elements, more than 2^31 - 1")
         self.tensors = [r.tensor for launch in self.launches for r in (*launch.grams, *launch.squares)]
         self._r = torch.empty(self.r_numel, dtype=torch.float32, device=device)  # scratch of add_grads_
         self.id = next(_plan_ids)
         _plans[self.id] = self
+        _view_specs[self.id] = self._view_specs()
+        weakref.finalize(self, _view_specs.pop, self.id, None)
 
     # -------------------------------------------------------------- launches
     def _launch_fwd(self, launch: _Launch, tiles: Tensor, r: Tensor, partials: Optional[Tensor],
@@ -512,14 +544,15 @@ class PenaltyPlan:
 
     # ------------------------------------------------------------------ paths
     @torch.no_grad()
-    def add_grads_(self, strength: Tensor) -> None:
-        """Add the penalty's gradients at strength ``strength`` (0-d float tensor on the device) into the
-        ``.grad`` of every tensor, creating zero gradients where missing: two launches per dtype group."""
-        grads = [t.grad for t in self.tensors]
+    def add_grads_(self, strength: Tensor, grads: Optional[Sequence[Tensor]] = None) -> None:
+        """Add the penalty's gradients at strength ``strength`` (0-d float tensor on the device) into ``grads``
+        (one per tensor, laid out like it), by default the tensors' ``.grad`` (created as zeros where missing):
+        two launches per dtype group."""
+        if grads is None:
+            grads = [t.grad for t in self.tensors]
         ptrs = [None if g is None else g.data_ptr() for g in grads]
         if ptrs != self._grad_ptrs:
-            self._bind_grads()
-            grads = [t.grad for t in self.tensors]
+            self._bind_grads(grads)
         with config.on_device(self._r):
             for launch in self.launches:
                 if launch.grams:
@@ -529,20 +562,25 @@ class PenaltyPlan:
 
     _grad_ptrs: Optional[List[Optional[int]]] = None
 
-    def _bind_grads(self) -> None:
-        for t in self.tensors:
-            if t.grad is None:
-                t.grad = torch.zeros_like(t)
-            elif t.grad.stride() != t.stride() or t.grad.dtype != t.dtype or t.grad.device != t.device:
-                raise ValueError(f"a .grad of shape {tuple(t.grad.shape)} has another layout, dtype or device than "
-                                 f"its parameter (strides {t.grad.stride()} vs {t.stride()}): the penalty's "
-                                 "gradients are added in the parameter's memory order")
+    def _bind_grads(self, grads: Sequence[Optional[Tensor]]) -> None:
+        """Check ``grads`` (a ``None`` becomes the tensor's new zero ``.grad``) and upload their offsets."""
+        if len(grads) != len(self.tensors):
+            raise ValueError(f"{len(grads)} gradients for {len(self.tensors)} tensors")
+        grads = list(grads)
+        for i, (t, g) in enumerate(zip(self.tensors, grads)):
+            if g is None:
+                grads[i] = t.grad = torch.zeros_like(t)
+            elif g.shape != t.shape or g.stride() != t.stride() or g.dtype != t.dtype or g.device != t.device:
+                raise ValueError(f"gradient {i} (shape {tuple(g.shape)}, strides {g.stride()}, {g.dtype}, {g.device}) "
+                                 f"has another layout, dtype or device than its tensor (shape {tuple(t.shape)}, "
+                                 f"strides {t.stride()}, {t.dtype}, {t.device}): gradients are added in the "
+                                 "tensor's memory order")
         start = 0
         for launch in self.launches:
             count = len(launch.grams) + len(launch.squares)
-            launch.bind_grads([t.grad for t in self.tensors[start:start + count]], self.device)
+            launch.bind_grads(grads[start:start + count], self.device)
             start += count
-        self._grad_ptrs = [t.grad.data_ptr() for t in self.tensors]
+        self._grad_ptrs = [g.data_ptr() for g in grads]
 
     def penalty(self, strength: Tensor) -> Tensor:
         """The penalty at strength ``strength`` (0-d float tensor on the device): a differentiable float32 scalar
@@ -563,22 +601,24 @@ class PenaltyPlan:
         flats = []
         with config.on_device(r):
             for launch in self.launches:
-                gflat = launch.anchor_w.new_empty(max(launch.gflat_numel, 1))
+                gflat = launch.anchor_w.new_empty(launch.gflat_numel) if launch.gflat_numel \
+                    else launch.anchor_w.new_zeros(1)  # (no gram tensor: a placeholder, fully written)
                 xflat = launch.anchor_x.new_zeros(max(launch.xflat_numel, 1))
                 self._launch_bwd(launch, r, (gflat, launch.o_gflat_t, xflat, launch.o_xflat_t),
                                  (launch.gmeta, launch.smeta), strength, grad, False)
                 flats += [gflat, xflat]
         return flats
 
-    def _views(self, flats: Sequence[Tensor]) -> List[Tensor]:
-        """Each tensor's gradient as a view of the flat buffers of :meth:`_grads`."""
-        views = []
-        for launch, gflat, xflat in zip(self.launches, flats[0::2], flats[1::2]):
-            views += [gflat.as_strided(r.tensor.shape, r.tensor.stride(), o)
+    def _view_specs(self) -> Tuple[Tuple[int, Tuple[int, ...], Tuple[int, ...], int], ...]:
+        """(flat buffer position, shape, strides, offset) of each tensor's gradient in the buffers of
+        :meth:`_grads`: plain data, so that the autograd backward can be traced by torch.compile."""
+        specs = []
+        for k, launch in enumerate(self.launches):
+            specs += [(2 * k, tuple(r.tensor.shape), r.tensor.stride(), o)
                       for r, o in zip(launch.grams, launch.o_gflat)]
-            views += [xflat.as_strided(r.tensor.shape, r.tensor.stride(), o)
+            specs += [(2 * k + 1, tuple(r.tensor.shape), r.tensor.stride(), o)
                       for r, o in zip(launch.squares, launch.o_xflat)]
-        return views
+        return tuple(specs)
 
 
 def _check_rows(rows: Rows, device: torch.device, what: str) -> None:
@@ -587,12 +627,11 @@ def _check_rows(rows: Rows, device: torch.device, what: str) -> None:
         raise TypeError(f"{what}: float32, float16 or bfloat16 expected, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{what} is on {t.device}, expected {device}")
-    if rows.segments == 1:
-        from .checks import rows_dense
-
-        if not rows_dense(t):
-            raise ValueError(f"{what}: rows must be dense (contiguous or channels-last)")
-    elif not t.is_contiguous() or t.numel() % (rows.segments * rows.length):
+    if rows.segments == 1 and not rows_dense(t):
+        raise ValueError(f"{what}: rows must be dense (contiguous or channels-last)")
+    if t.numel() >= 2**31:
+        raise ValueError(f"{what} has {t.numel()} elements; the kernels index up to 2^31 - 1")
+    if rows.segments > 1 and (not t.is_contiguous() or t.numel() % (rows.segments * rows.length)):
         raise ValueError(f"{what}: a tensor read in {rows.segments} segments must be contiguous and a multiple of "
                          f"segments × segment_length elements")
     check_pruned_indices(rows.pruned, rows.units, what)
@@ -603,29 +642,43 @@ def _check_rows(rows: Rows, device: torch.device, what: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("tpp::plan_penalty", mutates_args=())
-def _plan_penalty(plan: int, strength: Tensor, tensors: List[Tensor]) -> Tuple[Tensor, Tensor]:
+# Registered with torch.library.Library rather than custom_op: the plan's ops take ~100 tensors, and custom_op's
+# per-call Python (aliasing checks, dynamo-disable wrappers) cost more than the rest of the step's host work.
+# Autograd is the plain autograd.Function below; the fake kernels give torch.compile the output shapes.
+_lib = torch.library.Library("tpp", "FRAGMENT")
+_lib.define("plan_penalty(int plan, Tensor strength, Tensor[] tensors) -> (Tensor, Tensor)")
+_lib.define("plan_penalty_bwd(int plan, Tensor grad, Tensor strength, Tensor r, Tensor[] tensors) -> Tensor[]")
+
+
+def _plan_penalty_impl(plan: int, strength: Tensor, tensors: List[Tensor]) -> Tuple[Tensor, Tensor]:
     return _plans[plan]._forward(strength)
 
 
-@_plan_penalty.register_fake
+def _plan_penalty_bwd_impl(plan: int, grad: Tensor, strength: Tensor, r: Tensor, tensors: List[Tensor]) -> List[Tensor]:
+    return _plans[plan]._grads(grad, strength, r)
+
+
+_lib.impl("plan_penalty", _plan_penalty_impl, "CompositeExplicitAutograd")
+_lib.impl("plan_penalty_bwd", _plan_penalty_bwd_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("tpp::plan_penalty", lib=_lib)
 def _(plan, strength, tensors):
     return strength.new_empty((), dtype=torch.float32), strength.new_empty(_plans[plan].r_numel,
                                                                             dtype=torch.float32)
 
 
-@torch.library.custom_op("tpp::plan_penalty_bwd", mutates_args=())
-def _plan_penalty_bwd(plan: int, grad: Tensor, strength: Tensor, r: Tensor, tensors: List[Tensor]) -> List[Tensor]:
-    return _plans[plan]._grads(grad, strength, r)
-
-
-@_plan_penalty_bwd.register_fake
+@torch.library.register_fake("tpp::plan_penalty_bwd", lib=_lib)
 def _(plan, grad, strength, r, tensors):
     out = []
     for launch in _plans[plan].launches:
         out += [r.new_empty(max(launch.gflat_numel, 1), dtype=launch.anchor_w.dtype),
                 r.new_empty(max(launch.xflat_numel, 1), dtype=launch.anchor_x.dtype)]
     return out
+
+
+_plan_penalty = torch.ops.tpp.plan_penalty.default
+_plan_penalty_bwd = torch.ops.tpp.plan_penalty_bwd.default
 
 
 class _PenaltyFunction(torch.autograd.Function):
@@ -642,4 +695,5 @@ class _PenaltyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         strength, r, *tensors = ctx.saved_tensors
         flats = _plan_penalty_bwd(ctx.plan, grad_loss, strength, r, tensors)
-        return None, None, *_plans[ctx.plan]._views(flats)
+        return None, None, *(flats[k].as_strided(shape, stride, offset)
+                             for k, shape, stride, offset in _view_specs[ctx.plan])

@@ -20,7 +20,7 @@ from typing import Callable, Hashable, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from tpp.reference import check_pruned_indices
+from .reference import check_pruned_indices
 
 
 class LRU:

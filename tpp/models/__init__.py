@@ -46,6 +46,7 @@ __all__ = [
     "DigitsViT",
     "digits_resnet",
     "digits_vit",
+    "TORCHVISION_ALIASES",
 ]
 
 _TPP_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -61,6 +62,7 @@ _TPP_MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_vit": digits_vit,
 }
 _TORCHVISION_ALIASES = ("resnet18", "resnet34", "resnet50", "vgg11_bn", "mobilenet_v2")
+TORCHVISION_ALIASES = _TORCHVISION_ALIASES  # public: torchvision classifiers build_model knows by their plain name
 _TORCHVISION_PREFIX = "torchvision:"
 _TIMM_PREFIX = "timm:"
 

@@ -10,8 +10,9 @@ Files: ``ckpt-<sequence>-<stage>-<position>.pt`` (sequence numbers increase acro
 to the numbered file when the filesystem allows it). Only rank 0 writes; every rank reads.
 
 What a checkpoint holds is :mod:`tpp.pipeline`'s run state (model, optimizer, LR scheduler, regularizer state, stage,
-iteration/epoch, data position, history, metrics, torch RNG) plus the engine's (GradScaler, every rank's RNG states,
-the run's identity — model, classes, method, pruning spec — which :func:`check_identity` compares on resume).
+iteration/epoch, data position, history, metrics, torch RNG, the run's :class:`tpp.identity.RunIdentity`) plus the
+engine's (GradScaler, every rank's RNG states). :class:`CheckpointFile` is the one-file variant (``tpp prune``'s
+``checkpoint.pt``, replaced at every save) with the same interface.
 """
 from __future__ import annotations
 
@@ -26,17 +27,14 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 
 from ..files import atomic_save, fsync_dir
+from ..identity import CheckpointMismatch
 
-__all__ = ["atomic_save", "CheckpointManager", "CheckpointMismatch", "check_identity", "rng_state",
-           "set_rng_state", "list_checkpoints", "load_checkpoint"]
+__all__ = ["atomic_save", "CheckpointManager", "CheckpointFile", "CheckpointMismatch", "rng_state", "set_rng_state",
+           "list_checkpoints", "load_checkpoint"]
 
 PathLike = Union[str, os.PathLike]
 _NAME = re.compile(r"^ckpt-(\d{6,})-[A-Za-z0-9_.-]+\.pt$")
 _TMP = re.compile(r"^\..+\.tmp-\d+$")
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint written by a run with another model or pruning specification."""
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -159,22 +157,25 @@ def _finetune_top1(state: Mapping, event: str) -> Optional[float]:
     return history[-1].get("test_acc") if history else None
 
 
-# ------------------------------------------------------------------------------------------------ identity
-IDENTITY_KEYS = ("model", "num_classes", "method", "ratio", "skip")
+class CheckpointFile:
+    """One checkpoint file, atomically replaced at every save: :class:`CheckpointManager`'s interface for runs that
+    keep a single ``checkpoint.pt`` (``tpp prune``)."""
 
+    def __init__(self, path: PathLike, is_main: bool = True):
+        self.path, self.is_main = Path(path), is_main
 
-def check_identity(saved: Optional[Mapping], mine: Mapping, source: str) -> None:
-    """Raise :class:`CheckpointMismatch` unless the checkpoint's run identity (model, classes, method, pruning
-    spec) equals this run's."""
-    if not saved:
-        raise CheckpointMismatch(f"{source} is not a `tpp train` checkpoint (no run identity in it)")
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {mine.get(k)!r}" for k in IDENTITY_KEYS
-            if saved.get(k) != mine.get(k)]
-    if diff:
-        raise CheckpointMismatch(f"{source} was written by a run with another "
-                                 f"{'architecture' if diff[0].startswith(('model', 'num_classes')) else 'pruning spec'}"
-                                 f" — {'; '.join(diff)}. Resume it with the same settings, or start a new run in "
-                                 "another --out folder")
+    def reset(self) -> None:
+        if self.is_main:
+            self.path.unlink(missing_ok=True)
+
+    def latest(self) -> Optional[Path]:
+        return self.path if self.path.is_file() else None
+
+    def save(self, state: dict, event: str, tag: str = "") -> Optional[Path]:
+        if not self.is_main:
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_save(state, self.path)
 
 
 # ------------------------------------------------------------------------------------------------ RNG states

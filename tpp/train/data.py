@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..data import _IMAGENET_STATS, build_dataset
+from ..data import IMAGENET_STATS, build_dataset, num_classes_of
 
 __all__ = ["sample_seed", "SeededSamples", "ResumableDistributedSampler", "ShardSampler", "build_datasets",
            "num_classes_of", "build_loaders"]
@@ -112,7 +112,7 @@ def _imagefolder(root: Path, train: bool, image_size: int) -> Dataset:
         steps = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
     else:
         steps = [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
-    return datasets.ImageFolder(str(split), transform=T.Compose(steps + [T.ToTensor(), T.Normalize(*_IMAGENET_STATS)]))
+    return datasets.ImageFolder(str(split), transform=T.Compose(steps + [T.ToTensor(), T.Normalize(*IMAGENET_STATS)]))
 
 
 def build_datasets(data: str, root: Optional[str], image_size: Optional[int] = None, download: bool = False,
@@ -134,14 +134,6 @@ def build_datasets(data: str, root: Optional[str], image_size: Optional[int] = N
         raise ValueError(f"{data} images are 32×32; image_size {image_size} is not supported for it")
     return (build_dataset(data, root, train=True, download=download, **kwargs),
             build_dataset(data, root, train=False, download=download, **kwargs))
-
-
-def num_classes_of(data: str, dataset: Dataset) -> int:
-    if data == "cifar100":
-        return 100
-    if data == "imagefolder":
-        return len(dataset.classes)
-    return 10
 
 
 def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, eval_batch_size: int, *, rank: int,

@@ -1,15 +1,15 @@
-"""The training engine of `tpp train`: :class:`tpp.pipeline.TrainHooks` for DDP, AMP, channels_last, resumable
-distributed data passes, all-reduced evaluation, rank agreement and managed checkpoints.
+"""The training engine of `tpp prune` and `tpp train`: :class:`tpp.loop.TrainHooks` for DDP, AMP, channels_last,
+resumable distributed data passes, all-reduced evaluation, rank agreement and managed checkpoints.
 
-The loops are :mod:`tpp.pipeline`'s (one training loop in the project); this module only says how each step is done:
+The loops are :mod:`tpp.loop`'s (one training loop in the project); this module only says how each step is done:
 
 * ``place``: model to ``cuda:LOCAL_RANK`` (or CPU), channels_last when asked, every parameter and buffer broadcast
   from rank 0 — the filters are then selected from identical weights on every rank, and ``agree`` checks they are.
 * ``wrap``: ``DistributedDataParallel`` (rebuilt after removal, when the pipeline builds the finetuning optimizer).
-* ``train_step``: zero grads, forward under ``torch.autocast`` (bf16 or fp16), cross-entropy with optional label
-  smoothing, backward through the GradScaler (fp16), ``scaler.unscale_(optimizer)`` **before** the regularizer's
-  ``apply_gradients()`` (its gradients are unscaled and identical on every rank, added to the all-reduced ones),
-  ``scaler.step``, ``scaler.update``.
+* ``train_step`` (the loop's): forward under ``torch.autocast`` (bf16 or fp16); ``criterion``: cross-entropy with
+  optional label smoothing; ``backward_step``: backward through the GradScaler (fp16),
+  ``scaler.unscale_(optimizer)`` **before** the regularizer's ``apply_gradients()`` (its gradients are unscaled and
+  identical on every rank, added to the all-reduced ones), ``scaler.step``, ``scaler.update``.
 * ``batches``: ``sampler.set_epoch(pass, start)`` of :class:`~tpp.train.data.ResumableDistributedSampler` (finetuning
   passes are numbered apart from regularization passes).
 * ``sum``/``mean``: all-reduce; evaluation counts (top-1, top-5, loss) are summed over the ranks' disjoint shards.
@@ -17,8 +17,8 @@ The loops are :mod:`tpp.pipeline`'s (one training loop in the project); this mod
   is evaluated, saved or removed, so every rank holds the same model.
 * ``agree``: hash all-gather; the pipeline calls it on the selected filters and on the pruned sets and weights right
   before removal — no rank removes anything on its own.
-* ``state_dict``: GradScaler, the RNG states of every rank, the run identity; ``save`` hands the state to a
-  :class:`~tpp.train.checkpoint.CheckpointManager` (rank 0 writes).
+* ``state_dict``: GradScaler, the RNG states of every rank; ``save`` hands the state to a
+  :class:`~tpp.train.checkpoint.CheckpointManager` or :class:`~tpp.train.checkpoint.CheckpointFile` (rank 0 writes).
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..pipeline import TrainHooks
+from ..loop import TrainHooks
 from . import distributed as D
-from .checkpoint import CheckpointManager, check_identity, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 
-__all__ = ["Engine", "AMP_MODES", "resolve_amp", "FINETUNE_PASS_OFFSET"]
+__all__ = ["Engine", "AMP_MODES", "resolve_amp", "FINETUNE_PASS_OFFSET", "StopRequested", "stop_after"]
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 FINETUNE_PASS_OFFSET = 1_000_000   # sampler epochs of finetuning passes: distinct permutations from regularization's
@@ -61,8 +61,8 @@ class Engine(TrainHooks):
         amp: autocast dtype (``torch.bfloat16``, ``torch.float16`` with a GradScaler) or ``None``.
         channels_last: convert the model and 4-D inputs to ``torch.channels_last``.
         label_smoothing: of the training cross-entropy (evaluation is plain cross-entropy).
-        checkpoints: where ``save`` writes; ``None`` writes nothing.
-        identity: the run's model/classes/method/ratio/skip, stored in checkpoints and compared on resume.
+        checkpoints: where ``save`` writes (:class:`CheckpointManager` or :class:`CheckpointFile`); ``None``
+            writes nothing.
         batch_size: per-rank training batch (the sampler's start of a resumed pass is ``skip × batch_size``).
         seed: reseeds the RNGs of ranks whose states a checkpoint does not hold (another world size).
         find_unused_parameters, static_graph: passed to DDP.
@@ -70,14 +70,14 @@ class Engine(TrainHooks):
 
     def __init__(self, env: D.DistEnv, *, amp: Optional[torch.dtype] = None, channels_last: bool = False,
                  label_smoothing: float = 0.0, checkpoints: Optional[CheckpointManager] = None,
-                 identity: Optional[Mapping] = None, batch_size: int = 1, seed: int = 0,
+                 batch_size: int = 1, seed: int = 0,
                  find_unused_parameters: bool = False, static_graph: bool = False):
         if amp not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"amp must be torch.bfloat16, torch.float16 or None, got {amp!r}")
         self.env, self.device = env, env.device
         self.amp, self.channels_last = amp, channels_last
         self.label_smoothing = float(label_smoothing)
-        self.checkpoints, self.identity = checkpoints, dict(identity or {})
+        self.checkpoints = checkpoints
         self.batch_size, self.seed = batch_size, seed
         self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters, "static_graph": static_graph}
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == torch.float16)
@@ -125,24 +125,18 @@ class Engine(TrainHooks):
         return super().batches(loader, phase, number, skip)
 
     # ----------------------------------------------------------------- step
-    def train_step(self, net: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                   regularizer=None) -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = F.cross_entropy(net(x), y, label_smoothing=self.label_smoothing)
-        if self.scaler.is_enabled():
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(optimizer)          # gradients are true gradients from here on
-            if regularizer is not None:
-                regularizer.apply_gradients()
-            self.scaler.step(optimizer)              # skipped (and the scale lowered) on inf/nan gradients
-            self.scaler.update()
-        else:
-            loss.backward()
-            if regularizer is not None:
-                regularizer.apply_gradients()
-            optimizer.step()
-        return loss.detach()
+    def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+
+    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer, regularizer=None) -> None:
+        if not self.scaler.is_enabled():
+            return super().backward_step(loss, optimizer, regularizer)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)          # gradients are true gradients from here on
+        if regularizer is not None:
+            regularizer.apply_gradients()
+        self.scaler.step(optimizer)              # skipped (and the scale lowered) on inf/nan gradients
+        self.scaler.update()
 
     # ------------------------------------------------------------ collectives
     def sum(self, value: Tensor) -> Tensor:
@@ -166,7 +160,7 @@ class Engine(TrainHooks):
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"identity": self.identity, "world_size": self.env.world_size,
+        return {"world_size": self.env.world_size,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": D.all_gather_object(rng_state(self.device), self.env),
                 "sampler": dict(self.pass_info)}
@@ -175,6 +169,8 @@ class Engine(TrainHooks):
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         states = state.get("rng") or []
+        if not states:           # a checkpoint of plain hooks (tpp prune 0.1): the run's own RNG state suffices
+            return
         if len(states) == self.env.world_size:
             set_rng_state(states[self.env.rank], self.device)
         else:
@@ -194,16 +190,13 @@ class Engine(TrainHooks):
         self.checkpoints.save(state, event, tag)
 
     def load(self, path: Path):
-        state = load_checkpoint(path)
-        if isinstance(state, Mapping):
-            check_identity((state.get("hooks") or {}).get("identity"), self.identity, f"checkpoint {path}")
-        return state
+        return load_checkpoint(path)
 
 
-def wrap_progress(progress: Optional[Callable], stop_after: Optional[int]) -> Optional[Callable]:
-    """``progress`` that raises :class:`StopRequested` after ``stop_after`` training iterations (debugging:
-    simulates a run killed at that point)."""
-    if not stop_after:
+def stop_after(progress: Optional[Callable], iterations: Optional[int]) -> Optional[Callable]:
+    """``progress`` that raises :class:`StopRequested` after ``iterations`` training iterations (``--stop-after-iters``:
+    the run ends as if killed there; its last checkpoint resumes it)."""
+    if not iterations:
         return progress
     count = {"n": 0}
 
@@ -211,7 +204,7 @@ def wrap_progress(progress: Optional[Callable], stop_after: Optional[int]) -> Op
         if progress is not None:
             progress(phase, done, total, info)
         count["n"] += 1
-        if count["n"] >= stop_after:
+        if count["n"] >= iterations:
             raise StopRequested(f"stopped after {count['n']} training iterations (--stop-after-iters)")
 
     return wrapped

@@ -1,5 +1,5 @@
-"""What `tpp train` writes besides checkpoints: progress lines (rank 0), ``args.yaml``, ``summary.csv``,
-``regularize.csv``, ``metrics.json`` and optional TensorBoard scalars.
+"""What a run writes besides checkpoints and JSON (:func:`tpp.files.write_json`): ``args.yaml``, ``summary.csv``,
+``regularize.csv`` and optional TensorBoard scalars. Progress lines are :mod:`tpp.progress`.
 
 ``args.yaml`` is written by a small emitter (no PyYAML needed): mappings, lists and scalars, strings quoted when
 YAML would read them as something else. ``args.json`` holds the same for programs.
@@ -11,23 +11,15 @@ import io
 import json
 import math
 import re
-import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-import torch
-
 from ..files import write_text_atomic
 
-__all__ = ["to_yaml", "write_text_atomic", "write_json", "write_csv", "Progress", "TensorBoard"]
+__all__ = ["to_yaml", "write_csv", "TensorBoard"]
 
 
 # ----------------------------------------------------------------------------------------------- files
-def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -99,77 +91,6 @@ def _inline(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[]"
     return _scalar(v)
-
-
-# -------------------------------------------------------------------------------------------- progress
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-class Progress:
-    """Rank-0 progress: phase, bar, position, loss, strength/lr, images/s over the last interval and ETA.
-
-    On a terminal one line is rewritten every ``tty_interval`` seconds; otherwise (logs, pipes) a line is printed
-    every ``interval`` seconds and when a phase ends. The loss (a tensor) is read only when a line is printed.
-    """
-
-    def __init__(self, enabled: bool, global_batch: int, stream=None, interval: float = 30.0,
-                 tty_interval: float = 0.5, tensorboard: Optional["TensorBoard"] = None):
-        self.enabled, self.global_batch = enabled, global_batch
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.interval = tty_interval if self.tty else interval
-        self.tb = tensorboard
-        self.phase: Optional[str] = None
-        self.last_time = self.last_done = self.phase_start = self.phase_done0 = 0.0
-
-    def __call__(self, phase: str, done: int, total: int, info: dict) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if phase != self.phase:
-            if self.tty and self.phase is not None:
-                self.stream.write("\n")
-            self.phase, self.phase_start, self.phase_done0 = phase, now, done
-            self.last_time, self.last_done = now, done       # rates are measured from the phase's first step
-        finished = bool(total) and done >= total
-        if (now - self.last_time < self.interval or done == self.last_done) and not finished:
-            return
-        rate = (done - self.last_done) / max(now - self.last_time, 1e-9)          # iterations/s, last interval
-        overall = (done - self.phase_done0) / max(now - self.phase_start, 1e-9)
-        eta = (total - done) / overall if total and overall > 0 else float("nan")
-        loss = info.get("loss")
-        loss = float(loss) if isinstance(loss, (torch.Tensor, float, int)) else float("nan")
-        parts = [f"{phase:>10}"]
-        if total:
-            filled = int(20 * done / total)
-            parts.append(f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{total} ({100 * done / total:.1f}%)")
-        if "epoch" in info:
-            parts.append(f"epoch {info['epoch']}/{info.get('epochs', '?')}")
-        parts.append(f"loss {loss:.4f}")
-        if "strength" in info:
-            parts.append(f"r {info['strength']:.4g} {info.get('phase', '')}".rstrip())
-        if "lr" in info:
-            parts.append(f"lr {info['lr']:.3g}")
-        parts.append(f"{rate * self.global_batch:,.0f} img/s")
-        parts.append(f"eta {_duration(eta)}")
-        line = " | ".join(parts)
-        if self.tty:
-            self.stream.write("\r" + line[:180].ljust(180) + ("\n" if finished else ""))
-        else:
-            self.stream.write(time.strftime("%H:%M:%S ") + line + "\n")
-        self.stream.flush()
-        if self.tb is not None:
-            self.tb.scalar(f"{phase}/loss", loss, done)
-            self.tb.scalar(f"{phase}/images_per_s", rate * self.global_batch, done)
-            if "strength" in info:
-                self.tb.scalar(f"{phase}/strength", info["strength"], done)
-        self.last_time, self.last_done = now, done
 
 
 # ----------------------------------------------------------------------------------------- tensorboard

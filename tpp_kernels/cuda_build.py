@@ -8,7 +8,7 @@ stale build is never loaded. The compiler runs in a child process (its environme
 architectures and ``ninja``), so a failed build raises :class:`BuildError` with the compiler's output.
 
 Settings: ``CUDA_HOME`` (else found from ``nvcc``), ``TORCH_CUDA_ARCH_LIST`` (default ``"9.0"``: H100/H200, sm_90),
-``MAX_JOBS`` (parallel compiles). From the command line: ``python -m tpp.cuda_build [--verbose] [--cpu-only]``.
+``MAX_JOBS`` (parallel compiles). From the command line: ``python -m tpp_kernels.cuda_build [--verbose] [--cpu-only]``.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def build(verbose: bool = False, with_cuda: bool | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     print(f"tpp: compiling the {NAME} extension {'with' if with_cuda else 'without'} its CUDA kernels into "
           f"{directory} (once per source version)", file=sys.stderr)
-    command = [sys.executable, "-m", "tpp.cuda_build", "--child", str(directory)]
+    command = [sys.executable, "-m", "tpp_kernels.cuda_build", "--child", str(directory)]
     command += (["--cuda"] if with_cuda else []) + (["--verbose"] if verbose else [])
     started = time.perf_counter()
     child = subprocess.run(command, env=env, text=True,

@@ -1,0 +1,495 @@
+"""The command core: ``tpp prune`` and ``tpp train`` are one flow, in one process or under torchrun.
+
+    flags (tpp.arguments) → recipe → data → model and weights (tpp.weights) → one torch.fx trace, ratio resolved
+    → run folder, resume checkpoint and its RunIdentity checked → [prune: pretraining] → tpp.pipeline.run_pruning
+    with tpp.train.engine.Engine → metrics.json (latency included), summary.csv, regularize.csv, pruned.pt
+
+Everything a user can get wrong is checked before the run folder is touched, and reported as one line
+(``tpp <cmd>: error: ...``, exit status 2). The two commands differ only in their :class:`Layout`:
+
+* ``tpp prune`` — settings in ``config.json``; one ``checkpoint.pt`` (removed at the end unless
+  ``--keep-checkpoint``); without ``--weights`` the model is trained here first (``pretrained.pt``); ``report.md``
+  with plots; fp32 by default.
+* ``tpp train`` — settings in ``args.yaml``/``args.json``; ``checkpoints/ckpt-*.pt`` (the last ``--keep-last``) and
+  ``best.pt``; ``ranks/rank<r>.json`` digests; ``--weights`` required (a recipe may name torchvision's); AMP and
+  channels_last on GPUs by default.
+
+Exit status: 0 done (also after ``--stop-after-iters``, with the command that resumes), 2 bad input.
+"""
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .arguments import EXIT_USAGE, UsageError, resolve_recipe
+
+__all__ = ["Layout", "LAYOUTS", "run_command", "resolve_out", "versions", "list_recipes"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a command's run folder holds besides the shared files."""
+
+    command: str                        # "prune" | "train"
+    settings_files: tuple[str, ...]     # where the resolved settings go
+    checkpoints: str                    # "file": <out>/checkpoint.pt; "series": <out>/checkpoints/ckpt-*.pt
+    ranks: bool                         # ranks/rank<r>.json digests
+    pretrain: bool                      # train the model first when no --weights are given
+    report: bool                        # report.md and its plots (matplotlib) besides metrics.json
+
+
+LAYOUTS = {
+    "prune": Layout("prune", ("config.json",), "file", ranks=False, pretrain=True, report=True),
+    "train": Layout("train", ("args.yaml", "args.json"), "series", ranks=True, pretrain=False, report=False),
+}
+
+
+def versions(env=None) -> dict:
+    """tpp, torch, Python and machine versions (and the process group and GPU under ``env``)."""
+    import os
+
+    import torch
+
+    from . import __version__
+
+    info = {"tpp": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    if env is not None:
+        info.update({"world_size": env.world_size, "backend": env.backend, "device": str(env.device)})
+        if env.device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(env.device)
+            info["cuda"] = torch.version.cuda
+    return info
+
+
+def list_recipes() -> None:
+    """One line per recipe: name, model, dataset, batch, the paper's top-1, description."""
+    from .recipes import RECIPES
+
+    for r in RECIPES.values():
+        paper = f"paper top-1 {r.expected['top1']}" if "top1" in r.expected else ""
+        print(f"{r.name:<26} {r.model or '-':<9} {r.data or '-':<11} bs {r.batch_size:<4} {paper:<20} "
+              f"{r.description}")
+
+
+def run_command(args, command: str, command_line: str, prog: str) -> int:
+    """Run parsed ``tpp prune``/``tpp train`` arguments: ``--list``/``--show``, else initialise the processes, run,
+    and always tear the process group down. A :class:`UsageError` is one line on stderr and exit status 2."""
+    if getattr(args, "list", False):
+        list_recipes()
+        return 0
+    if args.show:
+        try:
+            print(resolve_recipe(args, command).to_json())
+        except UsageError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
+    from .train import distributed as D
+
+    try:
+        env = D.init_distributed(args.device, getattr(args, "dist_backend", None))
+    except (ValueError, RuntimeError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    log = D.setup_logging(env, args.quiet)
+    try:
+        code = _run(args, LAYOUTS[command], command_line, env, log)
+        D.barrier(env)  # every rank is done communicating before any tears its connections down
+        return code
+    except UsageError as err:
+        if env.is_main:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        else:
+            log.error("%s: error: %s", prog, err)
+        return EXIT_USAGE
+    except BaseException as err:
+        log.error("%s failed: %s: %s", prog, type(err).__name__, err)
+        raise
+    finally:
+        D.shutdown(env)
+
+
+def _check_recipe(recipe, world: int) -> None:
+    from .baselines import METHODS
+    from .data import list_datasets
+    from .weights import check_model_name
+
+    if recipe.method not in METHODS:
+        raise UsageError(f"unknown method {recipe.method!r}; allowed: {', '.join(METHODS)}")
+    if recipe.data not in list_datasets():
+        raise UsageError(f"unknown dataset {recipe.data!r}; allowed: {', '.join(list_datasets())}")
+    check_model_name(recipe.model)
+    if recipe.lr_schedule not in ("step", "cosine"):
+        raise UsageError(f"lr_schedule must be step or cosine, got {recipe.lr_schedule!r}")
+    for key in ("batch_size", "eval_batch_size"):
+        value = getattr(recipe, key)
+        if value < world or value % world:
+            raise UsageError(f"--{key.replace('_', '-')} {value} (global) must be a positive multiple of the "
+                             f"{world} processes")
+    for key in ("reg_lr", "finetune_lr"):
+        if not getattr(recipe, key) > 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be > 0")
+    if not 0 <= recipe.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must lie in [0, 1), got {recipe.label_smoothing}")
+
+
+def _run_config(args, recipe, num_classes: int, eval_batch: int):
+    """The typed settings of the run; a ``--reg-iters`` the method ignores is refused with the flags to use."""
+    from .baselines import METHODS
+    from .pipeline import RunConfig
+
+    total = recipe.schedule.total_iters
+    if METHODS[recipe.method].regularizer == "tpp" and args.reg_iters not in (None, total):
+        raise UsageError(f"--reg-iters applies to kernorth/orthconv; {recipe.method!r} runs the schedule's {total} "
+                         "iterations (set --delta/--interval/--stabilize-iters)")
+    iters = (total if args.reg_iters is None else args.reg_iters) if METHODS[recipe.method].regularizes else 0
+    try:
+        return RunConfig.from_recipe(
+            recipe, reg_iters=args.reg_iters, orth_weight=args.orth_weight, jsv_samples=args.jsv_samples,
+            log_every=args.log_every, seed=args.seed, backend=args.backend,
+            checkpoint_every=args.checkpoint_every or max(1, min(1000, iters // 10 or 1)),
+            finetune_checkpoint_every=args.finetune_checkpoint_every or None, num_classes=num_classes,
+            latency_batch=max(1, min(64, eval_batch)))
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+def resolve_out(args, layout: Layout, default_name: str, env) -> tuple[Path, Optional[Path]]:
+    """The run folder and the checkpoint to resume (rank 0 decides; every rank gets its answer)."""
+    from .train import distributed as D
+    from .train.checkpoint import list_checkpoints
+
+    answer: dict = {}
+    if env.is_main:
+        try:
+            series = layout.checkpoints == "series"
+            if args.out:
+                out = Path(args.out)
+            elif args.resume and args.resume != "auto":
+                out = Path(args.resume).resolve().parent.parent if series else Path(args.resume).parent
+            else:
+                out = Path("runs") / f"{default_name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"--out {out} exists and is not a folder")
+            existing = list_checkpoints(out / "checkpoints") if series else \
+                [p for p in (out / "checkpoint.pt",) if p.is_file()]
+            resume = None
+            non_empty = out.is_dir() and any(out.iterdir())
+            if args.resume == "auto":
+                resume = existing[-1] if existing else None
+                if resume is None and non_empty and not args.overwrite:   # e.g. a finished run: keep its files
+                    raise UsageError(f"--out {out} holds no checkpoint to resume and is not empty; choose another "
+                                     "folder, or pass --overwrite to start a new run there")
+            elif args.resume:
+                resume = Path(args.resume)
+                if not resume.is_file():
+                    raise UsageError(f"--resume {resume}: no such file (the checkpoint of a run folder, or "
+                                     "--resume auto)")
+            elif non_empty and not args.overwrite:
+                hint = ("it holds checkpoints of a run: pass --resume auto to continue it, or --overwrite to start "
+                        "over" if existing else "choose another folder, or pass --overwrite to write into it (files "
+                                                "of the same name are replaced)")
+                raise UsageError(f"--out {out} exists and is not empty; {hint}")
+            answer = {"out": str(out), "resume": str(resume) if resume else None}
+        except UsageError as err:
+            answer = {"error": str(err)}
+    answer = D.broadcast_object(answer, env)
+    if "error" in answer:
+        raise UsageError(answer["error"])
+    return Path(answer["out"]), Path(answer["resume"]) if answer["resume"] else None
+
+
+def _image_size(recipe) -> Optional[int]:
+    if recipe.image_size is None and recipe.data == "mnist" and recipe.model == "mlp7":
+        return 32                        # MLP-7-Linear takes 32×32 MNIST (1024 inputs), as in the paper
+    return recipe.image_size
+
+
+def _run(args, layout: Layout, command_line: str, env, log) -> int:
+    import random
+
+    import numpy as np
+    import torch
+
+    from .graph import analyze_model
+    from .identity import CheckpointMismatch, RunIdentity
+    from .recipes import RECIPES
+    from .selection import layer_ratios
+    from .train.data import build_datasets, build_loaders
+    from .weights import load_weights, model_kwargs
+
+    recipe = resolve_recipe(args, layout.command)
+    _check_recipe(recipe, env.world_size)
+    from .train.engine import resolve_amp
+
+    amp = resolve_amp(args.amp, env.device)
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and env.device.type == "cuda")
+    workers = args.workers if args.workers is not None else (8 if env.device.type == "cuda" else 0)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cudnn.deterministic = args.deterministic
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # ---- data, model, graph: every rank, nothing written yet
+    if recipe.data not in ("digits",) and args.data_root is None:
+        raise UsageError(f"--data {recipe.data} is read from a local folder: pass --data-root <folder>"
+                         + (" (with --download to fetch it there)" if recipe.data != "imagefolder" else ""))
+    try:
+        train_set, val_set = build_datasets(recipe.data, args.data_root, _image_size(recipe), args.download,
+                                            seed=args.seed)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise UsageError(f"--data {recipe.data} --data-root {args.data_root}: {err}") from None
+    from .data import num_classes_of
+
+    num_classes = num_classes_of(recipe.data, train_set)
+    sample = train_set[0][0]
+    kwargs = model_kwargs(recipe.model, sample)
+    config = _run_config(args, recipe, num_classes, recipe.eval_batch_size // env.world_size)
+    named = recipe.name in RECIPES and RECIPES[recipe.name].complete
+    out, resume = resolve_out(args, layout, recipe.name if named else f"{recipe.model}-{recipe.data}-{recipe.method}",
+                              env)
+    weights = recipe.weights or None
+    pretrain_epochs = 0                  # a resumed run restores its weights from the checkpoint
+    if layout.pretrain and resume is None:
+        explicit = getattr(args, "pretrain_epochs", None)
+        pretrain_epochs = explicit if explicit is not None else (recipe.pretrain_epochs if weights is None else 0)
+        if weights is None and pretrain_epochs == 0:
+            raise UsageError("no model to prune: pass --weights <state_dict> (or --weights torchvision), or "
+                             "--pretrain-epochs N to train one here first")
+    elif weights is None and resume is None:
+        raise UsageError(f"recipe {recipe.name!r} has no pretrained weights: pass --weights <state_dict file> "
+                         "(the model to prune), or --weights none for a smoke test from random initialization")
+    model, weights_from = load_weights(recipe.model, weights, num_classes, kwargs, sample, recipe.data, env)
+    try:
+        graph = analyze_model(model)                                 # the run's one torch.fx trace
+        chosen = layer_ratios(graph, recipe.ratio, recipe.skip)
+    except (TypeError, ValueError) as err:
+        skip = f" --skip {','.join(recipe.skip)!r}" if recipe.skip else ""
+        raise UsageError(f"--ratio {recipe.ratio!r}{skip} on --model {recipe.model}: {err}") from None
+    if not chosen:
+        raise UsageError(f"--ratio {recipe.ratio!r} prunes no layer of --model {recipe.model} (every ratio is 0 or "
+                         "skipped)")
+    per_rank, eval_per_rank = recipe.batch_size // env.world_size, recipe.eval_batch_size // env.world_size
+    train_loader, val_loader = build_loaders(
+        train_set, val_set, per_rank, eval_per_rank, rank=env.rank, world_size=env.world_size, seed=args.seed,
+        workers=workers, pin_memory=env.device.type == "cuda")
+    if len(train_loader) == 0:
+        raise UsageError(f"{len(train_set)} training samples make no batch of {per_rank} per process "
+                         f"(--batch-size {recipe.batch_size} over {env.world_size} processes)")
+
+    # ---- checkpoints, resume state and its identity
+    identity = RunIdentity.of(model, recipe.method, recipe.ratio, recipe.skip, arch=recipe.model,
+                              num_classes=num_classes)
+    engine, checkpoints, images_per_epoch = _engine(args, layout, out, env, amp, channels_last, recipe, per_rank,
+                                                    len(train_loader))
+    resume_state = None
+    if resume is not None:
+        try:
+            resume_state = engine.load(resume)
+        except FileNotFoundError:
+            raise UsageError(f"[{env.tag}] checkpoint {resume} is not visible on this process: put --out on a "
+                             "filesystem every node can read") from None
+        except Exception as err:  # noqa: BLE001 - unreadable file
+            raise UsageError(f"--resume {resume}: cannot be read ({type(err).__name__}: {err})") from None
+        try:
+            identity.check(resume_state, f"--resume {resume}")
+        except CheckpointMismatch as err:
+            raise UsageError(str(err)) from None
+
+    # ---- from here on the run folder is written
+    if resume is None:
+        checkpoints.reset()          # --overwrite: checkpoints of an earlier run must not be resumed or kept as best
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if layout.ranks:
+            (out / "ranks").mkdir(exist_ok=True)
+    from .train import distributed as D
+
+    D.barrier(env)
+    settings = {
+        "command": command_line, "recipe": recipe.to_dict(), "model": recipe.model, "model_kwargs": kwargs,
+        "data": recipe.data, "data_root": args.data_root, "method": recipe.method, "ratio": recipe.ratio,
+        "skip": list(recipe.skip), "weights": weights, "weights_from": weights_from, "seed": args.seed,
+        "device": str(env.device), "out": str(out), "resume": str(resume) if resume else None,
+        "num_classes": num_classes, "input_shape": list(sample.shape), "world_size": env.world_size,
+        "batch_size": recipe.batch_size,
+        "batch_size_per_process": per_rank, "pretrain_epochs": pretrain_epochs,
+        "amp": str(amp or "none").replace("torch.", ""), "channels_last": channels_last, "backend": args.backend,
+        "workers": workers, "deterministic": args.deterministic, "checkpoint_every": config.checkpoint_every,
+        "finetune_checkpoint_every": config.finetune_checkpoint_every,
+        "keep_last": getattr(args, "keep_last", None), "jsv_samples": args.jsv_samples,
+        "regularization_iterations": config.reg_iters, "iterations_per_epoch": len(train_loader),
+        "train_samples": len(train_set), "val_samples": len(val_set), "versions": versions(env),
+    }
+    _write_settings(out, layout, settings, env)
+    from .progress import Progress
+    from .train.engine import StopRequested, stop_after
+    from .train.logs import TensorBoard
+
+    tb = None
+    if env.is_main and args.tensorboard:
+        tb, why = TensorBoard.open(out / "tb")
+        if tb is None:
+            log.warning("--tensorboard: torch.utils.tensorboard is unavailable (%s); install tensorboard", why)
+    log.info("%s: %s (%s) on %s × %s, global batch %d, amp %s, channels_last %s → %s", recipe.name, recipe.model,
+             weights_from, env.world_size, env.device.type, recipe.batch_size, settings["amp"], channels_last, out)
+    progress = Progress(env.is_main and not args.quiet, recipe.batch_size, interval=args.log_interval,
+                        tensorboard=tb)
+    if resume is not None:
+        log.info("resuming from %s (stage %s, iteration %s, epoch %s)", resume, resume_state["stage"],
+                 resume_state["iteration"], resume_state["epoch"])
+    try:
+        if pretrain_epochs:
+            settings["pretrain"] = _pretrain(model, recipe, pretrain_epochs, train_loader, val_loader, engine, env,
+                                             progress, out, log)
+            _write_settings(out, layout, settings, env)
+        from .pipeline import run_pruning
+
+        result = run_pruning(model, train_loader, val_loader, config=config, device=env.device,
+                             progress=stop_after(progress, args.stop_after_iters), inplace=True,
+                             checkpoint=checkpoints.path if layout.checkpoints == "file" else out / "checkpoints",
+                             resume=resume_state, hooks=engine, graph=graph)
+    except StopRequested as stop:
+        hint = command_line if args.out else f"{command_line} --out {shlex.quote(str(out))}"
+        log.warning("%s; continue with: %s --resume auto", stop, hint.replace(" --resume auto", ""))
+        return 0
+    finally:
+        if tb is not None:
+            tb.close()
+    settings["run"] = result.config
+    _write_settings(out, layout, settings, env)
+    _write_results(out, layout, result, recipe, settings, images_per_epoch, env)
+    if layout.checkpoints == "file" and not getattr(args, "keep_checkpoint", False):
+        checkpoints.reset()
+    return 0
+
+
+def _engine(args, layout, out, env, amp, channels_last, recipe, per_rank: int, batches_per_epoch: int):
+    """The run's :class:`~tpp.train.engine.Engine`, its checkpoint store, and images per finetuning epoch."""
+    from .train.checkpoint import CheckpointFile, CheckpointManager
+    from .train.engine import Engine
+
+    images_per_epoch = batches_per_epoch * recipe.batch_size
+    if layout.checkpoints == "file":
+        checkpoints = CheckpointFile(out / "checkpoint.pt", is_main=env.is_main)
+    else:
+        from .train.logs import write_csv
+
+        def on_saved(path: Path, state, event: str) -> None:      # rank 0, after each checkpoint
+            _write_tables(out, state.get("history") or {}, images_per_epoch, write_csv)
+
+        checkpoints = CheckpointManager(out / "checkpoints", keep_last=max(1, args.keep_last), is_main=env.is_main,
+                                        on_saved=on_saved)
+    engine = Engine(env, amp=amp, channels_last=channels_last, label_smoothing=recipe.label_smoothing,
+                    checkpoints=checkpoints, batch_size=per_rank, seed=args.seed)
+    return engine, checkpoints, images_per_epoch
+
+
+def _write_settings(out: Path, layout: Layout, settings: dict, env) -> None:
+    if not env.is_main:
+        return
+    from .files import write_json, write_text_atomic
+    from .train.logs import to_yaml
+
+    for name in layout.settings_files:
+        if name.endswith(".yaml"):
+            write_text_atomic(out / name, to_yaml(settings))
+        else:
+            write_json(out / name, settings)
+
+
+def _pretrain(model, recipe, epochs: int, train_loader, val_loader, engine, env, progress, out: Path, log) -> dict:
+    """``tpp prune`` without ``--weights``: train the model here first; ``pretrained.pt`` holds it."""
+    import torch
+
+    from .loop import train
+
+    log.info("pretraining %s on %s for %d epochs", recipe.model, recipe.data, epochs)
+    model = engine.place(model, env.device)
+    history = train(model, train_loader, epochs, recipe.pretrain_lr, momentum=recipe.momentum,
+                    weight_decay=recipe.weight_decay, milestones=recipe.pretrain_milestones, device=env.device,
+                    progress=progress, phase="pretrain", hooks=engine, net=engine.wrap(model))
+    acc = engine.evaluate(model, val_loader, env.device)["acc"]
+    if env.is_main:
+        torch.save(model.state_dict(), out / "pretrained.pt")
+    log.info("pretrained: test accuracy %.2f%%", acc)
+    return {"epochs": epochs, "lr": recipe.pretrain_lr, "test_acc": acc,
+            "train_loss": history[-1]["train_loss"] if history else None}
+
+
+SUMMARY_COLUMNS = ("epoch", "lr", "train_loss", "val_top1", "val_top5", "val_loss", "time_s", "images_per_s")
+REGULARIZE_COLUMNS = ("iteration", "phase", "strength", "penalty", "loss")
+
+
+def _write_tables(out: Path, history: dict, images_per_epoch: int, write_csv) -> None:
+    rows = []
+    for r in history.get("finetune") or []:
+        t = r.get("time_s")
+        rows.append({"epoch": r["epoch"], "lr": r["lr"], "train_loss": r["train_loss"], "val_top1": r.get("test_acc"),
+                     "val_top5": r.get("test_top5"), "val_loss": r.get("test_loss"), "time_s": t,
+                     "images_per_s": images_per_epoch / t if t else None})
+    write_csv(out / "summary.csv", rows, SUMMARY_COLUMNS)
+    write_csv(out / "regularize.csv", history.get("regularize") or [], REGULARIZE_COLUMNS)
+
+
+def _comparison(metrics: dict, expected) -> dict:
+    acc = metrics["accuracy"]
+    out = {"top1": acc.get("final"), "best_top1": acc.get("best"), "base_top1": acc.get("base"),
+           "flops_speedup": metrics.get("flops", {}).get("speedup")}
+    if expected.get("top1") is not None and acc.get("final") is not None:
+        out["top1_minus_paper"] = acc["final"] - expected["top1"]
+    if expected.get("base_top1") is not None and acc.get("base") is not None:
+        out["base_minus_paper"] = acc["base"] - expected["base_top1"]
+    return out
+
+
+def _write_results(out: Path, layout: Layout, result, recipe, settings: dict, images_per_epoch: int, env) -> None:
+    """metrics.json, the tables, pruned.pt, report.md and plots (rank 0); ranks/ digests (every rank)."""
+    from .files import write_json
+    from .report import format_table, plot_run, summary_row, write_run_report
+    from .surgery import save_pruned
+    from .train import distributed as D
+    from .train.logs import write_csv
+
+    mine = {"rank": env.rank, "world_size": env.world_size, "pruned_sha256": D.digest(result.pruned),
+            "model_sha256": D.digest(result.model.state_dict()),
+            "final_top1": result.metrics["accuracy"].get("final")}
+    if layout.ranks:
+        write_json(out / "ranks" / f"rank{env.rank}.json", mine)
+    D.agree("the final weights", mine["model_sha256"], env)
+    if not env.is_main:
+        return
+    data = result.to_dict()
+    data.update({"recipe": recipe.name, "model": recipe.model, "data": recipe.data,
+                 "expected": dict(recipe.expected), "comparison": _comparison(result.metrics, recipe.expected)})
+    write_json(out / "metrics.json", data)
+    _write_tables(out, result.history, images_per_epoch, write_csv)
+    save_pruned(result.model, result.pruned, out / "pruned.pt", arch=recipe.model,
+                model_args={"num_classes": settings["num_classes"], **settings["model_kwargs"]},
+                extra={"num_classes": settings["num_classes"], "model_kwargs": settings["model_kwargs"],
+                       "input_shape": settings["input_shape"], "data": recipe.data, "recipe": recipe.name,
+                       "method": recipe.method, "ratio": recipe.ratio})
+    if layout.report:
+        write_run_report(out, settings, data, plot_run(data, out))
+    print(format_table([summary_row(data, model=recipe.model)]))
+    if recipe.expected.get("top1") is not None:
+        acc = result.metrics["accuracy"]
+        print(f"{recipe.name}: top-1 {acc.get('final', float('nan')):.2f}% (best {acc.get('best', float('nan')):.2f}%"
+              f", top-5 {result.metrics['top5'].get('final', float('nan')):.2f}%); paper: "
+              f"{recipe.expected['top1']:.2f}% (base {recipe.expected.get('base_top1')})")
+    print(f"run folder: {out}")
+
+
+def command_line(prog: str, argv: Sequence[str]) -> str:
+    """The command as typed (quoted), for the settings files and the resume hint."""
+    return " ".join([prog] + [shlex.quote(a) for a in argv])
