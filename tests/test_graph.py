@@ -517,6 +517,10 @@ def test_untraceable_names_module_and_bn_map():
 
 def test_leaf_modules_make_the_rest_analysable():
     model = Untraceable()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"module 'body\.1' \(Gate\).*leaf_modules"):
+        TPPRegularizer(model, 0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     g = analyze_model(model, leaf_modules=["body.1"])
     assert g.traced and list(g.units) == ["conv2"]
     assert "body.1 (Gate)" in g.refusals["conv"] and g.refusals["fc"] == "output is the model output"
