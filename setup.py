@@ -52,6 +52,7 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "demo": ["scikit-learn>=1.2", "matplotlib>=3.6"],
+        "timm": ["timm>=0.9"],
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],           # tpp export --format onnx
     },
     entry_points={"console_scripts": ["tpp=tpp.cli:main"]},

@@ -4,6 +4,7 @@ and the METHODS registry."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import assert_close_to_reference
 from torch import nn
 
 from tpp import GrowingSchedule, TPPRegularizer, prune_model, select_filters
@@ -234,3 +235,50 @@ def test_reinitialize_resets_weights_and_bn_statistics():
     again = digits_cnn()
     reinitialize_(again, seed=3)
     torch.testing.assert_close(again.features[0].weight, model.features[0].weight)
+
+
+@pytest.mark.parametrize("name", ["digits_resnet", "digits_vit"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_runs_on_groups_and_heads(name, method, seed):
+    """Each method's steps (regularizer, selection, removal, post-removal transform, finetuning regularizer) on a
+    model whose units are residual groups, or attention heads; TPP-family removal is exact after the zero-out."""
+    from tpp.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name).double().eval()
+    spec = get_method(method)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    schedule = GrowingSchedule(delta=0.5, interval=1, stabilize_iters=20, zero_out_interval=2)
+    reg = make_regularizer(spec, model, 0.5, schedule=schedule)
+    if reg is not None:
+        reg.penalty()
+        reg.apply_gradients()
+        reg.step()
+    pruned = select_filters(model, 0.5)
+    assert any(model.get_submodule(n).__class__.__name__ == "MultiheadAttention" for n in pruned) == (
+        name == "digits_vit")
+    if spec.zero_out:
+        reg.zero_pruned()
+        pruned = reg.pruned
+    small = prune_model(model, pruned)
+    if spec.zero_out:
+        with torch.no_grad():
+            assert_close_to_reference(small(x), model(x), torch.float64, method)
+    if spec.post_removal == "orthp":
+        assert orthogonalize_(small)
+    elif spec.post_removal == "reinit":
+        reinitialize_(small, seed=seed)
+    if spec.finetune_regularizer:
+        OrthRegularizer(small, spec.finetune_regularizer).penalty().backward()
+    assert small(x).shape == (4, 10) and torch.isfinite(small(x)).all()
+
+
+def test_reinitialize_resets_attention_heads(seed):
+    from tpp.models import build_model
+
+    model = build_model("digits_vit")
+    small = prune_model(model, select_filters(model, "*attn:0.5"))
+    before = small.blocks[0].attn.in_proj_weight.clone()
+    reinitialize_(small, seed=seed)
+    assert not torch.equal(small.blocks[0].attn.in_proj_weight, before)
+    assert torch.count_nonzero(small.blocks[0].attn.in_proj_bias) == 0

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from tpp import TPPRegularizer
 from tpp.graph import ChannelUse, ModelGraph, analyze_model
 
 
@@ -254,11 +255,31 @@ class CatNet(nn.Module):
         return self.fc(torch.flatten(self.c(x), 1))
 
 
-def test_cat_couples():
+def test_cat_is_followed_at_offsets():
     g = analyze_model(CatNet())
-    assert "concatenated with b" in g.layers["a"].coupling and "concatenated with a" in g.layers["b"].coupling
-    assert g.layers["a"].group == g.layers["b"].group == ("a", "b")
+    assert g.layers["a"].independent and g.layers["b"].independent
+    assert g.layers["a"].uses == (ChannelUse("c", "input"),)
+    assert g.layers["b"].uses == (ChannelUse("c", "input", offset=4),)
+    assert g.layers["a"].group == ("a",) and g.layers["b"].group == ("b",)
     assert g.layers["c"].independent and g.layers["c"].uses == (ChannelUse("fc", "input", 16),)
+    assert [u.kind for u in g.units.values()] == ["layer"] * 3 and g.refusals == {"fc": "output is the model output"}
+
+
+class CatThenAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 5, 1), nn.Conv2d(3, 9, 1)
+        self.head = nn.Conv2d(9, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], 1) + self.c(x))
+
+
+def test_cat_then_add_is_refused():
+    g = analyze_model(CatThenAdd())
+    assert "added to c" in g.layers["a"].coupling and "added to c" in g.layers["b"].coupling
+    assert "added to node 'cat'" in g.layers["c"].coupling
+    assert set(g.units) == set() and set(g.refusals) == {"a", "b", "c", "head"}
 
 
 class SharedNet(nn.Module):
@@ -376,7 +397,6 @@ class Unusual(nn.Module):
     "op, reason",
     [
         ("permute", "Tensor.permute"),
-        ("grouped", "grouped conv grouped (groups=2)"),
         ("layernorm", "Tensor.transpose"),
         ("linear_on_4d", "fc (Linear)"),
         ("weight", "conv.weight"),
@@ -388,8 +408,30 @@ def test_unknown_ops_are_conservative(op, reason):
     model(torch.randn(1, 4, 4, 4))
     g = analyze_model(model)
     assert not g.layers["conv"].independent and reason in g.layers["conv"].coupling
-    grouped = g.layers["grouped"].coupling
-    assert ("grouped conv (groups=2)" if op == "grouped" else "never called") in grouped
+    assert "never called" in g.layers["grouped"].coupling
+
+
+def test_grouped_conv_units_take_every_group_alike():
+    """A conv feeding a grouped conv, and the grouped conv itself: units of one channel per group."""
+    g = analyze_model(Unusual("grouped"))
+    assert g.layers["conv"].uses == (ChannelUse("grouped", "input", groups=2),)
+    conv, grouped = g.units["conv"], g.units["grouped"]
+    assert (conv.kind, conv.segments, conv.size) == ("layer", 2, 2) and grouped.segments == 2
+    assert conv.channel_indices(torch.tensor([1])).tolist() == [1, 3]
+    assert conv.unit_indices(torch.tensor([1, 3])).tolist() == [1] and conv.unit_indices(torch.tensor([1])) is None
+
+
+def test_layernorm_is_refused_with_the_reason():
+    class LN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.ln, self.fc2 = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc2(self.ln(self.fc1(x)))
+
+    g = analyze_model(LN())
+    assert "normalized by ln (LayerNorm)" in g.refusals["fc1"] and "cannot be exact" in g.refusals["fc1"]
 
 
 @pytest.mark.parametrize(
@@ -469,8 +511,23 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_names_module_and_bn_map():
-    with pytest.raises(ValueError, match=r"module 'body\.1' \(Gate\).*bn_map"):
+    with pytest.raises(ValueError, match=r"module 'body\.1' \(Gate\).*leaf_modules=\['body\.1'\].*bn_map"):
         analyze_model(Untraceable())
+
+
+def test_leaf_modules_make_the_rest_analysable():
+    model = Untraceable()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"module 'body\.1' \(Gate\).*leaf_modules"):
+        TPPRegularizer(model, 0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    g = analyze_model(model, leaf_modules=["body.1"])
+    assert g.traced and list(g.units) == ["conv2"]
+    assert "body.1 (Gate)" in g.refusals["conv"] and g.refusals["fc"] == "output is the model output"
+    reg = TPPRegularizer(model, 0.5, leaf_modules=["body.1"])
+    assert list(reg.pruned) == ["conv2"] and reg.prune().conv2.out_channels == 2
+    with pytest.raises(ValueError, match="leaf_modules entry 'nope'"):
+        analyze_model(model, leaf_modules=["nope"])
 
 
 def test_untraceable_root_forward():

@@ -151,3 +151,28 @@ def test_measure_latency_protocol():
     assert model.training
     with pytest.raises(ValueError, match="iters"):
         measure_latency(model, torch.randn(2, 3), iters=0)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_small", "efficientnet_b0", "vit_b_16", "small_vit"])
+def test_flops_agree_with_flop_counter_mode(name):
+    """count_flops == FlopCounterMode (matmuls and convs) with attention run as plain matmuls (grad enabled: not
+    MultiheadAttention's fused inference path; SDPA's math backend: its fused CPU kernels have no flop formula);
+    a head-pruned ViT too."""
+    import torchvision
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tpp import TPPRegularizer
+
+    if name == "small_vit":
+        model = torchvision.models.VisionTransformer(32, 8, 2, 4, 32, 64, num_classes=10)
+        model = TPPRegularizer(model, 0.5).prune()
+        x = torch.randn(2, 3, 32, 32)
+    else:
+        model = getattr(torchvision.models, name)(weights=None)
+        x = torch.randn(1, 3, 224, 224) if name == "vit_b_16" else torch.randn(1, 3, 64, 64)
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x)
+    expected = counter.get_total_flops()
+    assert expected > 0 and abs(count_flops(model, x) - expected) <= 0.01 * expected

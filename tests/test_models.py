@@ -15,6 +15,8 @@ TPP_MODELS = {  # name -> (example input shape, default classes)
     "vgg19": ((2, 3, 32, 32), 100),
     "mlp7": ((2, 1, 32, 32), 10),
     "digits_cnn": ((2, 1, 8, 8), 10),
+    "digits_resnet": ((2, 1, 8, 8), 10),
+    "digits_vit": ((2, 1, 8, 8), 10),
 }
 
 
@@ -24,7 +26,8 @@ def _names(model, cls):
 
 def test_list_models():
     names = list_models()
-    assert {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg19", "mlp7", "digits_cnn"} <= set(names)
+    assert {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg19", "mlp7", "digits_cnn",
+            "digits_resnet", "digits_vit"} <= set(names)
     assert {"resnet18", "resnet34", "resnet50", "vgg11_bn", "mobilenet_v2"} <= set(names)
 
 
@@ -147,3 +150,35 @@ def test_pretrained_bad_values():
         build_model("resnet56", pretrained=True)
     with pytest.raises(TypeError, match="pretrained"):
         build_model("resnet56", pretrained=1.0)
+
+
+def test_digits_models_have_group_and_head_units():
+    from tpp.graph import analyze_model
+
+    resnet = analyze_model(build_model("digits_resnet"))
+    assert [u.kind for u in resnet.units.values()].count("group") == 2
+    assert resnet.units["conv1"].members == ("conv1", "layer1.0.conv2", "layer1.1.conv2")
+    vit = analyze_model(build_model("digits_vit"))
+    assert {n: u.kind for n, u in vit.units.items()} == {
+        "blocks.0.attn": "heads", "blocks.0.fc1": "layer", "blocks.1.attn": "heads", "blocks.1.fc1": "layer"}
+    assert "LayerNorm" in vit.refusals["blocks.0.fc2"]
+
+
+def test_timm_models(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = build_model("timm:resnet18", num_classes=7).eval()
+    assert isinstance(model, nn.Module) and model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    loaded = build_model("timm:resnet18", num_classes=7, pretrained=str(tmp_path / "w.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match="unknown timm model"):
+        build_model("timm:not_a_model")
+    assert timm.is_model("resnet18")
+
+
+def test_timm_missing_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ImportError, match=r"tpp\[timm\]"):
+        build_model("timm:resnet18")

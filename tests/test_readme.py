@@ -24,3 +24,14 @@ def test_readme_example_runs():
     model.eval()
     small.eval()
     torch.testing.assert_close(small(x), model(x))
+
+
+def test_readme_modern_example_runs(capsys):
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Modern networks", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(compile(code, str(README), "exec"), scope)
+    out = capsys.readouterr().out
+    assert "(3.210x fewer)" in out and "target speedup 2.3x (uniform" in out
+    assert abs(scope["reg"].speedup_search.speedup / 2.3 - 1) <= 0.02

@@ -19,14 +19,28 @@ def resnet18():
     return torchvision.models.resnet18(weights=None)
 
 
-def test_float_ratio_prunes_every_independent_layer_but_the_classifier(resnet18):
+def test_float_ratio_prunes_every_unit_but_the_classifier(resnet18):
     pruned = select_filters(resnet18, 0.5)
-    expected = [f"layer{s}.{b}.conv1" for s in range(1, 5) for b in range(2)]
-    assert list(pruned) == expected  # conv1, conv2 of blocks, downsample and fc are coupled or the output
+    private = [f"layer{s}.{b}.conv1" for s in range(1, 5) for b in range(2)]
+    groups = [["conv1", "layer1.0.conv2", "layer1.1.conv2"]] + [
+        [f"layer{s}.0.conv2", f"layer{s}.0.downsample.0", f"layer{s}.1.conv2"] for s in range(2, 5)]
+    assert set(pruned) == set(private) | {m for g in groups for m in g}  # every Conv2d but fc (the output)
     for name, idx in pruned.items():
         n = resnet18.get_submodule(name).out_channels
         assert idx.dtype == torch.int64 and idx.numel() == n // 2
         assert torch.equal(idx, idx.sort().values)
+    for group in groups:  # one shared index set, chosen by the sum of the members' mean |w|
+        assert all(torch.equal(pruned[m], pruned[group[0]]) for m in group)
+        scores = sum(resnet18.get_submodule(m).weight.detach().double().abs().flatten(1).mean(1) for m in group)
+        assert torch.equal(pruned[group[0]], scores.argsort(stable=True)[: scores.numel() // 2].sort().values)
+
+
+def test_patterns_match_a_group_by_any_member(resnet18):
+    pruned = select_filters(resnet18, "layer2.0.downsample.0:0.25")
+    assert set(pruned) == {"layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2"}
+    assert {v.numel() for v in pruned.values()} == {32}
+    assert select_filters(resnet18, "layer2.*:0.25", skip="*downsample*").keys() == {
+        "layer2.0.conv1", "layer2.1.conv1"}  # a skipped member skips its group
 
 
 def test_resnet50_2_31x_setting(resnet50):
@@ -104,8 +118,9 @@ def test_errors(resnet18):
         select_filters(net, 0.5, skip=["bn1"])
     with pytest.raises(ValueError, match="'fc'.*model output"):
         select_filters(net, "fc:0.5")
-    with pytest.raises(ValueError, match=r"'layer1.0.conv2'.*cannot be pruned on its own.*add"):
-        select_filters(resnet18, "layer1.0.conv*:0.5")
+    with pytest.raises(ValueError, match=r"layer '1'.*cannot be pruned: depthwise conv"):
+        select_filters(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, groups=4, padding=1), nn.Conv2d(4, 2, 1)),
+                       "1:0.5")
     with pytest.raises(TypeError, match="nn.Module"):
         select_filters("resnet18", 0.5)
     assert list(select_filters(resnet18, "layer1.0.conv*:0.5", skip="*conv2")) == ["layer1.0.conv1"]
@@ -115,3 +130,41 @@ def test_parse_ratio_spec():
     assert parse_ratio_spec("*layer[1-3]*conv[1-2]:0.3,*layer4*conv[1-2]:0.14") == [
         ("*layer[1-3]*conv[1-2]", 0.3), ("*layer4*conv[1-2]", 0.14)]
     assert parse_ratio_spec({"a": 0, "b": 0.5}) == [("a", 0.0), ("b", 0.5)]
+
+
+@pytest.mark.parametrize("mode", ["uniform", "global"])
+def test_target_speedup_is_reached_within_2_percent(resnet18, mode):
+    from tpp import TPPRegularizer, count_flops, prune_model
+
+    x = torch.zeros(1, 3, 64, 64)
+    reg = TPPRegularizer(resnet18, target_speedup=2.0, example_input=x, speedup_mode=mode)
+    search = reg.speedup_search
+    speedup = count_flops(resnet18, x) / count_flops(prune_model(resnet18, reg.pruned), x)
+    assert abs(speedup / 2.0 - 1) <= 0.02 and speedup == pytest.approx(search.speedup)
+    assert set(reg.pruned) == {m for name in search.ratios for m in reg.graph.units[name].members}
+    assert f"target speedup 2x ({mode}" in search.describe() and "layer1.0.conv1: " in search.describe()
+    if mode == "uniform":  # one ratio; where counts jump, some units one channel further
+        for name, ratio in search.ratios.items():
+            size = reg.graph.units[name].size
+            assert num_pruned(search.level, size) <= ratio * size <= num_pruned(search.level, size) + 1
+    else:
+        assert len({round(r, 3) for r in search.ratios.values()}) > 1  # the ranking is global: ratios differ
+
+
+def test_target_speedup_errors(resnet18):
+    from tpp import TPPRegularizer
+    from tpp.selection import search_speedup
+
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="out of reach.*gives"):
+        search_speedup(resnet18, 1000.0, x)
+    with pytest.raises(ValueError, match="> 1"):
+        search_speedup(resnet18, 0.5, x)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        search_speedup(resnet18, 2.0, x, mode="best")
+    with pytest.raises(ValueError, match="exactly one of"):
+        TPPRegularizer(resnet18, 0.5, target_speedup=2.0, example_input=x)
+    with pytest.raises(ValueError, match="exactly one of"):
+        TPPRegularizer(resnet18)
+    with pytest.raises(ValueError, match="needs example_input"):
+        TPPRegularizer(resnet18, target_speedup=2.0)

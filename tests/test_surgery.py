@@ -10,7 +10,8 @@ import torchvision
 from tolerances import assert_close_to_reference
 
 from tpp import TPPRegularizer, load_pruned, prune_model, save_pruned, select_filters
-from tpp.graph import analyze_model
+from tpp.attention import PrunedMultiheadAttention
+from tpp.graph import ChannelUse, analyze_model
 from tpp.metrics import count_flops
 from tpp.models import digits_cnn, mlp7, resnet20, resnet56, vgg19
 
@@ -235,9 +236,8 @@ NET_ERRORS = {
     "all-filters": ({"a": list(range(6))}, ValueError, "layer 'a': all 6 filters.*at least one must stay"),
     "output": ({"fc": [0]}, ValueError, "layer 'fc' produces the model output"),
     "depthwise": ({"dw": [0]}, ValueError, "layer 'dw' cannot be pruned: depthwise conv"),
-    "grouped": ({"grouped": [0]}, ValueError, "layer 'grouped' cannot be pruned: grouped conv"),
-    "cat-group": ({"a": [0], "b": [0]}, ValueError,
-                  r"group \[a, b\] cannot be pruned with one shared index set.*concatenated"),
+    "grouped": ({"grouped": [0]}, ValueError, "layer 'grouped'.*2 groups of 6.*same channels in each"),
+    "cat-into-grouped": ({"a": [0]}, ValueError, "layer 'a' cannot be pruned: output is consumed by grouped conv"),
     "partial-group": ({"res": [0]}, ValueError, r"layer 'res' is coupled.*whole group \[stem, res\].*missing: stem"),
     "unshared-group": ({"res": [0], "stem": [1]}, ValueError,
                        r"group \[stem, res\]: layers 'res' and 'stem' are given different"),
@@ -410,6 +410,254 @@ def test_load_errors_leave_the_model_untouched(saved, tmp_path):
         with pytest.raises(error, match=match):
             load_pruned(model, source, arch="resnet20")
         assert_same_state(model, before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Units on the networks people prune today (tpp-method.md §12): groups, grouped convs, concatenations, heads
+
+
+def small_vit():
+    """torchvision's VisionTransformer, tiny: 32×32 images, patch 8, 2 blocks of 4 heads."""
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                hidden_dim=32, mlp_dim=64, num_classes=10)
+
+
+def randomize_all(model: nn.Module, gen: torch.Generator, shape) -> nn.Module:
+    """``randomize`` plus random LayerNorm affines and biases, and well-scaled random Linear weights (ViT heads are
+    initialised to zero)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.Linear, nn.MultiheadAttention)):
+                for p in m.parameters(recurse=False):
+                    scale = p.shape[-1] ** -0.5 if p.dim() == 2 else 1.0
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return randomize(model, gen, shape)
+
+
+MODERN = {  # name: (build, input shape, unit kinds found)
+    "resnet50": (lambda: torchvision.models.resnet50(weights=None), (2, 3, 32, 32), {"layer", "group"}),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None), (2, 3, 32, 32), {"layer", "group"}),
+    "regnet_x_400mf": (lambda: torchvision.models.regnet_x_400mf(weights=None), (2, 3, 32, 32), {"layer", "group"}),
+    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(weights=None), (2, 3, 32, 32),
+                           {"layer", "group"}),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(weights=None), (2, 3, 32, 32), {"layer", "group"}),
+    "densenet121": (lambda: torchvision.models.densenet121(weights=None), (2, 3, 32, 32), {"layer"}),
+    "vit": (small_vit, (2, 3, 32, 32), {"layer", "heads"}),
+}
+
+
+@pytest.mark.parametrize("name", list(MODERN))
+def test_units_are_removed_exactly_after_zero_pruned(name, seed):
+    build, shape, kinds = MODERN[name]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = randomize_all(build(), gen, shape)
+    reg = TPPRegularizer(model, 0.5)
+    assert {u.kind for u in reg.graph.units.values()} == kinds
+    classifier = reg.graph.classifier()
+    assert classifier not in reg.pruned and len(reg.pruned) == sum(len(u.members) for u in reg.graph.units.values())
+    x = torch.randn(shape[1:], generator=gen, dtype=torch.float64).expand(shape) + 0.1 * torch.randn(
+        shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y_nonzero = model(x)
+        assert reg.zero_pruned() > 0
+        y = model(x)
+        before = state(model)
+        small = reg.prune()
+        y_small = small(x)
+    assert_same_state(model, before)
+    assert_close_to_reference(y_small, y, torch.float64, name)
+    assert (y - y_nonzero).abs().max() > 1e-3 * y_nonzero.abs().max()  # the zero-out mattered: the check can fail
+    assert sum(p.numel() for p in small.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["regnet_x_400mf", "densenet121", "vit"])
+def test_unit_gradients_equal_autograd(name, seed):
+    """Grouped-conv segments, concatenation offsets and heads: apply_gradients() == ∂penalty()/∂θ."""
+    build, shape, _ = MODERN[name]
+    torch.manual_seed(seed)
+    model = randomize_all(build(), torch.Generator().manual_seed(seed), shape)
+    reg = TPPRegularizer(model, 0.5)
+    reg.strength = 0.7
+    reg.penalty().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    reg.apply_gradients()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(expected) and len(got) > 0
+    for n, g in expected.items():
+        assert_close_to_reference(got[n], g, torch.float64, n)
+
+
+def test_grouped_conv_units_keep_groups_equal(seed):
+    model = randomize_all(torchvision.models.regnet_x_400mf(weights=None), torch.Generator().manual_seed(seed),
+                          (2, 3, 32, 32))
+    reg = TPPRegularizer(model, "trunk_output.block1.block1-0.f.a.0:0.5")
+    unit = reg.graph.units["trunk_output.block1.block1-0.f.a.0"]
+    assert (unit.segments, unit.size) == (2, 16)  # 32 channels feed 2 groups of 16 in f.b
+    idx = reg.pruned["trunk_output.block1.block1-0.f.a.0"]
+    assert torch.equal(idx[idx >= 16] - 16, idx[idx < 16]) and idx.numel() == 16
+    small = reg.prune()
+    b = small.get_submodule("trunk_output.block1.block1-0.f.b.0")
+    assert (b.in_channels, b.groups, b.weight.shape[1]) == (16, 2, 8)
+
+
+def test_densenet_concatenation_offsets():
+    model = torchvision.models.densenet121(weights=None)
+    graph = analyze_model(model)
+    uses = graph.layers["features.denseblock1.denselayer2.conv2"].uses
+    assert ChannelUse("features.denseblock1.denselayer3.norm1", "bn", offset=96) in uses
+    assert ChannelUse("features.denseblock1.denselayer3.conv1", "input", offset=96) in uses
+    assert ChannelUse("features.transition1.conv", "input", offset=96) in uses
+    assert graph.layers["features.conv0"].uses[0] == ChannelUse("features.norm0", "bn")
+    assert set(graph.refusals) == {"classifier"}
+    # a regularizer with the default schedule constructs: 120 zero-out slots spaced over 10k stabilize iterations
+    reg = TPPRegularizer(model, 0.5)
+    assert reg.schedule.zero_out_interval == 10_000 // 120
+    kept = prune_model(model, {"features.denseblock1.denselayer1.conv2": [0, 5]})
+    assert kept.features.denseblock1.denselayer2.norm1.num_features == 94
+    assert kept.features.transition1.conv.in_channels == 254
+
+
+def test_heads_are_pruned_whole(seed):
+    model = randomize_all(small_vit(), torch.Generator().manual_seed(seed), (2, 3, 32, 32))
+    reg = TPPRegularizer(model, "*self_attention:0.5")
+    name = "encoder.layers.encoder_layer_0.self_attention"
+    assert set(reg.pruned) == {name, "encoder.layers.encoder_layer_1.self_attention"}
+    assert reg.pruned[name].numel() == 2 and [s.role for s in reg.slots(name)] == ["gram", "l2", "zero"]
+    small = reg.prune()
+    attention = small.get_submodule(name)
+    assert isinstance(attention, PrunedMultiheadAttention) and attention.num_heads == 2
+    assert attention.in_proj_weight.shape == (3 * 16, 32) and attention.out_proj.weight.shape == (32, 16)
+    assert attention.embed_dim == 32 and attention.head_dim == 8
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    reg.zero_pruned()
+    with torch.no_grad():
+        assert_close_to_reference(small(x), model(x), torch.float64)
+
+
+def test_pruned_attention_matches_multihead_attention(seed):
+    """With every head kept, PrunedMultiheadAttention computes what nn.MultiheadAttention does, masks and weights
+    included; with a head dropped it differs."""
+    torch.manual_seed(seed)
+    for batch_first in (False, True):
+        mha = nn.MultiheadAttention(12, 3, batch_first=batch_first, dtype=torch.float64).eval()
+        with torch.no_grad():
+            mha.in_proj_bias.normal_()
+            mha.out_proj.bias.normal_()
+        kept = PrunedMultiheadAttention.keeping(mha, torch.arange(3))
+        q = torch.randn(2, 5, 12, dtype=torch.float64)
+        q = q if batch_first else q.transpose(0, 1)
+        mask = torch.rand(5, 5) > 0.7
+        mask.fill_diagonal_(False)
+        padding = torch.zeros(2, 5, dtype=torch.bool)
+        padding[1, 3] = True
+        for kw in ({}, {"attn_mask": mask}, {"key_padding_mask": padding}, {"average_attn_weights": False}):
+            out, w = mha(q, q, q, **kw)
+            out2, w2 = kept(q, q, q, **kw)
+            assert_close_to_reference(out2, out, torch.float64, str(kw))
+            assert_close_to_reference(w2, w, torch.float64, str(kw))
+        two = PrunedMultiheadAttention.keeping(mha, torch.tensor([0, 2]))
+        assert two.num_heads == 2 and (two(q, q, q)[0] - mha(q, q, q)[0]).abs().max() > 1e-3
+
+
+def test_save_load_round_trip_with_groups_and_heads(tmp_path, seed):
+    for build, shape in ((lambda: torchvision.models.mobilenet_v3_small(weights=None), (2, 3, 32, 32)),
+                         (small_vit, (2, 3, 32, 32))):
+        model = build().eval()
+        reg = TPPRegularizer(model, 0.5)
+        small = reg.prune()
+        save_pruned(small, reg.pruned, tmp_path / "m.pt", arch="x")
+        loaded = load_pruned(build().eval(), tmp_path / "m.pt")
+        x = torch.randn(shape)
+        assert torch.equal(loaded(x), small(x))
+
+
+UNIT_SPEEDUPS = {  # issue 12: FLOPs reduction by count_flops at a uniform ratio 0.5, 224×224
+    "resnet50": 3.3, "mobilenet_v2": 3.0, "mobilenet_v3_small": 2.8, "efficientnet_b0": 2.8, "regnet_x_400mf": 2.8,
+    "densenet121": 2.8, "vit_b_16": 1.9,
+}
+
+
+@pytest.mark.parametrize("name", list(UNIT_SPEEDUPS))
+def test_flops_reduction_at_half(name):
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    x = torch.zeros(1, 3, 224, 224)
+    small = prune_model(model, select_filters(model, 0.5))
+    assert count_flops(model, x) / count_flops(small, x) >= UNIT_SPEEDUPS[name]
+
+
+class PackedAttention(nn.Module):
+    """timm's ``Attention`` (1.0) in miniature: one packed qkv Linear, heads by reshape, ``attn_dim`` wide."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attn_dim = num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        self.norm = nn.Identity()
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(self.norm(x.transpose(1, 2).reshape(b, n, self.attn_dim)))
+
+
+class PackedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.norm = nn.LayerNorm(16)
+        self.attn = PackedAttention()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(self.norm(x))
+        return self.head(x.mean(1))
+
+
+def test_packed_qkv_attention_heads(seed, tmp_path):
+    torch.manual_seed(seed)
+    model = PackedNet().double().eval()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    reg = TPPRegularizer(model, "attn:0.5")
+    assert reg.graph.units["attn"].kind == "heads" and reg.pruned["attn"].numel() == 2
+    assert [s.role for s in reg.slots("attn")] == ["gram", "l2", "zero"]
+    assert "attn.qkv" not in reg.graph.refusals and "embed" in reg.graph.refusals  # LayerNorm-coupled
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y0 = model(x)
+        reg.zero_pruned()
+        y = model(x)
+        small = reg.prune()
+        assert_close_to_reference(small(x), y, torch.float64)
+    assert (y - y0).abs().max() > 1e-3 * y0.abs().max()
+    attn = small.attn
+    assert (attn.num_heads, attn.attn_dim, attn.qkv.out_features, attn.proj.in_features) == (2, 8, 24, 8)
+    assert type(attn) is PackedAttention  # shrunk in place, not replaced
+    flops = count_flops(model, x) - count_flops(small, x)
+    assert flops == 2 * (2 * 5 * 16 * 24 + 2 * 5 * 8 * 16 + 2 * 2 * 5 * 5 * 8)  # qkv, proj, QKᵀ and AV halves
+    save_pruned(small, reg.pruned, tmp_path / "p.pt")
+    loaded = load_pruned(PackedNet().double().eval(), tmp_path / "p.pt")
+    assert torch.equal(loaded(x), small(x))
+
+
+def test_timm_vit_heads_are_exact(seed):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).double().eval()
+    model = randomize_all(model, torch.Generator().manual_seed(seed), (2, 3, 32, 32))
+    reg = TPPRegularizer(model, 0.5)
+    assert reg.graph.units["blocks.0.attn"].kind == "heads"
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    reg.zero_pruned()
+    with torch.no_grad():
+        assert_close_to_reference(reg.prune()(x), model(x), torch.float64)
 
 
 def _v01_file(path, model, pruned, arch, extra):

@@ -16,6 +16,7 @@ _LAZY = {
     "load_pruned": "surgery", "count_flops": "metrics", "count_params": "metrics",
     "jacobian_singular_values": "metrics", "jsv_summary": "metrics", "measure_latency": "metrics",
     "run_pruning": "pipeline", "RunConfig": "pipeline", "Recipe": "recipes", "RunIdentity": "identity",
+    "inspect_model": "inspect", "search_speedup": "selection",
 }
 __all__ = list(_LAZY)
 

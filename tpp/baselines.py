@@ -210,7 +210,8 @@ def orthogonalize_(model: nn.Module, layers: Optional[Iterable[str]] = None, gai
 @torch.no_grad()
 def reinitialize_(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
     """Scratch: re-initialize every submodule that has ``reset_parameters`` (PyTorch's default initialization;
-    BatchNorm also resets its running statistics). ``seed`` makes it reproducible."""
+    BatchNorm also resets its running statistics) and every ``nn.MultiheadAttention`` (incl. head-pruned ones) as
+    PyTorch initializes it: Xavier-uniform packed in-projection, zero biases. ``seed`` makes it reproducible."""
     generator_state = torch.random.get_rng_state() if seed is not None else None
     if seed is not None:
         torch.manual_seed(seed)
@@ -218,6 +219,12 @@ def reinitialize_(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
         for m in model.modules():
             if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
                 m.reset_parameters()
+        for m in model.modules():
+            if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+                nn.init.xavier_uniform_(m.in_proj_weight)
+                for bias in (m.in_proj_bias, m.out_proj.bias):
+                    if bias is not None:
+                        nn.init.zeros_(bias)
     finally:
         if generator_state is not None:
             torch.random.set_rng_state(generator_state)

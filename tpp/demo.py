@@ -1,11 +1,16 @@
 """``make demo`` / ``python -m tpp.demo``: TPP against L1 and OrthP on the embedded 8×8 digits, offline, on a CPU.
 
-Trains two models on scikit-learn's bundled digits (no download) — MLP-7-Linear (64 → 100 ×6 → 10, no activation,
+Trains models on scikit-learn's bundled digits (no download) — MLP-7-Linear (64 → 100 ×6 → 10, no activation,
 the paper's trainability testbed; the flattened 8×8 image is its input) and ``digits_cnn`` (conv-BN-ReLU 32, 32,
 pool, 64; avg-pool; Linear) — then prunes each at several ratios with L1, OrthP and TPP through
 :func:`tpp.pipeline.run_pruning`, and reports the test accuracy right after removal and after finetuning, the mean
 Jacobian singular value (JSV) right after removal, and the parameter reduction and FLOPs speedup. Pruned layers:
-every MLP hidden layer (not the classifier); every conv of the CNN but the first (the paper's VGG setting).
+every MLP hidden layer (not the classifier); every conv of the CNN but the first (the paper's VGG setting). Two
+models beyond the paper's private layers (tpp-method.md §12): ``digits_resnet`` (a residual CNN: its residual
+channels are pruned as coupled groups, every conv but the classifier) and ``digits_vit`` (a tiny ViT, patch 2: its
+attention heads and MLP neurons are pruned; the LayerNorm-coupled residual stream is not). ``digits_vit`` runs the
+pruning phase at the paper's lr 1e-3: a head's gram term (N = 8 heads, vectors of 3·d_h·E = 384) is far stiffer
+than a conv layer's, and at the demo's 1e-2 with momentum its SGD diverges.
 
 The schedule is the ``demo`` recipe of :data:`tpp.pipeline.RECIPES`, a scaled-down version of the paper's: strength
 grows by 0.0025 every iteration to 1 (400 iterations; paper: 1e-4 every 10 iterations, 100k), 200 stabilize
@@ -30,10 +35,12 @@ from typing import Optional, Sequence
 
 __all__ = ["main", "run_demo", "DEMO_MODELS"]
 
-# name -> (build_model kwargs, layers never pruned)
+# name -> (build_model kwargs, layers never pruned, run_pruning arguments replacing the recipe's)
 DEMO_MODELS = {
-    "mlp7": ({"in_features": 64}, ()),
-    "digits_cnn": ({}, ("features.0",)),
+    "mlp7": ({"in_features": 64}, (), {}),
+    "digits_cnn": ({}, ("features.0",), {}),
+    "digits_resnet": ({}, (), {}),
+    "digits_vit": ({}, (), {"reg_lr": 1e-3}),
 }
 DEFAULT_RATIOS = (0.5, 0.7, 0.9)
 DEFAULT_METHODS = ("l1", "orthp", "tpp")
@@ -89,7 +96,7 @@ def run_demo(out: Path, ratios: Sequence[float] = DEFAULT_RATIOS, methods: Seque
     rows, results, pretrained = [], [], {}
     total = len(models) * len(ratios) * len(methods)
     for name in models:
-        kwargs, skip = DEMO_MODELS[name]
+        kwargs, skip, overrides = DEMO_MODELS[name]
         torch.manual_seed(seed)
         model = build_model(name, **kwargs)
         t0 = time.perf_counter()
@@ -104,7 +111,7 @@ def run_demo(out: Path, ratios: Sequence[float] = DEFAULT_RATIOS, methods: Seque
         for ratio in ratios:
             for method in methods:
                 result = run_pruning(copy.deepcopy(model), train_loader(), test_loader, method, float(ratio),
-                                     skip=skip, seed=seed, **recipe.run_kwargs())
+                                     skip=skip, seed=seed, **{**recipe.run_kwargs(), **overrides})
                 data = result.to_dict()
                 data["model"] = name
                 results.append(data)

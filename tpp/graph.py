@@ -1,4 +1,4 @@
-"""torch.fx analysis of a model: which Conv2d/Linear layers TPP may prune on their own.
+"""torch.fx analysis of a model: the units TPP prunes (tpp-method.md §12) — private layers, coupled groups, heads.
 
 ``analyze_model(model)`` traces the model symbolically (no example input; parameters, buffers and modules are left as
 they are) and, for every Conv2d/Linear, follows its output channels forward through steps that keep them aligned:
@@ -7,31 +7,42 @@ they are) and, for every Conv2d/Linear, follows its output channels forward thro
 * pooling (incl. adaptive), upsampling, mean over the spatial dims;
 * BatchNorm (role ``"bn"``) and depthwise convs (role ``"depthwise"``), which carry the channels on;
 * flatten (``nn.Flatten``, ``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``, ``reshape``) into a
-  Linear, where each channel becomes ``in_features // C`` consecutive features.
+  Linear, where each channel becomes ``in_features // C`` consecutive features;
+* concatenations along the channels (``torch.cat(..., 1)``), at an offset (``ChannelUse.offset``) when every
+  part's channel count follows from the layers producing it (DenseNet);
+* stochastic depth (torchvision's ``stochastic_depth``), which drops whole samples.
 
-The walk stops at a Conv2d/Linear consuming the channels (role ``"input"``). A layer is *independently prunable*
-(``LayerInfo.coupling is None``) only if every path ends that way. Anything else gives a human-readable reason:
-a join with another branch (add/sub/mul/div/cat), the model output, a grouped conv, a shared module, or an op the
-walk does not understand (conservative: unknown means not prunable). Joins are followed further (``uses`` then lists
-the consumers of the joined tensor too) and put the joined layers into one ``group``. Softmax/log_softmax mix the
-channels (coupled) but are followed to find the model output, so a classifier under ``log_softmax`` is still
-``is_output``.
+The walk stops at a Conv2d/Linear consuming the channels (role ``"input"``; a grouped conv with ``groups``). A
+layer is *independently prunable* (``LayerInfo.coupling is None``) only if every path ends that way. Anything else
+gives a human-readable reason: a join with another branch (add/sub/mul/div), the model output, a LayerNorm/GroupNorm
+(zeroing a channel changes the others' statistics: never exact), a shared module, or an op the walk does not
+understand (conservative: unknown means not prunable). Joins are followed further (``uses`` then lists the consumers
+of the joined tensor too) and put the joined layers into one ``group``; a group whose only reasons are joins of its
+own members' channels is a coupled-group :class:`Unit` (residual streams, squeeze-excite scales). Softmax/log_softmax
+mix the channels (coupled) but are followed to find the model output, so a classifier under ``log_softmax`` is
+still ``is_output``. Each attention module called once with a packed q/k/v projection is a heads unit
+(``nn.MultiheadAttention``, timm-style ``Attention``: :func:`tpp.attention.head_parameters`; kept opaque by fx).
+``ModelGraph.units`` lists the units, ``ModelGraph.refusals`` every other layer with its reason.
 
 If fx cannot trace the model, ``analyze_model`` raises ``ValueError`` naming the submodule that failed; pass
-``bn_map`` to describe the layers by hand instead. When ``bn_map`` is given it is always used and no tracing happens
-(an explicit description beats a guess), see ``analyze_model``.
+``leaf_modules`` to keep that submodule opaque, or ``bn_map`` to describe the layers by hand instead. When
+``bn_map`` is given it is always used and no tracing happens (an explicit description beats a guess), see
+``analyze_model``.
 """
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
-__all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "analyze_model"]
+from .attention import head_parameters
+
+__all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "Unit", "analyze_model"]
 
 
 @dataclass(frozen=True)
@@ -40,12 +51,16 @@ class ChannelUse:
 
     ``role``: ``"bn"`` (a BatchNorm normalizing them), ``"depthwise"`` (a depthwise conv carrying them on) or
     ``"input"`` (a Conv2d/Linear consuming them). ``block``: for a Linear after flatten, each channel is ``block``
-    consecutive in_features.
+    consecutive in_features. ``offset``: the channels sit at ``[offset, offset + C)`` of the module's channels
+    (after a concatenation). ``groups``: an ``"input"`` of a grouped conv with that many groups (the channels must
+    then be pruned alike in every group).
     """
 
     module: str
     role: str
     block: int = 1
+    offset: int = 0
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -71,11 +86,65 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
+class Unit:
+    """What one pruned index set applies to (tpp-method.md §12).
+
+    ``kind``: ``"layer"`` (a Conv2d/Linear with private output channels: the paper's case), ``"group"`` (Conv2d/Linear
+    producers whose output channels are joined by add/sub/mul/div — residual streams, squeeze-excite scales — pruned
+    with one shared index set) or ``"heads"`` (the attention heads of one ``nn.MultiheadAttention``). ``name``: the
+    first member in execution order (heads: the attention module). Pruned dicts (``reg.pruned``, ``prune_model``)
+    list every member under its own name with the same channel indices; heads under the attention module's name.
+    ``channels``: output channels of each member (heads: the number of heads). ``segments``: with grouped convs the
+    channels form ``segments`` equal groups and unit ``j`` is channel ``j`` of every group (channels
+    ``k·size + j``), so that every group keeps the same width; 1 otherwise. ``index``: the zero-out slot (execution
+    index of the first member among all Conv2d/Linear; heads: of the next Conv2d/Linear called).
+    """
+
+    name: str
+    kind: str  # "layer" | "group" | "heads"
+    members: tuple[str, ...]
+    channels: int
+    segments: int
+    index: int
+
+    @property
+    def size(self) -> int:
+        """The number of prunable units: ``channels // segments``."""
+        return self.channels // self.segments
+
+    def channel_indices(self, units: Tensor) -> Tensor:
+        """Sorted channel indices of the given unit indices (every group's copy when ``segments > 1``)."""
+        units = units.to(torch.int64)
+        if self.segments == 1:
+            return units.sort().values
+        return (torch.arange(self.segments)[:, None] * self.size + units[None, :]).flatten().sort().values
+
+    def unit_indices(self, channels: Tensor) -> Tensor | None:
+        """The unit indices whose :meth:`channel_indices` are exactly ``channels``; None if there are none."""
+        channels = channels.to("cpu", torch.int64).sort().values
+        units = channels[channels < self.size]
+        return units if torch.equal(self.channel_indices(units), channels) else None
+
+
+@dataclass(frozen=True)
 class ModelGraph:
-    """Every Conv2d/Linear of a model, in execution order; ``traced`` is False when built from ``bn_map``."""
+    """Every Conv2d/Linear of a model, in execution order; ``traced`` is False when built from ``bn_map``.
+
+    ``units``: the prunable units by name, in zero-out order; ``refusals``: every Conv2d/Linear (and attention
+    module) that is in no unit, with the reason (the classifier, depthwise carriers and layers tpp cannot follow).
+    """
 
     layers: dict[str, LayerInfo]
     traced: bool
+    units: dict[str, Unit] = field(default_factory=dict)
+    refusals: dict[str, str] = field(default_factory=dict)
+
+    def unit_of(self, name: str) -> Unit | None:
+        """The unit that layer (or attention module) ``name`` belongs to, None if it is in none."""
+        for unit in self.units.values():
+            if name in unit.members:
+                return unit
+        return None
 
     def independent(self) -> list[str]:
         """Names of the independently prunable layers, in execution order."""
@@ -87,19 +156,30 @@ class ModelGraph:
         return outputs[-1] if outputs else None
 
 
-def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = None) -> ModelGraph:
+def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = None,
+                  leaf_modules: Iterable[str] = ()) -> ModelGraph:
     """Analyse ``model`` with torch.fx (``traced=True``), or describe it from ``bn_map`` (``traced=False``).
 
-    ``bn_map`` maps Conv2d/Linear names to the BatchNorm normalizing their output (or None). When given, fx is not
-    used: the listed layers are independent with that BN and no other known use (consumers unknown), the others are
-    coupled with reason ``"not in bn_map"``, and ``index`` is the registration order. Raises ``TypeError`` for a
-    non-module, ``ValueError`` for a bad ``bn_map`` entry or a model fx cannot trace.
+    ``leaf_modules``: qualified names of submodules fx should not trace into (e.g. one with data-dependent control
+    flow); each is then an opaque op — layers feeding it are refused, layers inside it are never called — and the
+    rest of the model is analysed as usual. ``bn_map`` maps Conv2d/Linear names to the BatchNorm normalizing their
+    output (or None). When given, fx is not used: the listed layers are independent with that BN and no other known
+    use (consumers unknown), the others are coupled with reason ``"not in bn_map"``, and ``index`` is the
+    registration order. Raises ``TypeError`` for a non-module, ``ValueError`` for a bad ``bn_map`` or
+    ``leaf_modules`` entry or a model fx cannot trace (naming the submodule and these two ways out).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"analyze_model expects an nn.Module, got {type(model).__name__}")
     if bn_map is not None:
         return _from_bn_map(model, bn_map)
-    tracer = _Tracer()
+    leaves = [leaf_modules] if isinstance(leaf_modules, str) else list(leaf_modules)
+    modules = dict(model.named_modules())
+    for name in leaves:
+        if not isinstance(name, str) or not name or name not in modules:
+            raise ValueError(f"leaf_modules entry {name!r} is not the qualified name of a submodule of "
+                             f"{type(model).__name__}")
+    packed = [n for n, m in modules.items() if not isinstance(m, nn.MultiheadAttention) and head_parameters(m)]
+    tracer = _Tracer(leaves + packed)
     try:
         graph = tracer.trace(model)
     except Exception as err:
@@ -109,11 +189,12 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
             if failed
             else f"the forward of {type(model).__name__} itself"
         )
+        leaf = f"leaf_modules=[{failed!r}]" if failed else "leaf_modules=['<the submodule>']"
         raise ValueError(
             f"torch.fx cannot trace {type(model).__name__}: tracing failed in {where}: {type(err).__name__}: {err}. "
-            "Make that code traceable, or pass the layer -> BatchNorm mapping explicitly, e.g. "
-            "analyze_model(model, bn_map={'conv1': 'bn1', 'fc': None}); the layers listed there are then treated "
-            "as independently prunable."
+            f"Ways out: make that code traceable; or keep it opaque with {leaf} (tpp then prunes around it); or "
+            "pass the layer -> BatchNorm mapping explicitly, e.g. analyze_model(model, bn_map={'conv1': 'bn1', "
+            "'fc': None}); the layers listed there are then treated as independently prunable."
         ) from err
     return _Analysis(model, graph).model_graph()
 
@@ -123,15 +204,18 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer keeping Conv2d/Linear/BatchNorm as leaves; records the innermost module a failure came from."""
+    """fx tracer keeping Conv2d/Linear/BatchNorm/MultiheadAttention (and subclasses) as leaves; records the innermost
+    module a failure came from."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaves: Iterable[str] = ()) -> None:
         super().__init__()
+        self.leaves = frozenset(leaves)
         self.stack: list[str] = []  # qualified names of the modules being traced, outermost first
         self.failed_in: tuple[BaseException, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _LAYERS + _BNS) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, _LAYERS + _BNS + (nn.MultiheadAttention,)) or module_qualified_name in self.leaves \
+            or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -151,6 +235,7 @@ class _Tracer(fx.Tracer):
 _LAYERS = (nn.Conv2d, nn.Linear)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
+_NORMALIZED = "normalized by"
 _NCHW, _FLAT, _LAST = "nchw", "flat", "last"  # channels in dim 1 of a 4-D tensor / flattened blocks / last dim
 
 _ELEMENTWISE_MODULES = (
@@ -205,12 +290,19 @@ def _is_batch_size(a) -> bool:
     )
 
 
+def _is_stochastic_depth(target) -> bool:
+    """torchvision's ``stochastic_depth`` (wrapped for fx): drops whole samples, so it carries every channel."""
+    return getattr(target, "__module__", None) == "torchvision.ops.stochastic_depth" \
+        and getattr(target, "__name__", None) == "stochastic_depth"
+
+
 def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]:
     """What ``node`` does to channels, as ``(kind, detail)``.
 
-    kinds: layer/depthwise/grouped/bn (detail: the module), carry (elementwise), spatial (NCHW only), flatten,
-    mean (detail: keepdim), softmax (mixes channels: followed only to find the model output), join (detail: verb),
-    cat, meta (shape queries), unknown.
+    kinds: layer/depthwise/grouped/bn (detail: the module), carry (elementwise, stochastic depth), spatial (NCHW
+    only), flatten, mean (detail: keepdim), softmax (mixes channels: followed only to find the model output), join
+    (detail: verb), cat, layernorm (LayerNorm/GroupNorm: normalizes channels together), meta (shape queries),
+    unknown.
     """
     op, target = node.op, node.target
     if op == "call_module":
@@ -229,9 +321,13 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object
             return "softmax", None
         if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1):
             return "flatten", None
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            return "layernorm", None
     elif op == "call_function":
-        if target in _ELEMENTWISE_FUNCTIONS:
+        if target in _ELEMENTWISE_FUNCTIONS or _is_stochastic_depth(target):
             return "carry", None
+        if target in (F.layer_norm, F.group_norm):
+            return "layernorm", None
         if target in _SPATIAL_FUNCTIONS:
             return "spatial", None
         if target in _SOFTMAX_FUNCTIONS:
@@ -270,6 +366,13 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object
 _UNARY = frozenset({"layer", "depthwise", "grouped", "bn", "carry", "spatial", "flatten", "mean"})
 
 
+def _listing(names: tuple[str, ...]) -> str:
+    """``[a, b, c]``, or ``[first, second, … (n layers), last]`` for long groups."""
+    if len(names) <= 4:
+        return f"[{', '.join(names)}]"
+    return f"[{names[0]}, {names[1]}, … ({len(names)} layers), {names[-1]}]"
+
+
 def _out_channels(m: nn.Module) -> int:
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
 
@@ -295,10 +398,11 @@ class _Analysis:
         self.order = called + [name for name in registered if name not in self.calls]
         self.index = {name: i for i, name in enumerate(self.order)}
         self.origins = self._origins()
+        self.counts = self._channel_counts()
         self.blocking: dict[str, str | None] = {}  # per layer: a reason its group cannot share one index set
         self.parent = {name: name for name in self.order}  # union-find over joined layers
         for node in self.nodes:
-            if self.kinds[node][0] in ("join", "cat"):
+            if self.kinds[node][0] == "join":
                 joined = sorted(set().union(*(self.origins[a][0] for a in node.all_input_nodes)), key=self.index.get)
                 for name in joined[1:]:
                     self.parent[self._root(name)] = self._root(joined[0])
@@ -320,6 +424,24 @@ class _Analysis:
                 origins[node] = (frozenset(), (self._value(node),))
         return origins
 
+    def _channel_counts(self) -> dict[fx.Node, int]:
+        """Channels (dim 1) of the NCHW values whose count follows from the layers producing them."""
+        counts: dict[fx.Node, int] = {}
+        for node in self.nodes:
+            kind, m = self.kinds[node]
+            args = [a for a in node.all_input_nodes if a in counts]
+            if kind in ("layer", "grouped") and isinstance(m, nn.Conv2d):
+                counts[node] = m.out_channels
+            elif kind in ("depthwise", "bn", "carry", "spatial") and node.args and node.args[0] in counts:
+                counts[node] = counts[node.args[0]]
+            elif kind == "join" and args:
+                counts[node] = counts[args[0]]
+            elif kind == "cat" and _arg(node, 1, "dim", 0) in (1, -3):
+                parts = node.args[0]
+                if all(isinstance(a, fx.Node) and a in counts for a in parts):
+                    counts[node] = sum(counts[a] for a in parts)
+        return counts
+
     def _root(self, name: str) -> str:
         while self.parent[name] != name:
             name = self.parent[name]
@@ -327,8 +449,74 @@ class _Analysis:
 
     def model_graph(self) -> ModelGraph:
         layers = [self._layer(name) for name in self.order]  # fills self.blocking for every layer first
-        layers = [replace(info, group_coupling=self._group_coupling(info.group)) for info in layers]
-        return ModelGraph(layers={info.name: info for info in layers}, traced=True)
+        layers = {info.name: replace(info, group_coupling=self._group_coupling(info.group)) for info in layers}
+        units, refusals = {}, {}
+        for info in layers.values():
+            if info.independent:
+                units[info.name] = Unit(info.name, "layer", (info.name,), info.out_channels,
+                                        self._segments((info.name,), layers), info.index)
+            elif len(info.group) > 1 and info.group_coupling is None and info.name == info.group[0]:
+                sizes = {layers[m].out_channels for m in info.group}
+                if len(sizes) == 1:
+                    units[info.name] = Unit(info.name, "group", info.group, info.out_channels,
+                                            self._segments(info.group, layers), info.index)
+                else:
+                    refusals[info.name] = f"group {_listing(info.group)} joins different channel counts {sizes}"
+        heads = self._heads()
+        for name, (unit, reason) in heads.items():
+            if unit is not None:
+                units[name] = unit
+            else:
+                refusals[name] = reason
+        members = {m for unit in units.values() for m in unit.members}
+        for info in layers.values():
+            parent = info.name.rpartition(".")[0]
+            if info.name in members or info.name in refusals or (parent in units and units[parent].kind == "heads"):
+                continue
+            if len(info.group) > 1 and info.group_coupling is not None:
+                refusals[info.name] = f"group {_listing(info.group)} cannot share one index set: " \
+                                      f"{info.group_coupling}"
+            else:
+                refusals[info.name] = info.coupling
+        units = dict(sorted(units.items(), key=lambda item: (item[1].index, item[1].kind != "heads")))
+        return ModelGraph(layers=layers, traced=True, units=units, refusals=refusals)
+
+    def _segments(self, members: tuple[str, ...], layers: dict[str, LayerInfo]) -> int:
+        """How many grouped-conv groups the members' channels are split into (lcm over producers and consumers)."""
+        segments = 1
+        for member in members:
+            m = self.modules[member]
+            segments = math.lcm(segments, m.groups if isinstance(m, nn.Conv2d) else 1)
+            for use in layers[member].uses:
+                segments = math.lcm(segments, use.groups)
+        return segments
+
+    def _heads(self) -> dict[str, tuple[Unit | None, str | None]]:
+        """Every attention module (:func:`tpp.attention.head_parameters`): its heads unit, or why its heads cannot
+        be pruned."""
+        found = {}
+        for name, m in self.modules.items():
+            params = head_parameters(m)
+            if not isinstance(m, nn.MultiheadAttention) and params is None:
+                continue
+            calls = self.calls.get(name, [])
+            reason = None
+            if len(calls) != 1:
+                reason = f"attention module is called {len(calls)} times in forward"
+            elif params is None:
+                reason = "q, k and v have separate projections (kdim/vdim differ from embed_dim); tpp prunes the " \
+                         "heads of a packed in_proj_weight only"
+            elif getattr(m, "bias_k", None) is not None or getattr(m, "add_zero_attn", False):
+                reason = "add_bias_kv/add_zero_attn is not supported"
+            elif params.num_heads < 2:
+                reason = "a single head"
+            if reason is not None:
+                found[name] = (None, reason)
+                continue
+            at = self.pos[calls[0]]
+            index = sum(1 for layer in self.order if self.calls.get(layer) and self.pos[self.calls[layer][0]] < at)
+            found[name] = (Unit(name, "heads", (name,), params.num_heads, 1, index), None)
+        return found
 
     def _group_coupling(self, group: tuple[str, ...]) -> str | None:
         """The first member's reason the group cannot be pruned with one shared index set, None if it can."""
@@ -361,17 +549,15 @@ class _Analysis:
     def _structural(self, name: str, m: nn.Module) -> str | None:
         """A reason not to prune ``name`` that does not depend on its consumers."""
         calls = self.calls.get(name, [])
+        for node in self.nodes:
+            if node.op == "get_attr" and node.target.rpartition(".")[0] == name:
+                return f"its parameter {node.target} is read directly in forward (node {node.name})"
         if not calls:
             return "never called as a module in forward"
         if len(calls) > 1:
             return f"module is called {len(calls)} times in forward (shared module)"
-        if isinstance(m, nn.Conv2d) and m.groups > 1:
-            if m.groups == m.in_channels == m.out_channels:
-                return "depthwise conv: its channels follow the layer feeding it"
-            return f"grouped conv (groups={m.groups}): its filters are tied to groups of input channels"
-        for node in self.nodes:
-            if node.op == "get_attr" and node.target.rpartition(".")[0] == name:
-                return f"its parameter {node.target} is read directly in forward (node {node.name})"
+        if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1:
+            return "depthwise conv: its channels follow the layer feeding it"
         own = {id(p) for p in m.parameters()}
         for other, mod in self.modules.items():
             if other != name and mod is not m and any(id(p) in own for p in mod.parameters(recurse=False)):
@@ -381,95 +567,127 @@ class _Analysis:
     def _walk(self, name: str, channels: int):
         """Follow ``name``'s output channels forward.
 
-        Returns ``(uses, reasons, blocking, bn, is_output)``: uses and coupling reasons in execution order, the first
-        reason that is not a join with joined layers' channels only (None if none), the BatchNorm applied directly to
-        the layer's output, and whether the channels reach the model output.
+        The walk's state is ``(layout, offset, total)``: the channels sit at ``[offset, offset + channels)`` of a
+        value with ``total`` channels (concatenations shift them). Returns ``(uses, reasons, blocking, bn,
+        is_output)``: uses and coupling reasons in execution order, the first reason that is not a join with joined
+        layers' channels only (None if none), the BatchNorm applied directly to the layer's output, and whether the
+        channels reach the model output.
         """
         starts = self.calls.get(name, [])
         layout = _NCHW if isinstance(self.modules[name], nn.Conv2d) else _LAST
-        todo = [(node, layout) for node in starts]
-        seen = set(starts)
+        todo = [(node, (layout, 0, channels)) for node in starts]
+        seen = {node: (layout, 0, channels) for node in starts}
         uses, reasons, bn, is_output = [], [], None, False
         while todo:
-            src, layout = todo.pop()
+            src, state = todo.pop()
             for node in src.users:
                 if node.op == "output":
                     is_output = True
                     continue
+                nxt, use, reason = self._step(name, channels, src, node, state)
                 if node in seen:
+                    if nxt is not None and seen[node] is not None and seen[node] != nxt:
+                        reasons.append((self.pos[node], f"output reaches node {node.name} at two channel offsets",
+                                        False))
                     continue
-                seen.add(node)
-                nxt, use, reason = self._step(name, channels, src, node, layout)
+                seen[node] = nxt
                 if use is not None:
                     uses.append((self.pos[node], use))
                     if use.role == "bn" and src in starts and bn is None:
                         bn = use.module
                 if reason is not None:
-                    shared = self.kinds[node][0] == "join" and not self.origins[node][1]
+                    shared = self.kinds[node][0] == "join" and not self.origins[node][1] and state[2] == channels
                     reasons.append((self.pos[node], reason, shared))
                 if nxt is not None:
                     todo.append((node, nxt))
         ordered = tuple(dict.fromkeys(use for _, use in sorted(uses, key=lambda t: t[0])))
         reasons.sort(key=lambda t: t[0])
-        blocking = next((r for _, r, shared in reasons if not shared), None)
+        blocking = [r for _, r, shared in reasons if not shared]
+        normalized = [r for r in blocking if _NORMALIZED in r]  # the reason a user most needs to see
+        blocking = (normalized or blocking or [None])[0]
         return ordered, [r for _, r, _ in reasons], blocking, bn, is_output
 
-    def _step(self, name: str, channels: int, src: fx.Node, node: fx.Node, layout: str):
-        """One step of ``name``'s channels (``layout``, carried by ``src``) into ``node``.
+    def _step(self, name: str, channels: int, src: fx.Node, node: fx.Node, state: tuple[str, int, int]):
+        """One step of ``name``'s channels (``state`` = layout, offset, total; carried by ``src``) into ``node``.
 
-        Returns ``(layout after node or None to stop, ChannelUse or None, coupling reason or None)``.
+        Returns ``(state after node or None to stop, ChannelUse or None, coupling reason or None)``.
         """
+        layout, offset, total = state
         kind, m = self.kinds[node]
         if kind == "meta":
             return None, None, None
-        if kind in ("join", "cat"):
-            return self._join(name, src, node, layout, kind, m)
-        if kind == "grouped":
-            return None, None, f"output is consumed by grouped conv {node.target} (groups={m.groups})"
+        if kind == "join":
+            return self._join(name, src, node, state, m)
+        if kind == "cat":
+            return self._cat(name, src, node, state)
+        if kind == "layernorm":
+            return None, None, (f"output is {_NORMALIZED} {self._describe(node)} (node {node.name}) together "
+                                "with other channels: zeroing a channel changes their mean and variance, so removal "
+                                "cannot be exact (tpp-method.md §12)")
         cannot = f"output reaches {self._describe(node)} (node {node.name}), which tpp cannot follow"
         if kind == "unknown" or node.args[:1] != (src,) or src in node.args[1:] or src in node.kwargs.values():
             return None, None, cannot
-        if node.op == "call_module" and kind in ("bn", "depthwise", "layer") and len(self.calls[node.target]) > 1:
+        if node.op == "call_module" and kind in ("bn", "depthwise", "layer", "grouped") \
+                and len(self.calls[node.target]) > 1:
             return None, None, f"output reaches {node.target}, which is called {len(self.calls[node.target])} times"
+        if kind == "grouped":
+            if layout == _NCHW and m.in_channels == total == channels:
+                return None, ChannelUse(node.target, "input", groups=m.groups), None
+            return None, None, f"output is consumed by grouped conv {node.target} (groups={m.groups}) after a " \
+                               "concatenation"
         if kind == "carry":
-            return layout, None, None
+            return state, None, None
         if kind == "softmax":  # e.g. a classifier's log_softmax: coupled, but followed to the model output
-            return layout, None, f"output reaches {self._describe(node)} (node {node.name}), which mixes channels"
+            return state, None, f"output reaches {self._describe(node)} (node {node.name}), which mixes channels"
         if kind == "spatial" and layout == _NCHW:
-            return _NCHW, None, None
+            return state, None, None
         if kind == "flatten" and layout in (_NCHW, _FLAT):
-            return _FLAT, None, None
+            return (_FLAT, offset, total), None, None
         if kind == "mean" and layout == _NCHW:
-            return (_NCHW if m else _FLAT), None, None
-        if kind == "bn" and m.num_features == channels:  # BatchNorm1d after a Linear: assumes [B, C], not [B, T, C]
+            return ((_NCHW if m else _FLAT), offset, total), None, None
+        if kind == "bn" and m.num_features == total:  # BatchNorm1d after a Linear: assumes [B, C], not [B, T, C]
             if (isinstance(m, nn.BatchNorm2d) and layout == _NCHW) or (
                 isinstance(m, nn.BatchNorm1d) and layout in (_FLAT, _LAST)
             ):
-                return layout, ChannelUse(node.target, "bn"), None
-        if kind == "depthwise" and layout == _NCHW and m.in_channels == channels:
-            return _NCHW, ChannelUse(node.target, "depthwise"), None
-        if kind == "layer" and isinstance(m, nn.Conv2d) and layout == _NCHW and m.in_channels == channels:
-            return None, ChannelUse(node.target, "input"), None
+                return state, ChannelUse(node.target, "bn", offset=offset), None
+        if kind == "depthwise" and layout == _NCHW and m.in_channels == total:
+            return state, ChannelUse(node.target, "depthwise", offset=offset), None
+        if kind == "layer" and isinstance(m, nn.Conv2d) and layout == _NCHW and m.in_channels == total:
+            return None, ChannelUse(node.target, "input", offset=offset), None
         if kind == "layer" and isinstance(m, nn.Linear):
-            if layout == _LAST and m.in_features == channels:
-                return None, ChannelUse(node.target, "input"), None
-            if layout == _FLAT and m.in_features % channels == 0:
-                return None, ChannelUse(node.target, "input", m.in_features // channels), None
+            if layout == _LAST and m.in_features == total:
+                return None, ChannelUse(node.target, "input", offset=offset), None
+            if layout == _FLAT and m.in_features % total == 0:
+                return None, ChannelUse(node.target, "input", m.in_features // total, offset), None
         return None, None, f"{cannot} with its {channels} channels laid out as '{layout}'"
 
-    def _join(self, name: str, src: fx.Node, node: fx.Node, layout: str, kind: str, verb: str | None):
-        """``src`` meets other values at an add/mul/cat ``node``: coupled unless they only carry ``name``'s channels."""
+    def _join(self, name: str, src: fx.Node, node: fx.Node, state: tuple[str, int, int], verb: str):
+        """``src`` meets other values at an add/mul ``node``: coupled unless they only carry ``name``'s channels."""
         layers, values = set(), []
         for other in node.all_input_nodes:
             if other is not src:
                 layers |= self.origins[other][0]
                 values += self.origins[other][1]
         layers.discard(name)
-        if kind == "join" and not layers and not values:  # e.g. x * sigmoid(x), x + 3
-            return layout, None, None
-        what = ", ".join(sorted(layers, key=self.index.get) + list(dict.fromkeys(values))) or "itself"
-        reason = f"output is {verb or 'concatenated with'} {what} (node {node.name})"
-        return (layout if kind == "join" else None), None, reason
+        if not layers and not values:  # e.g. x * sigmoid(x), x + 3
+            return state, None, None
+        what = ", ".join(sorted(layers, key=self.index.get) + list(dict.fromkeys(values)))
+        return state, None, f"output is {verb} {what} (node {node.name})"
+
+    def _cat(self, name: str, src: fx.Node, node: fx.Node, state: tuple[str, int, int]):
+        """``src`` is concatenated with other values: followed at its offset when every part's channels are known."""
+        layout, offset, total = state
+        parts = node.args[0] if node.args and isinstance(node.args[0], (list, tuple)) else ()
+        others = [a for a in parts if a is not src]
+        what = ", ".join(dict.fromkeys(
+            n for a in others if isinstance(a, fx.Node) for n in (sorted(self.origins[a][0]) or [a.name])))
+        reason = f"output is concatenated with {what or 'itself'} (node {node.name})"
+        if layout != _NCHW or _arg(node, 1, "dim", 0) not in (1, -3) or list(parts).count(src) != 1:
+            return None, None, reason
+        if node not in self.counts or src not in self.counts or self.counts[src] != total:
+            return None, None, f"{reason}, whose channel counts tpp cannot tell"
+        before = sum(self.counts[a] for a in parts[: list(parts).index(src)])
+        return (_NCHW, before + offset, self.counts[node]), None, None
 
     def _value(self, node: fx.Node) -> str:
         if node.op == "placeholder":
@@ -531,4 +749,6 @@ def _from_bn_map(model: nn.Module, bn_map: Mapping[str, str | None]) -> ModelGra
             is_output=False,
             group_coupling=None if listed else "not in bn_map",
         )
-    return ModelGraph(layers=layers, traced=False)
+    units = {n: Unit(n, "layer", (n,), info.out_channels, 1, info.index) for n, info in layers.items() if n in bn_map}
+    refusals = {n: "not in bn_map" for n in layers if n not in bn_map}
+    return ModelGraph(layers=layers, traced=False, units=units, refusals=refusals)

@@ -1,8 +1,13 @@
 """Measurements of a model: FLOPs, parameters, input–output Jacobian spectrum (trainability) and latency.
 
-* ``count_flops``: 2 × multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` call in one forward pass
-  (biases, BN, activations, pooling and additions are not counted). A conv producing ``out`` (all elements, batch
-  included) costs ``out.numel() · (C_in / groups) · kh · kw`` MACs; a Linear ``out.numel() · in_features``.
+* ``count_flops``: 2 × multiply-accumulates of every ``nn.Conv2d``, ``nn.Linear`` and ``nn.MultiheadAttention``
+  call in one forward pass (biases, BN, activations, softmax, pooling and additions are not counted). A conv
+  producing ``out`` (all elements, batch included) costs ``out.numel() · (C_in / groups) · kh · kw`` MACs; a Linear
+  ``out.numel() · in_features``; an attention call with ``L`` queries, ``S`` keys and inner width ``I`` (heads ×
+  head dim) ``B·I·(L·E_q + S·E_k + S·E_v)`` for the projections, ``2·B·L·S·I`` for ``QKᵀ`` and ``AV``, and
+  ``B·L·I·E_out`` for the out-projection — what ``torch.utils.flop_counter.FlopCounterMode`` counts. A timm-style
+  packed-qkv attention module (:func:`tpp.attention.head_parameters`) adds ``2·B·N²·I`` for its two attention
+  matmuls to its ``qkv`` and ``proj`` Linears.
 * ``jacobian_singular_values``: per sample, ``J(x) = ∂f(x)/∂x ∈ R^{classes × inputs}`` and its singular values
   (tpp-method.md §7), measured in eval mode so that samples do not interact through BN batch statistics.
 
@@ -20,7 +25,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["count_flops", "count_params", "jacobian_singular_values", "jsv_summary", "measure_latency"]
+from .attention import head_parameters
+
+__all__ = ["count_flops", "flops_by_module", "count_params", "jacobian_singular_values", "jsv_summary",
+           "measure_latency"]
 
 Inputs = Union[Tensor, tuple]
 
@@ -42,33 +50,74 @@ def _as_args(example_input: Inputs) -> tuple:
 
 
 def count_flops(model: nn.Module, example_input: Inputs) -> int:
-    """FLOPs (2 × MACs of Conv2d and Linear) of ``model(example_input)`` for the whole batch given.
+    """FLOPs (2 × MACs of Conv2d, Linear and MultiheadAttention) of ``model(example_input)`` for the whole batch.
 
     Pass a batch of one for per-image FLOPs; a tuple is unpacked as positional arguments.
     """
-    macs = 0
+    return sum(flops_by_module(model, example_input).values())
+
+
+def flops_by_module(model: nn.Module, example_input: Inputs) -> dict[str, int]:
+    """``{qualified module name: FLOPs}`` of every Conv2d/Linear/MultiheadAttention called in
+    ``model(example_input)`` (a module called twice counts twice); :func:`count_flops` is their sum."""
+    names = {m: name for name, m in model.named_modules()}
+    macs: dict[str, int] = {}
+
+    def add(m: nn.Module, n: int) -> None:
+        macs[names[m]] = macs.get(names[m], 0) + n
 
     def conv_hook(m: nn.Conv2d, _inputs, out: Tensor) -> None:
-        nonlocal macs
-        macs += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+        add(m, out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size))
 
     def linear_hook(m: nn.Linear, _inputs, out: Tensor) -> None:
-        nonlocal macs
-        macs += out.numel() * m.in_features
+        add(m, out.numel() * m.in_features)
+
+    def attention_hook(m: nn.MultiheadAttention, args: tuple, kwargs: dict, _out) -> None:
+        add(m, _attention_macs(m, *_qkv(args, kwargs)))
+
+    def packed_hook(m: nn.Module, args: tuple, kwargs: dict, _out) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))  # [batch, tokens, features]
+        params = head_parameters(m)
+        add(m, 2 * x.shape[0] * x.shape[1] ** 2 * params.num_heads * params.head_dim)  # QKᵀ and AV
 
     handles = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.MultiheadAttention):
+            handles.append(m.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
+        elif head_parameters(m) is not None:  # timm-style: its qkv/proj Linears are counted as such
+            handles.append(m.register_forward_hook(packed_hook, with_kwargs=True))
     try:
         with _eval_mode(model), torch.no_grad():
             model(*_as_args(example_input))
     finally:
         for h in handles:
             h.remove()
-    return 2 * macs
+    return {name: 2 * n for name, n in macs.items()}
+
+
+def _qkv(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    names = ("query", "key", "value")
+    return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+
+
+def _attention_macs(m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> int:
+    """MACs of one ``nn.MultiheadAttention`` call: q/k/v projections, ``QKᵀ``, ``AV`` and the out-projection.
+
+    The inner width is that of the projections (``num_heads · head_dim``: smaller than ``embed_dim`` once heads
+    are removed, see :class:`tpp.attention.PrunedMultiheadAttention`)."""
+    batch_dim = 0 if m.batch_first else 1
+    if query.dim() == 2:  # unbatched
+        query, key, value = (t.unsqueeze(batch_dim) for t in (query, key, value))
+    batch = query.shape[batch_dim]
+    length, source = query.shape[1 - batch_dim], key.shape[1 - batch_dim]
+    inner = (m.in_proj_weight.shape[0] // 3) if m.in_proj_weight is not None else m.embed_dim
+    projections = batch * inner * (length * query.shape[-1] + source * key.shape[-1] + source * value.shape[-1])
+    attention = 2 * batch * length * source * inner
+    return projections + attention + batch * length * inner * m.out_proj.out_features
 
 
 def count_params(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ The defaults are what the paper's code runs; the paper's eq. 6, ``L_cls + λ/2 (
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
@@ -22,14 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from .attention import head_parameters
 from .backends import resolve_backend
 from .graph import ModelGraph, analyze_model
 from .schedule import GrowingSchedule
-from .selection import RatioSpec, select_filters
+from .selection import RatioSpec, SpeedupSearch, search_speedup, select_filters
 
 __all__ = ["TPPRegularizer", "Slot"]
 
 STATE_VERSION = 1
+
+_log = logging.getLogger(__name__)
 
 
 ROLES = ("gram", "l2", "bn", "zero")
@@ -132,16 +136,26 @@ class TPPRegularizer:
         schedule: a :class:`GrowingSchedule` (default: the reference CIFAR run).
         backend: ``"auto" | "torch" | "triton" | "cuda"``; ``$TPP_BACKEND`` overrides it.
         bn_map: ``{layer: bn or None}`` for models torch.fx cannot trace (see :func:`tpp.graph.analyze_model`).
+        leaf_modules: submodules torch.fx should not trace into (opaque; see :func:`tpp.graph.analyze_model`).
+        target_speedup: instead of ``pruning_ratio``, a FLOPs speedup (> 1) to reach within 2% by
+            :func:`tpp.count_flops` on ``example_input``; the ratios are found by :func:`tpp.selection.
+            search_speedup` (``speedup_mode`` ``"uniform"`` or ``"global"``), logged at INFO and kept in
+            ``self.speedup_search`` (``.ratios``, ``.speedup``, ``.describe()``).
         graph: an existing :func:`tpp.graph.analyze_model` of ``model`` (not traced again).
     """
 
-    def __init__(self, model: nn.Module, pruning_ratio: RatioSpec, skip: str | Iterable[str] = (),
+    def __init__(self, model: nn.Module, pruning_ratio: RatioSpec | None = None, skip: str | Iterable[str] = (),
                  variant: str = "decorrelate", gram_weight: float = 1000.0, reduction: str = "mean",
                  bn: bool = True, weight_l2: bool = True, schedule: GrowingSchedule | None = None,
                  backend: str = "auto", *, bn_map: Mapping[str, str | None] | None = None,
-                 graph: ModelGraph | None = None):
+                 graph: ModelGraph | None = None, target_speedup: float | None = None, example_input=None,
+                 speedup_mode: str = "uniform", leaf_modules: Iterable[str] = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if (pruning_ratio is None) == (target_speedup is None):
+            raise ValueError("give exactly one of pruning_ratio and target_speedup")
+        if target_speedup is not None and example_input is None:
+            raise ValueError("target_speedup needs example_input (FLOPs are counted on it, e.g. one image)")
         if variant not in reference.VARIANTS:
             raise ValueError(f"variant must be one of {reference.VARIANTS}, got {variant!r}")
         if reduction not in reference.REDUCTIONS:
@@ -159,7 +173,8 @@ class TPPRegularizer:
         self.model = unwrap_model(model)
         self.variant, self.gram_weight, self.reduction = variant, float(gram_weight), reduction
         self.bn, self.weight_l2, self.schedule = bn, weight_l2, schedule
-        self.graph = analyze_model(self.model, bn_map=bn_map) if graph is None else graph
+        self.graph = analyze_model(self.model, bn_map=bn_map, leaf_modules=leaf_modules) if graph is None \
+            else graph
         params = list(self.model.parameters())
         if not params:
             raise ValueError("model has no parameters to regularize")
@@ -167,46 +182,107 @@ class TPPRegularizer:
         self.iteration = 0
         self._strength_override: float | None = None
         self._strength_t: Tensor | None = None  # r on the device, read by the plan's kernels
-        self._bind(select_filters(self.model, pruning_ratio, skip, graph=self.graph))
+        self.speedup_search: SpeedupSearch | None = None
+        if target_speedup is not None:
+            self.speedup_search = search_speedup(self.model, target_speedup, example_input, mode=speedup_mode,
+                                                 skip=skip, graph=self.graph)
+            _log.info("%s", self.speedup_search.describe())
+            pruned = self.speedup_search.pruned
+        else:
+            pruned = select_filters(self.model, pruning_ratio, skip, graph=self.graph)
+        self._bind(pruned)
 
     # ------------------------------------------------------------------- units
     def _bind(self, pruned: Mapping[str, Tensor]) -> None:
-        """Attach pruned index sets to the model's parameters (execution order) and check the zero-out timing."""
+        """Attach pruned index sets to the model's parameters, one ``_Unit`` per graph unit (zero-out order), and
+        space the zero-out over the stabilize phase (:meth:`GrowingSchedule.spaced_for`).
+
+        A layer or group binds every producer's weight (``"gram"``), biases and depthwise carriers (``"l2"``) and
+        affine BatchNorms (``"bn"``); BatchNorms and carriers that see the channels at an offset (after a
+        concatenation) get a nameless ``_Unit`` of their own with the shifted indices, zeroed with the unit. Heads
+        bind the packed in-projection (``"gram"``, 3 segments of ``d_h·E``), its bias (``"l2"``) and the
+        out-projection's input columns (``"zero"``)."""
         modules = dict(self.model.named_modules())
-        units = []
+        given = {}
         for name, idx in pruned.items():
             info = self.graph.layers.get(name)
-            if info is None:
-                raise ValueError(f"pruned layer {name!r} is not a Conv2d/Linear layer of this model")
-            module = modules[name]
-            reference.check_pruned_indices(idx, module.weight.shape[0], f"pruned indices of layer {name!r}")
+            unit = self.graph.unit_of(name)
+            if info is None and (unit is None or unit.kind != "heads"):
+                raise ValueError(f"pruned layer {name!r} is not a Conv2d/Linear layer or attention module of this "
+                                 "model")
+            n = info.out_channels if info is not None else unit.channels
+            reference.check_pruned_indices(idx, n, f"pruned indices of layer {name!r}")
             if idx.numel() == 0:
                 continue
-            if not info.independent:
-                raise ValueError(f"layer {name!r} cannot be pruned on its own: {info.coupling}")
-            carried = [modules[use.module] for use in info.uses if use.role in ("bn", "depthwise")]
-            depthwise = [m for m in carried if isinstance(m, nn.Conv2d)]
-            bns = [m for m in carried if not isinstance(m, nn.Conv2d) and m.weight is not None]
-            slots = [Slot(module.weight, "gram")]
-            slots += [Slot(p, "l2") for m in (module, *depthwise) for p in (m.weight, m.bias)
-                      if p is not None and p is not module.weight]
-            slots += [Slot(p, "bn") for bn in bns for p in (bn.weight, bn.bias) if p is not None]
-            idx = idx.to(torch.int64).sort().values.to(module.weight.device)
-            units.append(_Unit((name,), info.index, idx, tuple(slots)))
-        units.sort(key=lambda unit: unit.index)
-        self.pruned = {name: unit.pruned.cpu() for unit in units for name in unit.names}
+            if unit is None:
+                raise ValueError(f"layer {name!r} cannot be pruned on its own: "
+                                 f"{self.graph.refusals.get(name, info.coupling)}")
+            given[name] = idx.to("cpu", torch.int64).sort().values
+        units, self.pruned = [], {}
+        for unit in self.graph.units.values():
+            present = [m for m in unit.members if m in given]
+            if not present:
+                continue
+            idx = given[present[0]]
+            for member in unit.members:
+                if member not in given or not torch.equal(given[member], idx):
+                    raise ValueError(f"coupled group [{', '.join(unit.members)}]: every member must be pruned with "
+                                     f"the same index set ({member!r} differs from {present[0]!r})")
+            indices = unit.unit_indices(idx)
+            if indices is None:
+                raise ValueError(f"layer {present[0]!r}: its channels form {unit.segments} groups of {unit.size} "
+                                 "(grouped convs); prune the same channels in every group")
+            self.pruned.update({m: idx.clone() for m in unit.members})
+            units += self._bound(unit, indices, idx, modules)
         self._units = units
         self._params = [slot.param for unit in units for slot in unit.slots]
         self._plan_ptrs: list[int] | None = None
         if units:
+            self.schedule = self.schedule.spaced_for(units[-1].index + 1)
             self._plan()
-        if units:
-            needed = self.schedule.zero_out_interval * (units[-1].index + 1)
-            if self.schedule.stabilize_iters < needed:
-                raise ValueError(
-                    f"schedule.stabilize_iters ({self.schedule.stabilize_iters}) is shorter than the layer-wise "
-                    f"zero-out needs: zero_out_interval × (execution index of the last pruned layer "
-                    f"{units[-1].names[0]!r} + 1) = {needed}. Lengthen stabilize_iters or shorten zero_out_interval.")
+
+    def _bound(self, unit, indices: Tensor, channels: Tensor, modules: dict[str, nn.Module]) -> list[_Unit]:
+        """The ``_Unit``s of one graph unit: its own (``unit.members`` as names), then one per offset carrier."""
+        if unit.kind == "heads":
+            p = head_parameters(modules[unit.name])
+            slots = [Slot(p.packed_weight, "gram", 3, p.head_dim * p.packed_weight.shape[1])]
+            if p.packed_bias is not None:
+                slots.append(Slot(p.packed_bias, "l2", 3, p.head_dim))
+            slots.append(Slot(p.out_weight, "zero", p.out_weight.shape[0], p.head_dim))
+            return [_Unit(unit.members, unit.index, indices.to(p.packed_weight.device), tuple(slots))]
+
+        def slot(param: Tensor, role: str) -> Slot:
+            if unit.segments == 1:
+                return Slot(param, role)
+            return Slot(param, role, unit.segments, param.numel() // param.shape[0])
+
+        layers = [modules[m] for m in unit.members]
+        uses = list(dict.fromkeys(u for m in unit.members for u in self.graph.layers[m].uses
+                                  if u.role in ("bn", "depthwise")))
+        own = [u for u in uses if u.offset == 0 and (unit.segments == 1 or self._width(modules[u.module])
+                                                      == unit.channels)]
+        carried = [modules[u.module] for u in own]
+        depthwise = [m for m in carried if isinstance(m, nn.Conv2d)]
+        bns = [m for m in carried if not isinstance(m, nn.Conv2d) and m.weight is not None]
+        slots = [slot(m.weight, "gram") for m in layers]
+        slots += [slot(p, "l2") for m in layers if m.bias is not None for p in (m.bias,)]
+        slots += [slot(p, "l2") for m in depthwise for p in (m.weight, m.bias) if p is not None]
+        slots += [slot(p, "bn") for bn in bns for p in (bn.weight, bn.bias) if p is not None]
+        device = layers[0].weight.device
+        bound = [_Unit(unit.members, unit.index, indices.to(device), tuple(slots))]
+        for use in uses:
+            if use in own:
+                continue
+            m = modules[use.module]
+            role = "l2" if isinstance(m, nn.Conv2d) else "bn"
+            params = tuple(Slot(p, role) for p in (m.weight, m.bias) if p is not None)
+            if params:
+                bound.append(_Unit((), unit.index, (channels + use.offset).to(device), params))
+        return bound
+
+    @staticmethod
+    def _width(module: nn.Module) -> int:
+        return module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
 
     def slots(self, name: str) -> list[Slot]:
         """The parameter slots the pruned set of layer ``name`` indexes: what the penalty and the zero-out touch."""

@@ -7,11 +7,13 @@ With ``t`` = number of finished training iterations (``step()`` calls):
 * layer-wise zero-out: after the optimizer step of iteration ``t`` (``t ≥ t_s``), the layer with execution-order
   index ``i`` among all Conv2d/Linear layers has its pruned parameters set to 0 whenever
   ``t − t_s ≥ zero_out_interval·(i + 1)`` — from then on at every step, so removal at the end is lossless.
+  ``spaced_for(slots)`` shortens the interval when ``slots`` layers would not fit into the stabilize phase (deep
+  nets); the regularizer applies it, so the zero-out never runs past ``t_s + S``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 __all__ = ["GrowingSchedule"]
 
@@ -72,6 +74,15 @@ class GrowingSchedule:
     def zero_out_due(self, t: int, layer_index: int) -> bool:
         """Whether, after iteration ``t``, the layer with execution-order index ``layer_index`` is zeroed."""
         return t >= self.stabilize_start and t - self.stabilize_start >= self.zero_out_interval * (layer_index + 1)
+
+    def spaced_for(self, slots: int) -> "GrowingSchedule":
+        """This schedule with the zero-out of ``slots`` execution-order slots fitted into the stabilize phase
+        (tpp-method.md §12): ``zero_out_interval = min(zero_out_interval, ⌊stabilize_iters / slots⌋)``. Unchanged
+        (the paper's exact timing) whenever the configured interval already fits."""
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
+        spacing = min(self.zero_out_interval, self.stabilize_iters // slots)
+        return self if spacing == self.zero_out_interval else replace(self, zero_out_interval=spacing)
 
     def state_dict(self) -> dict:
         return asdict(self)

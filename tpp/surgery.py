@@ -4,13 +4,17 @@
 one index set per layer (or per coupled group):
 
 * the layer itself: Conv2d/Linear output filters (weight rows, bias);
-* every BatchNorm the channels pass through (weight, bias, running_mean, running_var, ``num_features``);
+* every BatchNorm the channels pass through (weight, bias, running_mean, running_var, ``num_features``), at the
+  channels' offset after a concatenation;
 * depthwise convs carrying the channels on (filters and ``in_channels = out_channels = groups``);
-* every consumer's input channels: Conv2d ``weight[:, kept]``, a Linear after flatten whole blocks of ``block``
-  consecutive in_features.
+* every consumer's input channels: Conv2d ``weight[:, kept]`` (a grouped conv: the kept positions within each
+  group, ``groups`` unchanged), a Linear after flatten whole blocks of ``block`` consecutive in_features, shifted
+  by the offset after a concatenation.
 
 A coupled group (outputs joined by add/sub/mul/div, e.g. the convs feeding one residual stream) is pruned only as a
-whole, every member with the same index set. Groups joined by ``torch.cat`` are refused.
+whole, every member with the same index set; channels feeding grouped convs only alike in every group. Attention
+heads (``pruned[attention module] = head indices``) are removed whole: the module becomes a
+:class:`tpp.attention.PrunedMultiheadAttention` with the same ``embed_dim`` and ``head_dim``.
 
 Removal is exact: when the pruned W, b and the γ, β of the BatchNorms the channels pass through are zero, the pruned
 model computes the same function in eval mode (without BN a channel carries its bias: zero b[P] too).
@@ -33,8 +37,9 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from .attention import HeadParameters, PrunedMultiheadAttention, head_parameters
 from .files import atomic_save
-from .graph import ModelGraph, analyze_model
+from .graph import ModelGraph, Unit, analyze_model
 
 __all__ = ["prune_model", "save_pruned", "load_pruned", "build_unpruned", "PRUNED_FORMAT", "PRUNED_FORMAT_VERSION"]
 
@@ -51,37 +56,48 @@ PathLike = Union[str, os.PathLike]
 
 def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], *, inplace: bool = False,
                 graph: ModelGraph | None = None, bn_map: Mapping[str, str | None] | None = None) -> nn.Module:
-    """Remove the filters ``pruned[name]`` (1-D integer indices) of each named Conv2d/Linear from ``model``.
+    """Remove the filters ``pruned[name]`` (1-D integer indices) of each named Conv2d/Linear from ``model``, and the
+    heads ``pruned[name]`` of each named ``nn.MultiheadAttention``.
 
     Returns a new module (a deep copy; ``model`` is not modified) or, with ``inplace=True``, ``model`` itself with
     the affected modules' parameters and sizes replaced (an optimizer built before still holds the old parameters).
-    Module objects, types, dtypes, devices and ``requires_grad`` are kept. ``graph`` reuses an analysis of
-    ``model`` (:func:`tpp.graph.analyze_model`); ``bn_map`` is passed to it, but a graph built from a bn_map does
-    not know the consumers, so it is refused.
+    Module objects, types, dtypes, devices and ``requires_grad`` are kept, except that an attention module losing
+    heads is replaced by a :class:`tpp.attention.PrunedMultiheadAttention` (same parameter names). ``graph`` reuses
+    an analysis of ``model`` (:func:`tpp.graph.analyze_model`); ``bn_map`` is passed to it, but a graph built from
+    a bn_map does not know the consumers, so it is refused.
 
     Raises ``TypeError``/``ValueError`` naming the layer and the reason — unknown name, not a Conv2d/Linear, bad
     indices (not 1-D integer, out of range, duplicated), every filter of a layer, the model output layer, a layer
-    that is not independently prunable, or part of a coupled group (all members with one index set are needed) —
-    and leaves ``model`` untouched on any error.
+    in no prunable unit (with the graph's reason), part of a coupled group (all members with one index set are
+    needed), channels not taken alike from every group of a grouped conv — and leaves ``model`` untouched on any
+    error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune_model expects an nn.Module, got {type(model).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
     graph = analyze_model(model, bn_map=bn_map) if graph is None else graph
-    plan = _plan(model, graph, pruned)
+    plan, heads = _plan(model, graph, pruned)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     with torch.no_grad():  # build every replacement first: nothing below can fail half-way
         updates = [(modules[name], _shrunk(modules[name], keep.get("out"), keep.get("in")))
                    for name, keep in plan.items()]
+        replaced = [(name, PrunedMultiheadAttention.keeping(modules[name], kept)) for name, kept in heads.items()
+                    if isinstance(modules[name], nn.MultiheadAttention)]
+        updates += [(modules[name], {"num_heads": kept.numel(), "attn_dim": kept.numel() * modules[name].head_dim})
+                    for name, kept in heads.items() if not isinstance(modules[name], nn.MultiheadAttention)]
     for module, new in updates:
         _assign(module, new)
+    for name, new in replaced:
+        parent, _, child = name.rpartition(".")
+        setattr(target.get_submodule(parent) if parent else target, child, new)
     return target
 
 
-def _plan(model: nn.Module, graph: ModelGraph, pruned) -> dict[str, dict[str, Tensor]]:
-    """Validate ``pruned`` and return ``{module name: {"out": kept outputs, "in": kept input columns}}``."""
+def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """Validate ``pruned``; return ``{module: {"out": kept outputs, "in": kept input columns}}`` and
+    ``{attention module: kept heads}``."""
     if not isinstance(pruned, Mapping):
         raise TypeError(f"pruned must map layer names to filter indices, got {type(pruned).__name__}")
     if not isinstance(graph, ModelGraph):
@@ -90,13 +106,17 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> dict[str, dict[str, Te
     indices = {}
     for name, idx in pruned.items():
         info = graph.layers.get(name) if isinstance(name, str) else None
-        if info is None:
+        unit = graph.units.get(name) if isinstance(name, str) else None
+        if info is None and (unit is None or unit.kind != "heads"):
             found = modules.get(name) if isinstance(name, str) else None
             what = "no such module" if found is None else f"a {type(found).__name__}, not a Conv2d/Linear"
+            if name in graph.refusals:
+                raise ValueError(f"attention module {name!r}: its heads cannot be pruned: {graph.refusals[name]}")
             raise ValueError(f"pruned layer {name!r}: {what} in {type(model).__name__}")
-        idx = _as_indices(idx, info.out_channels, f"pruned indices of layer {name!r}")
-        if idx.numel() == info.out_channels:
-            raise ValueError(f"layer {name!r}: all {info.out_channels} filters would be pruned; at least one must stay")
+        n, what = (info.out_channels, "filters") if info is not None else (unit.channels, "heads")
+        idx = _as_indices(idx, n, f"pruned indices of layer {name!r}")
+        if idx.numel() == n:
+            raise ValueError(f"layer {name!r}: all {n} {what} would be pruned; at least one must stay")
         if idx.numel():
             indices[name] = idx
     if indices and not graph.traced:
@@ -104,25 +124,41 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> dict[str, dict[str, Te
                          "this graph was built from a bn_map (layer -> BatchNorm only). Make the model traceable "
                          "by torch.fx to prune it physically.")
 
-    edits: dict[str, dict[str, Tensor]] = {}
+    removed: dict[tuple[str, str], dict[tuple[int, int], Tensor]] = {}  # (module, side) -> {(start, width): idx}
+    heads: dict[str, Tensor] = {}
     done: set[str] = set()
     for name, idx in indices.items():
         if name in done:
             continue
         unit = _unit(graph, name, indices)
-        done.update(unit)
-        info = graph.layers[name]
-        kept = _complement(idx, info.out_channels)
-        for member in unit:
-            _expect(modules, member, "layer", info.out_channels)
-            _edit(edits, member, "out", kept, name)
+        done.update(unit.members)
+        if unit.kind == "heads":
+            params = _expect_heads(modules, name, unit.channels)
+            heads[name] = _complement(idx, unit.channels)
+            if not isinstance(modules[name], nn.MultiheadAttention):  # packed qkv Linear: shrunk where it is
+                d = params.head_dim
+                rows = _blocks(idx, d)
+                _remove(removed, f"{name}.qkv", "out", 0, 3 * unit.channels * d,
+                        torch.cat([rows + s * unit.channels * d for s in range(3)]), name)
+                _remove(removed, f"{name}.proj", "in", 0, unit.channels * d, rows, name)
+            continue
+        channels = unit.channels
+        for member in unit.members:
+            _expect(modules, member, "layer", channels)
+            _remove(removed, member, "out", 0, channels, idx, name)
             for use in graph.layers[member].uses:
-                _expect(modules, use.module, use.role, info.out_channels, use.block)
+                _expect(modules, use.module, use.role, channels + use.offset, use.block, use.groups)
                 if use.role == "input":
-                    _edit(edits, use.module, "in", _blocks(kept, use.block), name)
+                    block = use.block
+                    _remove(removed, use.module, "in", use.offset * block, channels * block,
+                            _blocks(idx + use.offset, block), name)
                 else:
-                    _edit(edits, use.module, "out", kept, name)
-    return edits
+                    _remove(removed, use.module, "out", use.offset, channels, idx + use.offset, name)
+    edits: dict[str, dict[str, Tensor]] = {}
+    for (module, side), parts in removed.items():
+        drop = torch.cat(list(parts.values())).sort().values
+        edits.setdefault(module, {})[side] = _complement(drop, _width(modules[module], side))
+    return edits, heads
 
 
 def _as_indices(idx, n: int | None, where: str) -> Tensor:
@@ -147,28 +183,33 @@ def _as_indices(idx, n: int | None, where: str) -> Tensor:
     return idx
 
 
-def _unit(graph: ModelGraph, name: str, indices: Mapping[str, Tensor]) -> tuple[str, ...]:
-    """The layers pruned together with ``name``: itself if independent, else its whole coupled group."""
-    info = graph.layers[name]
-    if info.is_output:
-        raise ValueError(f"layer {name!r} produces the model output; pruning it would change the output shape")
-    if info.independent:
-        return (name,)
-    if len(info.group) == 1:
-        raise ValueError(f"layer {name!r} cannot be pruned: {info.coupling}")
-    group = ", ".join(info.group)
-    if info.group_coupling is not None:
-        raise ValueError(f"layer {name!r} is coupled with other layers ({info.coupling}), and its group [{group}] "
-                         f"cannot be pruned with one shared index set: {info.group_coupling}")
-    missing = [m for m in info.group if m not in indices]
+def _unit(graph: ModelGraph, name: str, indices: Mapping[str, Tensor]) -> Unit:
+    """The unit of ``name`` (:class:`tpp.graph.Unit`), checked: every member given the same indices, alike in every
+    group of a grouped conv."""
+    info = graph.layers.get(name)
+    unit = graph.unit_of(name)
+    if unit is None:
+        if info.is_output:
+            raise ValueError(f"layer {name!r} produces the model output; pruning it would change the output shape")
+        if len(info.group) > 1 and info.group_coupling is not None:
+            raise ValueError(f"layer {name!r} is coupled with other layers ({info.coupling}), and its group "
+                             f"[{', '.join(info.group)}] cannot be pruned with one shared index set: "
+                             f"{info.group_coupling}")
+        raise ValueError(f"layer {name!r} cannot be pruned: {graph.refusals.get(name, info.coupling)}")
+    group = ", ".join(unit.members)
+    missing = [m for m in unit.members if m not in indices]
     if missing:
         raise ValueError(f"layer {name!r} is coupled with other layers ({info.coupling}): prune its whole group "
                          f"[{group}] with one shared index set; missing: {', '.join(missing)}")
-    for member in info.group:
+    for member in unit.members:
         if not torch.equal(indices[member], indices[name]):
             raise ValueError(f"coupled group [{group}]: layers {name!r} and {member!r} are given different filter "
                              f"indices; every member must be pruned with the same index set")
-    return info.group
+    if unit.segments > 1 and unit.unit_indices(indices[name]) is None:
+        raise ValueError(f"layer {name!r}: its channels form {unit.segments} groups of {unit.size} (grouped convs); "
+                         f"prune the same channels in each of its {unit.segments} groups, i.e. channels "
+                         f"k·{unit.size} + j for every k")
+    return unit
 
 
 def _complement(idx: Tensor, n: int) -> Tensor:
@@ -178,34 +219,56 @@ def _complement(idx: Tensor, n: int) -> Tensor:
 
 
 def _blocks(kept: Tensor, block: int) -> Tensor:
-    """In_features of a Linear after flatten: each kept channel ``c`` is ``c*block … c*block + block - 1``."""
+    """In_features of a Linear after flatten: each channel ``c`` is ``c*block … c*block + block - 1``."""
     return (kept[:, None] * block + torch.arange(block)).flatten()
 
 
-def _expect(modules: dict[str, nn.Module], name: str, role: str, channels: int, block: int = 1) -> None:
-    """Check that module ``name`` is what the graph says it is, with ``channels`` (× ``block``) channels."""
+def _expect(modules: dict[str, nn.Module], name: str, role: str, channels: int, block: int = 1,
+            groups: int = 1) -> None:
+    """Check that module ``name`` is what the graph says it is, with at least ``channels`` (× ``block``) channels."""
     m = modules.get(name)
+    conv = isinstance(m, nn.Conv2d)
     if role == "bn":
-        ok = isinstance(m, _BNS) and m.num_features == channels
+        ok = isinstance(m, _BNS) and m.num_features >= channels
     elif role == "depthwise":
-        ok = isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels == channels
+        ok = conv and m.groups == m.in_channels == m.out_channels >= channels
     elif role == "layer":
-        ok = (isinstance(m, nn.Conv2d) and m.groups == 1 and m.out_channels == channels) or (
-            isinstance(m, nn.Linear) and m.out_features == channels)
+        ok = (conv and m.out_channels == channels) or (isinstance(m, nn.Linear) and m.out_features == channels)
     else:
-        ok = (isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels == channels) or (
-            isinstance(m, nn.Linear) and m.in_features == channels * block)
+        ok = (conv and m.groups == groups and m.in_channels >= channels) or (
+            isinstance(m, nn.Linear) and m.in_features >= channels * block)
     if not ok:
         found = "no such module" if m is None else repr(m)
         raise ValueError(f"the graph does not describe this model: {name!r} should be a {role} with {channels} "
                          f"channels, found {found}. Was the graph built for another model, or was it changed since?")
 
 
-def _edit(edits: dict[str, dict[str, Tensor]], name: str, side: str, kept: Tensor, source: str) -> None:
-    previous = edits.setdefault(name, {}).setdefault(side, kept)
-    if not torch.equal(previous, kept):
-        raise ValueError(f"module {name!r} would keep two different sets of {side}put channels (one from pruning "
+def _expect_heads(modules: dict[str, nn.Module], name: str, heads: int) -> HeadParameters:
+    m = modules.get(name)
+    params = head_parameters(m) if m is not None else None
+    if params is None or params.num_heads != heads:
+        found = "no such module" if m is None else repr(m)
+        raise ValueError(f"the graph does not describe this model: {name!r} should be an attention module with "
+                         f"{heads} heads, found {found}. Was the graph built for another model?")
+    return params
+
+
+def _remove(removed: dict, name: str, side: str, start: int, width: int, idx: Tensor, source: str) -> None:
+    """Record that ``name`` drops ``idx`` (its own coordinates) of the range ``[start, start + width)`` on ``side``."""
+    parts = removed.setdefault((name, side), {})
+    previous = parts.setdefault((start, width), idx)
+    overlap = any(s < start + width and start < s + w for s, w in parts if (s, w) != (start, width))
+    if overlap or not torch.equal(previous, idx):
+        raise ValueError(f"module {name!r} would drop two different sets of {side}put channels (one from pruning "
                          f"{source!r}); its inputs are not aligned with one pruned layer or group")
+
+
+def _width(module: nn.Module, side: str) -> int:
+    if isinstance(module, _BNS):
+        return module.num_features
+    if isinstance(module, nn.Linear):
+        return module.out_features if side == "out" else module.in_features
+    return module.out_channels if side == "out" else module.in_channels
 
 
 def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None) -> dict[str, object]:
@@ -226,11 +289,14 @@ def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None) -> dict[s
     if isinstance(module, nn.Linear):
         weight = weight if inp is None else select(weight, 1, inp)
         return {**new, "weight": weight, "out_features": weight.shape[0], "in_features": weight.shape[1]}
-    if module.groups > 1:  # depthwise: one filter per channel
+    if module.groups == module.in_channels == module.out_channels > 1:  # depthwise: one filter per channel
         n = weight.shape[0]
         return {**new, "weight": weight, "out_channels": n, "in_channels": n, "groups": n}
-    weight = weight if inp is None else select(weight, 1, inp)
-    return {**new, "weight": weight, "out_channels": weight.shape[0], "in_channels": weight.shape[1]}
+    if inp is not None:  # grouped: the kept input channels are alike in every group (checked by _unit)
+        per_group = module.in_channels // module.groups
+        inp = inp[inp < per_group]
+        weight = select(weight, 1, inp)
+    return {**new, "weight": weight, "out_channels": weight.shape[0], "in_channels": weight.shape[1] * module.groups}
 
 
 def _assign(module: nn.Module, new: dict[str, object]) -> None:
@@ -268,8 +334,9 @@ def save_pruned(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
     _check_plain(dict(model_args) if model_args is not None else None, "model_args")
     modules = dict(model.named_modules())
     for name in pruned:
-        if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear)):
-            raise ValueError(f"pruned layer {name!r}: no Conv2d/Linear of that name in {type(model).__name__}")
+        if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear)) and head_parameters(modules.get(name)) is None:
+            raise ValueError(f"pruned layer {name!r}: no Conv2d/Linear/MultiheadAttention of that name in "
+                             f"{type(model).__name__}")
     spec = {name: _as_indices(idx, None, f"pruned indices of layer {name!r}").tolist() for name, idx in pruned.items()}
     checkpoint = {"format": PRUNED_FORMAT, "version": PRUNED_FORMAT_VERSION, "arch": arch,
                   "model_args": dict(model_args) if model_args is not None else None, "pruned": spec,

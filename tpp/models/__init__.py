@@ -3,12 +3,14 @@
 ``build_model(name)`` knows:
 
 * tpp's own models: ``resnet20/32/44/56/110`` (CIFAR, option-A shortcuts), ``vgg19`` (VGG19_C), ``mlp7``
-  (MLP-7-Linear) and ``digits_cnn`` (8×8 digits);
+  (MLP-7-Linear) and, for the 8×8 digits, ``digits_cnn``, ``digits_resnet`` (residual groups) and ``digits_vit``
+  (attention heads);
 * torchvision classifiers as ``"torchvision:<name>"`` (any name in ``torchvision.models.list_models``), and the
-  ones the paper and tests use by their plain name: resnet18, resnet34, resnet50, vgg11_bn, mobilenet_v2.
+  ones the paper and tests use by their plain name: resnet18, resnet34, resnet50, vgg11_bn, mobilenet_v2;
+* timm models as ``"timm:<name>"`` (the optional extra ``pip install "tpp[timm]"``), randomly initialised offline.
 
 ``pretrained`` is ``False``, a path to a local state_dict (loaded with ``torch.load(weights_only=True)``), or
-``True`` for torchvision's published weights (downloaded by torchvision; tpp's models have none).
+``True`` for torchvision's or timm's published weights (downloaded by them; tpp's models have none).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
+from .digits import DigitsResNet, DigitsViT, digits_resnet, digits_vit
 from .mlp import MLP, mlp7
 from .resnet_cifar import BasicBlock, PadShortcut, ResNetCifar, resnet20, resnet32, resnet44, resnet56, resnet110
 from .vgg_cifar import VGGCifar, digits_cnn, vgg19
@@ -39,6 +42,10 @@ __all__ = [
     "resnet110",
     "vgg19",
     "digits_cnn",
+    "DigitsResNet",
+    "DigitsViT",
+    "digits_resnet",
+    "digits_vit",
     "TORCHVISION_ALIASES",
 ]
 
@@ -51,16 +58,19 @@ _TPP_MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg19": vgg19,
     "mlp7": mlp7,
     "digits_cnn": digits_cnn,
+    "digits_resnet": digits_resnet,
+    "digits_vit": digits_vit,
 }
 _TORCHVISION_ALIASES = ("resnet18", "resnet34", "resnet50", "vgg11_bn", "mobilenet_v2")
 TORCHVISION_ALIASES = _TORCHVISION_ALIASES  # public: torchvision classifiers build_model knows by their plain name
 _TORCHVISION_PREFIX = "torchvision:"
+_TIMM_PREFIX = "timm:"
 
 Pretrained = Union[bool, str, os.PathLike]
 
 
 def list_models() -> list[str]:
-    """Names ``build_model`` accepts directly (plus ``"torchvision:<name>"`` for any torchvision classifier)."""
+    """Names ``build_model`` accepts directly (plus ``"torchvision:<name>"`` and ``"timm:<name>"``)."""
     return sorted(_TPP_MODELS) + sorted(_TORCHVISION_ALIASES)
 
 
@@ -83,10 +93,12 @@ def build_model(name: str, num_classes: Optional[int] = None, pretrained: Pretra
         model = _TPP_MODELS[name](**kwargs)
     elif name in _TORCHVISION_ALIASES or name.startswith(_TORCHVISION_PREFIX):
         model = _build_torchvision(name.removeprefix(_TORCHVISION_PREFIX), pretrained is True, kwargs)
+    elif name.startswith(_TIMM_PREFIX):
+        model = _build_timm(name.removeprefix(_TIMM_PREFIX), pretrained is True, kwargs)
     else:
         raise ValueError(
             f"unknown model {name!r}; available: {', '.join(list_models())}, "
-            f"or '{_TORCHVISION_PREFIX}<name>' for any torchvision classifier"
+            f"or '{_TORCHVISION_PREFIX}<name>' for any torchvision classifier, '{_TIMM_PREFIX}<name>' for timm's"
         )
     if not isinstance(pretrained, bool):
         _load_state_dict(model, Path(pretrained), name)
@@ -100,6 +112,16 @@ def _build_torchvision(name: str, download_weights: bool, kwargs: dict) -> nn.Mo
     if name not in available:
         raise ValueError(f"unknown torchvision classifier {name!r}; available: {', '.join(available)}")
     return torchvision.models.get_model(name, weights="DEFAULT" if download_weights else None, **kwargs)
+
+
+def _build_timm(name: str, download_weights: bool, kwargs: dict) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(f"model 'timm:{name}' needs timm: pip install \"tpp[timm]\" (or pip install timm)") from None
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+    return timm.create_model(name, pretrained=download_weights, **kwargs)
 
 
 def _load_state_dict(model: nn.Module, path: Path, name: str) -> None:
