@@ -413,17 +413,31 @@ class GroupedNet(nn.Module):
         return self.fc(self.c(self.b(self.bn(self.a(x)).relu()).relu()).mean((2, 3)))
 
 
-@pytest.mark.parametrize("name", ["grouped", "digits_resnet", "digits_vit"])
+class ConcatNet(nn.Module):
+    """Two convs concatenated into one BatchNorm (DenseNet-style): that BN's γ and β are bound by two units."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c = nn.Conv2d(10, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        x = self.bn(torch.cat([self.a(x), self.b(x)], 1)).relu()
+        return self.fc(self.c(x).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["grouped", "concat", "digits_resnet", "digits_vit"])
 def test_triton_backend_matches_torch_backend_on_units(name, seed):
-    """Units beyond private layers in the fused plan: grouped-conv segments, coupled groups, attention heads (3
-    segments, the out-projection's zero slot). (A concatenation binding one BN in two units is left out: the fused
-    plan's apply_gradients drops one unit's rows there, and under the interpreter it has aborted the process.)"""
+    """Units beyond private layers in the fused plan: grouped-conv segments, a BN bound by two units after a
+    concatenation, coupled groups, attention heads (3 segments, the out-projection's zero slot)."""
     pytest.importorskip("triton")
     from tpp.models import build_model
 
     def make():
         torch.manual_seed(seed)
-        net = GroupedNet() if name == "grouped" else build_model(name)
+        net = {"grouped": GroupedNet, "concat": ConcatNet}.get(name, lambda: build_model(name))()
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 nn.init.normal_(m.weight)
