@@ -296,3 +296,29 @@ def test_export_bad_input_exits_2(tmp_path, tpp_run, capsys):
     assert "cannot be read" in capsys.readouterr().err
     assert main(["export", str(tpp_run), "--format", "torchscript", "--input-shape", "3,x"]) == 2
     assert "--input-shape" in capsys.readouterr().err
+
+
+def test_inspect_prints_units_refusals_and_a_ratio(capsys):
+    assert main(["inspect", "digits_resnet", "--ratio", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "prunable units" in out and "group" in out and "refused" in out and "members:" in out
+    assert "ratio" in out.splitlines()[3]
+
+
+def test_inspect_finds_ratios_for_a_speedup(capsys):
+    assert main(["inspect", "digits_cnn", "--speedup", "1.5"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("target speedup 1.5x (uniform")
+    reached = float(first.split(": ")[1].split("x")[0])
+    assert abs(reached / 1.5 - 1) <= 0.02
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "no_such_model"], "no_such_model"),
+    (["inspect", "digits_cnn", "--ratio", "0.5", "--speedup", "2"], "exclude each other"),
+    (["inspect", "digits_cnn", "--speedup", "0.5"], "target_speedup must be"),
+])
+def test_inspect_errors_exit_2_in_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpp inspect: error: ") and message in err and len(err.strip().splitlines()) == 1

@@ -7,6 +7,7 @@
     tpp train resnet50-imagenet-2.31x --data-root /data/imagenet   # a paper setting; under torchrun:
                                                                    # python -m tpp.train
     tpp export runs/r56-0.9 --format torchscript                   # the pruned model, checked against PyTorch
+    tpp inspect resnet50 --speedup 2.3                             # units, refusals, ratios for a speedup
 
 ``tpp prune`` and ``tpp train`` are one flow (:mod:`tpp.command`) with the flags of :mod:`tpp.arguments`; a
 ``tpp prune`` run folder (never overwriting a non-empty one unless ``--overwrite``):
@@ -63,6 +64,8 @@ COMMANDS: dict[str, Command] = {
                      "tpp.train.run:add_arguments", "tpp.train.run:cmd_train"),
     "export": Command("write a run's pruned model as TorchScript or ONNX, checked against PyTorch's output",
                       "tpp.export:add_arguments", "tpp.export:cmd_export"),
+    "inspect": Command("what tpp can prune in a model: units, sizes, FLOPs shares, refusals; a ratio's speedup",
+                       "tpp.cli:add_inspect_arguments", "tpp.cli:cmd_inspect"),
 }
 
 
@@ -106,6 +109,47 @@ def cmd_list(args, argv, prog: str = "tpp list") -> int:
     print("recipes:")
     for r in RECIPES.values():
         print(f"  {r.name:<26} {r.description}")
+    return 0
+
+
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``tpp inspect``."""
+    from .arguments import number, parse_ratio
+
+    p.add_argument("model", help="a registry, torchvision or timm:<name> model (tpp list), built with random weights")
+    p.add_argument("--ratio", type=parse_ratio, help="also show what this ratio prunes (as tpp prune --ratio)")
+    p.add_argument("--speedup", type=number, help="also find the ratios reaching this FLOPs speedup (> 1)")
+    p.add_argument("--speedup-mode", choices=("uniform", "global"), default="uniform",
+                   help="one ratio for every unit, or a global ranking of normalized scores")
+    p.add_argument("--skip", default="", help="patterns never pruned, comma-separated")
+    p.add_argument("--input-shape", help="C,H,W (or F) of one example; default: the model's (tpp.models.input_shape)")
+    p.add_argument("--num-classes", type=int, help="outputs of the classifier (default: the model's)")
+
+
+def cmd_inspect(args, argv, prog: str = "tpp inspect") -> int:
+    import torch
+
+    from .inspect import inspect_model
+    from .models import build_model, input_shape
+    from .selection import search_speedup
+
+    if args.ratio is not None and args.speedup is not None:
+        raise UsageError("--ratio and --speedup exclude each other")
+    try:
+        shape = tuple(int(x) for x in args.input_shape.split(",")) if args.input_shape else input_shape(args.model)
+        model = build_model(args.model, args.num_classes).eval()
+    except (KeyError, ValueError, ImportError) as err:
+        raise UsageError(f"{args.model}: {err}") from None
+    skip = tuple(s for s in args.skip.split(",") if s)
+    example = torch.randn(1, *shape)
+    try:
+        if args.speedup is not None:
+            print(search_speedup(model, args.speedup, example, mode=args.speedup_mode, skip=skip).describe() + "\n")
+            print(inspect_model(model, example, skip=skip))
+        else:
+            print(inspect_model(model, example, args.ratio, skip))
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"{args.model}: {err}") from None
     return 0
 
 

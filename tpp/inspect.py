@@ -1,6 +1,7 @@
 """``tpp inspect``: what tpp can prune in a model, as text (units, sizes, FLOPs shares, refusals, a ratio's speedup).
 
-``inspect_model(model, example_input, ratio=0.5)`` returns the report the command prints; it only reads the model.
+``inspect_model(model, example_input, ratio=0.5)`` returns the report the command (:mod:`tpp.cli`) prints; it only
+reads the model.
 """
 from __future__ import annotations
 
@@ -83,3 +84,4 @@ def _shape(example_input) -> str:
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
+

@@ -29,6 +29,7 @@ from .vgg_cifar import VGGCifar, digits_cnn, vgg19
 __all__ = [
     "build_model",
     "list_models",
+    "input_shape",
     "MLP",
     "ResNetCifar",
     "BasicBlock",
@@ -67,6 +68,18 @@ _TORCHVISION_PREFIX = "torchvision:"
 _TIMM_PREFIX = "timm:"
 
 Pretrained = Union[bool, str, os.PathLike]
+
+
+def input_shape(name: str) -> tuple[int, ...]:
+    """The shape of one input ``name`` is built for: the embedded 8×8 digits, 32×32 CIFAR images for the paper's
+    CIFAR models and MLP-7-Linear's 32×32 MNIST, 3×224×224 for torchvision and timm models."""
+    if name.startswith("digits_"):
+        return (1, 8, 8)
+    if name == "mlp7":
+        return (1, 32, 32)
+    if name in _TPP_MODELS:
+        return (3, 32, 32)
+    return (3, 224, 224)
 
 
 def list_models() -> list[str]:
