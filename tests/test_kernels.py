@@ -160,6 +160,9 @@ def test_plan_cached_until_pruned_set_changes(monkeypatch, seed):
     monkeypatch.setattr(gram, "PenaltyPlan", lambda *a, **k: built.append(1) or plan.PenaltyPlan(*a, **k))
     gram._plans.clear()
     weights, idxs = layers(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = weights[0].shape[0]
+    idxs[0] = torch.randperm(n, generator=gen)[:max(1, n // 2)].to(DEVICE)  # at least one pruned filter
     for _ in range(2):
         check_gram(weights, idxs, TOL[torch.float32], input_precision="ieee")
     assert len(built) == 1  # built (and the indices validated) at the first call
