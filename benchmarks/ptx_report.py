@@ -2,7 +2,7 @@
 
     python benchmarks/ptx_report.py [--json] [--keep DIR]
 
-Every variant the regularizer launches (:mod:`tpp_kernels.plan`: forward with and without the loss, backward
+Every variant the regularizer launches (:mod:`tpp_kernels.kernels`: forward with and without the loss, backward
 accumulating into ``.grad`` or writing fresh buffers; float32, float16 and bfloat16 weights) is compiled by
 ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` with the configuration the plan picks on a GPU, pointer
 arguments 16-byte aligned as the allocator gives them. ``ptxas -v`` (Triton's own) reports registers and spills;
@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tpp_kernels import plan  # noqa: E402
+from tpp_kernels import kernels, plan  # noqa: E402
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 TARGET = GPUTarget("cuda", 90, 32)
@@ -59,7 +59,7 @@ def forward_ptx(dtype: torch.dtype, loss: bool) -> str:
     constexprs = {**_common(dtype), "LOSS": loss, "DOT_FP32": False, "BLOCK_M": cfg.block_rows,
                   "BLOCK_N": cfg.block_cols, "BLOCK_K": cfg.block_red, **({} if loss else {"p_part": None})}
     args += [(name, "constexpr") for name in constexprs if name != "p_part"]
-    return _compile(plan._fwd_kernel, args, constexprs, cfg)
+    return _compile(kernels.fwd_kernel, args, constexprs, cfg)
 
 
 def backward_ptx(dtype: torch.dtype, accumulate: bool) -> str:
@@ -71,7 +71,7 @@ def backward_ptx(dtype: torch.dtype, accumulate: bool) -> str:
     constexprs = {**_common(dtype), "ACCUMULATE": accumulate, "BLOCK_M": cfg.block_rows,
                   "BLOCK_D": cfg.block_cols, "BLOCK_J": cfg.block_red, **({"p_grad": None} if accumulate else {})}
     args += [(name, "constexpr") for name in constexprs if name != "p_grad"]
-    return _compile(plan._bwd_kernel, args, constexprs, cfg)
+    return _compile(kernels.bwd_kernel, args, constexprs, cfg)
 
 
 def _ptxas() -> str:

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 from tpp import GrowingSchedule, TPPRegularizer  # noqa: E402
+from tpp_kernels import kernels  # noqa: E402
 from tpp_kernels import plan as plan_module  # noqa: E402
 
 SETS = {"resnet50-2.31x": ("resnet50", "*layer[1-3]*conv[1-2]:0.6,*layer4*conv[1-2]:0.21"),
@@ -33,18 +34,18 @@ def program_bytes(launch, tiles, cfg, accumulate: bool) -> list[int]:
     """Bytes each program of ``tiles`` reads plus writes (forward and backward tile kinds)."""
     out = []
     for kind, i, a0, b, d0 in tiles.tolist():
-        if kind in (plan_module._R, plan_module._PRUNED_ROWS, plan_module._KEPT_ROWS, plan_module._GRAM_SQUARES):
+        if kind in (kernels.R_TILE, kernels.PRUNED_ROWS, kernels.KEPT_ROWS, kernels.GRAM_SQUARES):
             rows = launch.grams[i]
         else:
             rows = launch.squares[i]
         es, n, p, length = rows.tensor.element_size(), rows.units, rows.pruned.numel(), rows.length
-        if kind == plan_module._R:
+        if kind == kernels.R_TILE:
             m, cols = min(cfg.block_rows, p - a0), min(cfg.block_cols, n - b)
             out.append((m + cols) * rows.segments * length * es + m * cols * 4)
-        elif kind in (plan_module._SQUARES, plan_module._GRAM_SQUARES):
+        elif kind in (kernels.SQUARES, kernels.GRAM_SQUARES):
             m = min(cfg.block_rows, p - a0)
-            out.append(m * length * es * (3 if kind == plan_module._SQUARES and accumulate else 1))
-        elif kind == plan_module._PRUNED_ROWS:
+            out.append(m * length * es * (3 if kind == kernels.SQUARES and accumulate else 1))
+        elif kind == kernels.PRUNED_ROWS:
             m, d = min(cfg.block_rows, p - a0), min(cfg.block_cols, length - d0)
             out.append(m * n * 4 + n * d * es + m * d * es * (3 if accumulate else 2))
         else:

@@ -358,10 +358,10 @@ class _Forbidden:
 def checked(kernel_case, monkeypatch):
     """``kernel_case``, with the Triton kernels replaced by ones that fail if launched."""
     if kernel_case.name == "triton":
-        from tpp_kernels import plan
+        from tpp_kernels import kernels
 
-        for name in ("_fwd_kernel", "_bwd_kernel"):
-            monkeypatch.setattr(plan, name, _Forbidden())
+        for name in ("fwd_kernel", "bwd_kernel"):
+            monkeypatch.setattr(kernels, name, _Forbidden())
     return kernel_case
 
 

@@ -60,14 +60,14 @@ def _bn_penalty_fwd(gammas: List[Tensor], betas: List[Tensor], pruned: List[Tens
     plan = _plan(gammas, betas, pruned)
     if plan is None:
         return gammas[0].new_zeros((), dtype=torch.float32)
-    return plan._forward(_strength(1.0, gammas[0].device))[0]
+    return plan.forward(_strength(1.0, gammas[0].device))[0]
 
 
 @torch.library.custom_op("tpp::bn_penalty_bwd", mutates_args=())
 def _bn_penalty_bwd(grad: Tensor, gammas: List[Tensor], betas: List[Tensor], pruned: List[Tensor]) -> List[Tensor]:
     """The plan's flat gradient buffers (:func:`~tpp_kernels.plan.flat_layout`)."""
     plan = _plan(gammas, betas, pruned)
-    return plan._grads(grad, _strength(1.0, grad.device), grad.new_empty(0, dtype=torch.float32))
+    return plan.gradients(grad, _strength(1.0, grad.device), grad.new_empty(0, dtype=torch.float32))
 
 
 @torch.library.custom_op("tpp::bn_penalty_add_grad", mutates_args=("gamma_grads", "beta_grads"))

@@ -66,14 +66,14 @@ def _gram_penalty_fwd(weights: List[Tensor], pruned: List[Tensor], mean: bool,
     plan = _plan(weights, pruned, mean, input_precision)
     if plan is None:
         return weights[0].new_zeros((), dtype=torch.float32), weights[0].new_empty(0, dtype=torch.float32)
-    return plan._forward(_strength(1.0, weights[0].device))
+    return plan.forward(_strength(1.0, weights[0].device))
 
 
 @torch.library.custom_op("tpp::gram_penalty_bwd", mutates_args=())
 def _gram_penalty_bwd(grad: Tensor, weights: List[Tensor], pruned: List[Tensor], r: Tensor, mean: bool,
                       input_precision: str) -> List[Tensor]:
     """The plan's flat gradient buffers (:func:`~tpp_kernels.plan.flat_layout`)."""
-    return _plan(weights, pruned, mean, input_precision)._grads(grad, _strength(1.0, grad.device), r)
+    return _plan(weights, pruned, mean, input_precision).gradients(grad, _strength(1.0, grad.device), r)
 
 
 @torch.library.custom_op("tpp::gram_penalty_add_grad", mutates_args=("grads",))

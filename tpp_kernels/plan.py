@@ -12,293 +12,35 @@ no recompilation per value, and a captured CUDA graph sees the value of each rep
 (tpp-method.md §2): pruned unit rows ``4cs·r Σ_j R_aj W_j + l2·r·W_{P_a}``, kept rows ``4cs·r Σ_a R_ai W_{P_a}``,
 squares ``r·x_j`` for ``j ∈ P``.
 
-Launches, per dtype group (gram tensors of one dtype paired with squares tensors of one dtype):
+Launches (the kernels are in :mod:`tpp_kernels.kernels`), per dtype group (gram tensors of one dtype paired with
+squares tensors of one dtype):
 
-* forward: one program per tile of a table mixing two kinds — ``R`` tiles (``BLOCK_M`` pruned units ×
-  ``BLOCK_N`` units, reduced over the unit vectors, stored fp32 for the backward, and with ``loss=True`` one loss
-  partial each) and squares tiles (one partial each); the loss is one sum of the partials: deterministic, no atomics;
+* forward: R tiles (stored fp32 for the backward; with the loss, one partial each) and squares tiles (one partial
+  each); the loss is one sum of the partials: deterministic, no atomics;
 * backward: gradient tiles of pruned rows, kept rows and squares, added into every ``.grad``
   (:meth:`PenaltyPlan.add_grads_`) or written to fresh buffers (the autograd path of :meth:`PenaltyPlan.penalty`).
 
-Memory access. A unit vector is read segment by segment, each a contiguous run of ``length`` elements. Where a
-layer's ``length``, ``units`` and address offsets are multiples of 16 bytes, the kernels take a branch whose
-index arithmetic proves it (``(x // V) * V``), so loads compile to 16-byte vectors; other layers take the same code
-without that proof (scalar loads). Every device table is uploaded when the plan is built; a call reads the
-``.grad`` addresses of its tensors and re-uploads their offsets only when one moved.
+Every device table is uploaded when the plan is built — per-tensor metadata with the 16-byte alignment flag, the
+P-then-K row order, tile tables sorted longest program first, int64 address offsets from one anchor tensor per
+dtype; a call reads the ``.grad`` addresses of its tensors and re-uploads their offsets only when one moved.
 """
 import itertools
 import weakref
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from . import config
+from . import config, kernels
 from .checks import rows_dense
 from .reference import check_pruned_indices
 from .tables import dtype_groups
 
-# Tile kinds (first column of a tile table; the others: tensor position, first pruned/row position, segment,
-# first column).
-_R, _SQUARES, _PRUNED_ROWS, _KEPT_ROWS, _GRAM_SQUARES = 0, 1, 2, 3, 4
-_TILE = 5
-# Per gram tensor ``p_gmeta[l]`` = (N, S, L, p, o_idx, o_r, aligned, 0); per squares tensor ``p_smeta[q]`` =
-# (N, S, L, p, o_idx, aligned, 0, 0), int32 (index arithmetic stays 32-bit: every tensor and the R buffer hold
-# fewer than 2^31 elements; tensors are addressed as an anchor pointer plus an int64 offset).
-# ``p_order[o_idx:o_idx+N]`` lists P then K (squares: P only), ``p_m`` is m.
-_META = 8
 # Launch configurations on a GPU, chosen without timing (so identical on every DDP rank): the largest tiles that
 # compile for sm_90 without register spills (benchmarks/ptx_report.py), which minimize the modelled traffic
 # (benchmarks/traffic.py): 128×128 R tiles, 64 gradient rows × 128 columns, 32-wide reduction chunks, 8 warps,
 # 3 pipeline stages. The interpreter runs config.INTERPRETER_CONFIG's small blocks.
 GPU_CONFIGS = {"fwd": config.Config(128, 128, 32, 8, 3), "bwd": config.Config(64, 128, 32, 8, 3)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _aligned(x, V: tl.constexpr):
-    """``x`` itself for a multiple of ``V``, written so that the compiler can prove it."""
-    return (x // V) * V
-
-
-@triton.jit
-def _r_tile(p_wl, o_rows, m_a, o_j, m_j, N, S, L,
-            INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """R[a, j] for pruned positions a and units j, over the S segments of length L (loads pipelined in STAGES
-    stages; None: the launch's num_stages)."""
-    b_r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for i_s in range(0, S):
-        p_s = p_wl + i_s * N * L
-        for i_k in tl.range(0, L, BLOCK_K, num_stages=STAGES):
-            o_k = i_k + tl.arange(0, BLOCK_K)
-            m_k = o_k < L
-            b_wp = tl.load(p_s + o_rows[:, None] * L + o_k[None, :], mask=m_a[:, None] & m_k[None, :], other=0.)
-            b_w = tl.load(p_s + o_j[:, None] * L + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.)
-            if DOT_FP32:
-                b_wp, b_w = b_wp.to(tl.float32), b_w.to(tl.float32)
-            # both operands K-major (tf32 tensor-core dots read no other layout from shared memory)
-            b_r = tl.dot(b_wp, tl.trans(b_w), b_r, input_precision=INPUT_PRECISION)
-    return b_r
-
-
-@triton.jit
-def _squares_tile(p_xl, o_rows, m_a, i_s, N, L, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Σ x² over segment i_s of the given units."""
-    b_sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    p_s = p_xl + i_s * N * L
-    for i_k in range(0, L, BLOCK_K):
-        o_k = i_k + tl.arange(0, BLOCK_K)
-        b_x = tl.load(p_s + o_rows[:, None] * L + o_k[None, :], mask=m_a[:, None] & (o_k < L)[None, :], other=0.)
-        b_sq += b_x.to(tl.float32) * b_x.to(tl.float32)
-    return tl.sum(tl.sum(b_sq, axis=1), axis=0)
-
-
-@triton.jit
-def _fwd_kernel(p_w, p_ow, p_gmeta, p_x, p_ox, p_smeta, p_tiles, p_order, p_m, p_r, p_part, p_strength,
-                gram_weight, l2_weight,
-                LOSS: tl.constexpr, MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-                VEC_W: tl.constexpr, VEC_X: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tile ``(kind, l, a0, b, 0)``: an R tile (kind _R, columns b…), a squares tile (kind _SQUARES, segment b)
-    or the squares of a gram tensor's pruned rows (kind _GRAM_SQUARES, segment b, times l2_weight); with LOSS,
-    ``r ×`` its loss share into ``p_part[t]``."""
-    i_t = tl.program_id(0)
-    kind = tl.load(p_tiles + i_t * 5)
-    i_l = tl.load(p_tiles + i_t * 5 + 1)
-    i_a = tl.load(p_tiles + i_t * 5 + 2)
-    i_b = tl.load(p_tiles + i_t * 5 + 3)
-    o_a = i_a + tl.arange(0, BLOCK_M)
-    if kind == 0:
-        p_meta = p_gmeta + i_l * 8
-        N = tl.load(p_meta)
-        S = tl.load(p_meta + 1)
-        L = tl.load(p_meta + 2)
-        P = tl.load(p_meta + 3)
-        o_idx = tl.load(p_meta + 4)
-        o_r = tl.load(p_meta + 5)
-        o_w = tl.load(p_ow + i_l)
-        m_a = o_a < P
-        o_j = _aligned(i_b, BLOCK_N) + tl.arange(0, BLOCK_N)
-        m_j = o_j < N
-        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0)
-        if tl.load(p_meta + 6) != 0:
-            b_r = _r_tile(p_w + _aligned(o_w, VEC_W), o_rows, m_a, o_j, m_j, N, S, _aligned(L, VEC_W),
-                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, None)
-            N_v = _aligned(N, 4)
-            tl.store(p_r + _aligned(o_r, 4) + o_a[:, None] * N_v + o_j[None, :], b_r,
-                     mask=m_a[:, None] & (o_j < N_v)[None, :])
-        else:
-            b_r = _r_tile(p_w + o_w, o_rows, m_a, o_j, m_j, N, S, L,  # (unaligned: unpipelined, few registers)
-                          INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, 1)
-            tl.store(p_r + o_r + o_a[:, None] * N + o_j[None, :], b_r, mask=m_a[:, None] & m_j[None, :])
-        if LOSS:
-            b_m = tl.load(p_m + o_idx + o_j, mask=m_j, other=0).to(tl.float32)
-            b_loss = tl.sum(tl.sum(b_r * b_r * (1. + b_m)[None, :], axis=1), axis=0) * gram_weight
-            if MEAN:
-                b_loss = b_loss / (N * N).to(tl.float32)
-            tl.store(p_part + i_t, b_loss * tl.load(p_strength).to(tl.float32))
-    elif kind == 1:
-        b_sq = _squares_of(p_x, tl.load(p_ox + i_l), p_smeta + i_l * 8, 5, p_order, o_a, i_b, VEC_X, BLOCK_M, BLOCK_K)
-        if LOSS:  # (squares tiles are in the loss tables only)
-            tl.store(p_part + i_t, 0.5 * b_sq * tl.load(p_strength).to(tl.float32))
-    else:
-        b_sq = _squares_of(p_w, tl.load(p_ow + i_l), p_gmeta + i_l * 8, 6, p_order, o_a, i_b, VEC_W, BLOCK_M, BLOCK_K)
-        if LOSS:
-            tl.store(p_part + i_t, 0.5 * l2_weight * b_sq * tl.load(p_strength).to(tl.float32))
-
-
-@triton.jit
-def _squares_of(p_t, o_t, p_meta, ALIGNED: tl.constexpr, p_order, o_a, i_s, VEC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Σ x² over segment i_s of the pruned units at positions o_a of the tensor at ``p_t + o_t`` whose metadata
-    row (N, S, L, p, o_idx, …) is at ``p_meta``, column ``ALIGNED`` its alignment flag."""
-    N = tl.load(p_meta)
-    L = tl.load(p_meta + 2)
-    m_a = o_a < tl.load(p_meta + 3)
-    o_rows = tl.load(p_order + tl.load(p_meta + 4) + o_a, mask=m_a, other=0)
-    if tl.load(p_meta + ALIGNED) != 0:
-        b_sq = _squares_tile(p_t + _aligned(o_t, VEC), o_rows, m_a, i_s, N, _aligned(L, VEC), BLOCK_M, BLOCK_K)
-    else:
-        b_sq = _squares_tile(p_t + o_t, o_rows, m_a, i_s, N, L, BLOCK_M, BLOCK_K)
-    return b_sq
-
-
-@triton.jit
-def _pruned_rows(p_r, p_wl, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
-    """Σ_j R[o_s, j] W[j, o_d] (``p_wl``: the segment's first element; rows L apart)."""
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i_j in tl.range(0, N, BLOCK_J, num_stages=STAGES):
-        o_j = i_j + tl.arange(0, BLOCK_J)
-        m_j = o_j < N
-        b_r = tl.load(p_r + o_s[:, None] * N + o_j[None, :], mask=m_s[:, None] & m_j[None, :], other=0.)
-        b_w = tl.load(p_wl + o_j[:, None] * L + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
-        b_acc = tl.dot(b_r, b_w.to(tl.float32), b_acc, input_precision=INPUT_PRECISION)
-    return b_acc
-
-
-@triton.jit
-def _kept_rows(p_r, p_wl, p_order, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
-    """Σ_a R[a, o_rows] W[P_a, o_d] for kept units o_rows (columns of R)."""
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i_b in tl.range(0, P, BLOCK_J, num_stages=STAGES):
-        o_b = i_b + tl.arange(0, BLOCK_J)
-        m_b = o_b < P
-        b_rt = tl.load(p_r + o_b[None, :] * N + o_rows[:, None], mask=m_s[:, None] & m_b[None, :], other=0.)
-        o_pb = tl.load(p_order + o_b, mask=m_b, other=0)
-        b_wp = tl.load(p_wl + o_pb[:, None] * L + o_d[None, :], mask=m_b[:, None] & m_d[None, :], other=0.)
-        b_acc = tl.dot(b_rt, b_wp.to(tl.float32), b_acc, input_precision=INPUT_PRECISION)
-    return b_acc
-
-
-@triton.jit
-def _gram_grad_tile(p_w, p_out, p_r, p_order, o_idx, kind, i_s, o_d, N, L, P, b_gram, b_l2,
-                    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
-    """Gradient rows order[i_s…] (all pruned for kind _PRUNED_ROWS, all kept otherwise), columns o_d of one
-    segment (``p_w``/``p_out`` point at the segment's first element)."""
-    o_s = i_s + tl.arange(0, BLOCK_M)
-    m_d = o_d < L
-    if kind == 2:
-        m_s = o_s < P
-        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0)
-        b_out = b_gram * _pruned_rows(p_r, p_w, o_s, m_s, o_d, m_d, N, L, INPUT_PRECISION,
-                                      BLOCK_M, BLOCK_D, BLOCK_J, STAGES)
-        b_w = tl.load(p_w + o_rows[:, None] * L + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.)
-        b_out += b_l2 * b_w.to(tl.float32)
-    else:
-        m_s = o_s < N
-        o_rows = tl.load(p_order + o_idx + o_s, mask=m_s, other=0)
-        b_out = b_gram * _kept_rows(p_r, p_w, p_order + o_idx, o_rows, m_s, o_d, m_d, N, L, P, INPUT_PRECISION,
-                                    BLOCK_M, BLOCK_D, BLOCK_J, STAGES)
-    p_o = p_out + o_rows[:, None] * L + o_d[None, :]
-    m_o = m_s[:, None] & m_d[None, :]
-    if ACCUMULATE:
-        b_out += tl.load(p_o, mask=m_o, other=0.).to(tl.float32)
-    tl.store(p_o, b_out.to(p_out.dtype.element_ty), mask=m_o)
-
-
-@triton.jit
-def _squares_grad_tile(p_xl, p_out, o_rows, m_a, N, L, b_scale, ACCUMULATE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out[rows] (+)= scale · x[rows]`` over one segment (``p_xl``/``p_out`` at its first element)."""
-    for i_k in range(0, L, BLOCK_K):
-        o_k = i_k + tl.arange(0, BLOCK_K)
-        m = m_a[:, None] & (o_k < L)[None, :]
-        o = o_rows[:, None] * L + o_k[None, :]
-        b_out = b_scale * tl.load(p_xl + o, mask=m, other=0.).to(tl.float32)
-        if ACCUMULATE:
-            b_out += tl.load(p_out + o, mask=m, other=0.).to(tl.float32)
-        tl.store(p_out + o, b_out.to(p_out.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _bwd_kernel(p_w, p_ow, p_gmeta, p_gout, p_ogout, p_x, p_ox, p_smeta, p_xout, p_oxout, p_tiles, p_order, p_r,
-                p_strength, p_grad, gram_weight, l2_weight,
-                ACCUMULATE: tl.constexpr, MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                VEC_W: tl.constexpr, VEC_X: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Tile ``(kind, l, s0, segment, d0)``: gradient rows of a gram tensor (kinds _PRUNED_ROWS, _KEPT_ROWS) or of
-    the pruned units of a squares tensor (kind _SQUARES), times ``r`` (and the incoming ``p_grad`` if given)."""
-    i_t = tl.program_id(0)
-    kind = tl.load(p_tiles + i_t * 5)
-    i_l = tl.load(p_tiles + i_t * 5 + 1)
-    i_s = tl.load(p_tiles + i_t * 5 + 2)
-    i_g = tl.load(p_tiles + i_t * 5 + 3)
-    i_d = tl.load(p_tiles + i_t * 5 + 4)
-    b_scale = tl.load(p_strength).to(tl.float32)
-    if p_grad is not None:
-        b_scale = b_scale * tl.load(p_grad).to(tl.float32)
-    if kind != 1:
-        p_meta = p_gmeta + i_l * 8
-        N = tl.load(p_meta)
-        L = tl.load(p_meta + 2)
-        P = tl.load(p_meta + 3)
-        o_idx = tl.load(p_meta + 4)
-        p_rl = p_r + tl.load(p_meta + 5)
-        b_gram = 4. * gram_weight * b_scale
-        if MEAN:
-            b_gram = b_gram / (N * N).to(tl.float32)
-        o_d = _aligned(i_d, BLOCK_D) + tl.arange(0, BLOCK_D)
-        o_seg = i_g * N * L
-        if tl.load(p_meta + 6) != 0:
-            L_v = _aligned(L, VEC_W)
-            o_seg_v = _aligned(o_seg, VEC_W)
-            _gram_grad_tile(p_w + _aligned(tl.load(p_ow + i_l), VEC_W) + o_seg_v,
-                            p_gout + _aligned(tl.load(p_ogout + i_l), VEC_W) + o_seg_v,
-                            p_r + _aligned(tl.load(p_meta + 5), 4), p_order, o_idx, kind, i_s, o_d,
-                            _aligned(N, 4), L_v, P, b_gram, b_scale * l2_weight,
-                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J, None)
-        else:
-            _gram_grad_tile(p_w + tl.load(p_ow + i_l) + o_seg, p_gout + tl.load(p_ogout + i_l) + o_seg,
-                            p_rl, p_order, o_idx, kind, i_s, o_d, N, L, P, b_gram, b_scale * l2_weight,
-                            ACCUMULATE, INPUT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_J, 1)
-    else:
-        p_meta = p_smeta + i_l * 8
-        N = tl.load(p_meta)
-        L = tl.load(p_meta + 2)
-        P = tl.load(p_meta + 3)
-        o_idx = tl.load(p_meta + 4)
-        o_a = i_s + tl.arange(0, BLOCK_M)
-        m_a = o_a < P
-        o_rows = tl.load(p_order + o_idx + o_a, mask=m_a, other=0)
-        o_seg = i_g * N * L
-        if tl.load(p_meta + 5) != 0:
-            o_seg_v = _aligned(o_seg, VEC_X)
-            _squares_grad_tile(p_x + _aligned(tl.load(p_ox + i_l), VEC_X) + o_seg_v,
-                               p_xout + _aligned(tl.load(p_oxout + i_l), VEC_X) + o_seg_v,
-                               o_rows, m_a, N, _aligned(L, VEC_X), b_scale, ACCUMULATE, BLOCK_M, BLOCK_D)
-        else:
-            _squares_grad_tile(p_x + tl.load(p_ox + i_l) + o_seg, p_xout + tl.load(p_oxout + i_l) + o_seg,
-                               o_rows, m_a, N, L, b_scale, ACCUMULATE, BLOCK_M, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -418,7 +160,7 @@ class _Launch:
               device: torch.device) -> Tensor:
         """The metadata table with column ``column`` = 1 where every address of the tensor (its own, its output
         at ``o_out``) and its segment length are multiples of 16 bytes."""
-        rows = [list(r) for r in rows] or [[0] * _META]
+        rows = [list(r) for r in rows] or [[0] * kernels.META]
         tensors = [r.tensor for r in (self.grams if column == 6 else self.squares)]
         anchor = self.anchor_w if column == 6 else self.anchor_x
         for row, t, o_t, o in zip(rows, tensors, _offsets(tensors, anchor), o_out):
@@ -429,12 +171,12 @@ class _Launch:
 
     def _fwd_rows(self, loss: bool) -> List[Tuple[int, ...]]:
         cfg = self.fwd_cfg
-        rows = [(_R, i, a, j, 0) for i, r in enumerate(self.grams)
+        rows = [(kernels.R_TILE, i, a, j, 0) for i, r in enumerate(self.grams)
                 for a in range(0, r.pruned.numel(), cfg.block_rows) for j in range(0, r.units, cfg.block_cols)]
         if loss:
-            rows += [(_SQUARES, q, a, s, 0) for q, r in enumerate(self.squares)
+            rows += [(kernels.SQUARES, q, a, s, 0) for q, r in enumerate(self.squares)
                      for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
-            rows += [(_GRAM_SQUARES, i, a, s, 0) for i, r in enumerate(self.grams) if self.l2
+            rows += [(kernels.GRAM_SQUARES, i, a, s, 0) for i, r in enumerate(self.grams) if self.l2
                      for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
         return rows
 
@@ -445,32 +187,32 @@ class _Launch:
             p, n = r.pruned.numel(), r.units
             for s in range(r.segments):
                 for d in range(0, r.length, cfg.block_cols):
-                    rows += [(_PRUNED_ROWS, i, a, s, d) for a in range(0, p, cfg.block_rows)]
-                    rows += [(_KEPT_ROWS, i, a, s, d) for a in range(p, n, cfg.block_rows)]
-        rows += [(_SQUARES, q, a, s, 0) for q, r in enumerate(self.squares)
+                    rows += [(kernels.PRUNED_ROWS, i, a, s, d) for a in range(0, p, cfg.block_rows)]
+                    rows += [(kernels.KEPT_ROWS, i, a, s, d) for a in range(p, n, cfg.block_rows)]
+        rows += [(kernels.SQUARES, q, a, s, 0) for q, r in enumerate(self.squares)
                  for a in range(0, r.pruned.numel(), cfg.block_rows) for s in range(r.segments)]
         return rows
 
     def _work(self, tile: Tuple[int, ...]) -> int:
         """Elements a program streams (operand tiles over its reduction), to launch the longest first."""
         kind, i, a, b, d = tile
-        if kind in (_SQUARES, _GRAM_SQUARES):
-            rows = self.squares[i] if kind == _SQUARES else self.grams[i]
+        if kind in (kernels.SQUARES, kernels.GRAM_SQUARES):
+            rows = self.squares[i] if kind == kernels.SQUARES else self.grams[i]
             return min(self.fwd_cfg.block_rows, rows.pruned.numel() - a) * rows.length
         rows = self.grams[i]
         n, p, length = rows.units, rows.pruned.numel(), rows.length
-        if kind == _R:
+        if kind == kernels.R_TILE:
             m, cols = min(self.fwd_cfg.block_rows, p - a), min(self.fwd_cfg.block_cols, n - b)
             return (m + cols) * rows.segments * length
         cols = min(self.bwd_cfg.block_cols, length - d)
-        if kind == _PRUNED_ROWS:
+        if kind == kernels.PRUNED_ROWS:
             return (min(self.bwd_cfg.block_rows, p - a) + cols) * n
         return (min(self.bwd_cfg.block_rows, n - a) + cols) * p
 
     def _tiles(self, rows: Sequence[Tuple[int, ...]], device: torch.device) -> Tensor:
         """The tile table, longest programs first (the GPU starts them in order: the short ones fill the tail)."""
         rows = sorted(rows, key=self._work, reverse=True)
-        return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), _TILE).to(device)
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), kernels.TILE).to(device)
 
     def bind_grads(self, grads: Sequence[Tensor], device: torch.device) -> None:
         """Offsets and alignment of the ``.grad`` tensors (rebuilt when one of them moved)."""
@@ -547,7 +289,7 @@ class PenaltyPlan:
     def _launch_fwd(self, launch: _Launch, tiles: Tensor, r: Tensor, partials: Optional[Tensor],
                     strength: Tensor) -> None:
         cfg = launch.fwd_cfg
-        _fwd_kernel[(tiles.shape[0],)](
+        kernels.fwd_kernel[(tiles.shape[0],)](
             launch.anchor_w, launch.o_w, launch.gmeta, launch.anchor_x, launch.o_x, launch.smeta, tiles,
             launch.order, launch.m, r, partials, strength, self.gram_weight, self.l2_weight,
             LOSS=partials is not None, MEAN=self.mean, INPUT_PRECISION=self.precision,
@@ -561,7 +303,7 @@ class PenaltyPlan:
                     accumulate: bool) -> None:
         cfg = launch.bwd_cfg
         gout, o_gout, xout, o_xout = outs
-        _bwd_kernel[(launch.bwd_tiles.shape[0],)](
+        kernels.bwd_kernel[(launch.bwd_tiles.shape[0],)](
             launch.anchor_w, launch.o_w, metas[0], gout, o_gout, launch.anchor_x, launch.o_x, metas[1], xout,
             o_xout, launch.bwd_tiles, launch.order, r, strength, grad, self.gram_weight, self.l2_weight,
             ACCUMULATE=accumulate, MEAN=self.mean, INPUT_PRECISION=self.precision,
@@ -616,7 +358,7 @@ class PenaltyPlan:
         (one launch per dtype group and one sum; the backward one launch per dtype group)."""
         return _PenaltyFunction.apply(self.id, strength, *self.tensors)
 
-    def _forward(self, strength: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, strength: Tensor) -> Tuple[Tensor, Tensor]:
         r = torch.empty(self.r_numel, dtype=torch.float32, device=self.device)
         partials = torch.empty(self.n_part, dtype=torch.float32, device=self.device)
         with config.on_device(r):
@@ -625,7 +367,7 @@ class PenaltyPlan:
                                  partials[launch.o_part:launch.o_part + launch.n_part], strength)
         return partials.sum(), r
 
-    def _grads(self, grad: Tensor, strength: Tensor, r: Tensor) -> List[Tensor]:
+    def gradients(self, grad: Tensor, strength: Tensor, r: Tensor) -> List[Tensor]:
         """Per launch, the flat gradient buffers of its gram and its squares tensors."""
         flats = []
         with config.on_device(r):
@@ -640,7 +382,7 @@ class PenaltyPlan:
 
     def _view_specs(self) -> Tuple[Tuple[int, Tuple[int, ...], Tuple[int, ...], int], ...]:
         """(flat buffer position, shape, strides, offset) of each tensor's gradient in the buffers of
-        :meth:`_grads`: plain data, so that the autograd backward can be traced by torch.compile."""
+        :meth:`gradients`: plain data, so that the autograd backward can be traced by torch.compile."""
         specs = []
         for k, launch in enumerate(self.launches):
             specs += [(2 * k, tuple(r.tensor.shape), r.tensor.stride(), o)
@@ -680,11 +422,11 @@ _lib.define("plan_penalty_bwd(int plan, Tensor grad, Tensor strength, Tensor r, 
 
 
 def _plan_penalty_impl(plan: int, strength: Tensor, tensors: List[Tensor]) -> Tuple[Tensor, Tensor]:
-    return _plans[plan]._forward(strength)
+    return _plans[plan].forward(strength)
 
 
 def _plan_penalty_bwd_impl(plan: int, grad: Tensor, strength: Tensor, r: Tensor, tensors: List[Tensor]) -> List[Tensor]:
-    return _plans[plan]._grads(grad, strength, r)
+    return _plans[plan].gradients(grad, strength, r)
 
 
 _lib.impl("plan_penalty", _plan_penalty_impl, "CompositeExplicitAutograd")
