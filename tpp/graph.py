@@ -32,15 +32,14 @@ If fx cannot trace the model, ``analyze_model`` raises ``ValueError`` naming the
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .attention import head_parameters
+from .fxnodes import BNS, FLAT, LAST, LAYERS, NCHW, NORMALIZED, UNARY, Tracer, arg, classify, listing, out_channels
 
 __all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "Unit", "analyze_model"]
 
@@ -179,7 +178,7 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
             raise ValueError(f"leaf_modules entry {name!r} is not the qualified name of a submodule of "
                              f"{type(model).__name__}")
     packed = [n for n, m in modules.items() if not isinstance(m, nn.MultiheadAttention) and head_parameters(m)]
-    tracer = _Tracer(leaves + packed)
+    tracer = Tracer(leaves + packed)
     try:
         graph = tracer.trace(model)
     except Exception as err:
@@ -200,184 +199,6 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tracing
-
-
-class _Tracer(fx.Tracer):
-    """fx tracer keeping Conv2d/Linear/BatchNorm/MultiheadAttention (and subclasses) as leaves; records the innermost
-    module a failure came from."""
-
-    def __init__(self, leaves: Iterable[str] = ()) -> None:
-        super().__init__()
-        self.leaves = frozenset(leaves)
-        self.stack: list[str] = []  # qualified names of the modules being traced, outermost first
-        self.failed_in: tuple[BaseException, str] | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _LAYERS + _BNS + (nn.MultiheadAttention,)) or module_qualified_name in self.leaves \
-            or super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception as err:
-            if self.failed_in is None or self.failed_in[0] is not err:  # the innermost module sees it first
-                self.failed_in = (err, self.stack[-1])
-            raise
-        finally:
-            self.stack.pop()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What the walk understands
-
-_LAYERS = (nn.Conv2d, nn.Linear)
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-_NORMALIZED = "normalized by"
-_NCHW, _FLAT, _LAST = "nchw", "flat", "last"  # channels in dim 1 of a 4-D tensor / flattened blocks / last dim
-
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.AlphaDropout,
-)  # fmt: skip
-_SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
-_SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
-_ELEMENTWISE_FUNCTIONS = frozenset({
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid,
-    torch.tanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
-    F.dropout2d, F.alpha_dropout,
-})  # fmt: skip
-_SPATIAL_FUNCTIONS = frozenset(
-    {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
-)
-_SOFTMAX_FUNCTIONS = frozenset({F.softmax, F.log_softmax, torch.softmax, torch.log_softmax})
-_SOFTMAX_METHODS = frozenset({"softmax", "log_softmax"})
-_ELEMENTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"})
-_ADD, _MUL = "added to", "multiplied with"
-_JOIN_FUNCTIONS = {
-    operator.add: _ADD, operator.iadd: _ADD, operator.sub: _ADD, operator.isub: _ADD, torch.add: _ADD,
-    torch.sub: _ADD, operator.mul: _MUL, operator.imul: _MUL, operator.truediv: _MUL, operator.itruediv: _MUL,
-    torch.mul: _MUL, torch.div: _MUL,
-}  # fmt: skip
-_JOIN_METHODS = {
-    "add": _ADD, "add_": _ADD, "sub": _ADD, "sub_": _ADD, "mul": _MUL, "mul_": _MUL, "div": _MUL, "div_": _MUL,
-}  # fmt: skip
-_CAT_FUNCTIONS = frozenset({torch.cat, torch.concat, torch.concatenate})
-_META_METHODS = frozenset({"size", "dim", "numel"})
-_META_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
-def _is_batch_size(a) -> bool:
-    """``x.size(0)`` or ``x.shape[0]``."""
-    if not isinstance(a, fx.Node):
-        return False
-    if a.op == "call_method" and a.target == "size":
-        return _arg(a, 1, "dim") == 0
-    return (
-        a.op == "call_function"
-        and a.target is operator.getitem
-        and a.args[1] == 0
-        and isinstance(a.args[0], fx.Node)
-        and a.args[0].target is getattr
-        and a.args[0].args[1] == "shape"
-    )
-
-
-def _is_stochastic_depth(target) -> bool:
-    """torchvision's ``stochastic_depth`` (wrapped for fx): drops whole samples, so it carries every channel."""
-    return getattr(target, "__module__", None) == "torchvision.ops.stochastic_depth" \
-        and getattr(target, "__name__", None) == "stochastic_depth"
-
-
-def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]:
-    """What ``node`` does to channels, as ``(kind, detail)``.
-
-    kinds: layer/depthwise/grouped/bn (detail: the module), carry (elementwise, stochastic depth), spatial (NCHW
-    only), flatten, mean (detail: keepdim), softmax (mixes channels: followed only to find the model output), join
-    (detail: verb), cat, layernorm (LayerNorm/GroupNorm: normalizes channels together), meta (shape queries),
-    unknown.
-    """
-    op, target = node.op, node.target
-    if op == "call_module":
-        m = modules[target]
-        if isinstance(m, nn.Conv2d) and m.groups > 1:
-            return ("depthwise" if m.groups == m.in_channels == m.out_channels else "grouped"), m
-        if isinstance(m, _LAYERS):
-            return "layer", m
-        if isinstance(m, _BNS):
-            return "bn", m
-        if isinstance(m, _ELEMENTWISE_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
-            return "carry", None
-        if isinstance(m, _SPATIAL_MODULES):
-            return "spatial", None
-        if isinstance(m, _SOFTMAX_MODULES):
-            return "softmax", None
-        if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1):
-            return "flatten", None
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-            return "layernorm", None
-    elif op == "call_function":
-        if target in _ELEMENTWISE_FUNCTIONS or _is_stochastic_depth(target):
-            return "carry", None
-        if target in (F.layer_norm, F.group_norm):
-            return "layernorm", None
-        if target in _SPATIAL_FUNCTIONS:
-            return "spatial", None
-        if target in _SOFTMAX_FUNCTIONS:
-            return "softmax", None
-        if target in _JOIN_FUNCTIONS:
-            return "join", _JOIN_FUNCTIONS[target]
-        if target in _CAT_FUNCTIONS:
-            return "cat", None
-        if target is torch.flatten and _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1:
-            return "flatten", None
-        if target is getattr and node.args[1] in _META_ATTRIBUTES:
-            return "meta", None
-    elif op == "call_method":
-        if target in _ELEMENTWISE_METHODS:
-            return "carry", None
-        if target in _JOIN_METHODS:
-            return "join", _JOIN_METHODS[target]
-        if target in _SOFTMAX_METHODS:
-            return "softmax", None
-        if target in _META_METHODS:
-            return "meta", None
-        if target == "flatten" and _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1:
-            return "flatten", None
-        if target in ("view", "reshape"):
-            shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-            if len(shape) == 2 and _is_batch_size(shape[0]) and shape[1] == -1:
-                return "flatten", None
-        if target == "mean":
-            dims = _arg(node, 1, "dim")
-            spatial = isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims)
-            if spatial and sorted(d % 4 for d in dims) == [2, 3]:
-                return "mean", bool(_arg(node, 2, "keepdim", False))
-    return "unknown", None
-
-
-_UNARY = frozenset({"layer", "depthwise", "grouped", "bn", "carry", "spatial", "flatten", "mean"})
-
-
-def _listing(names: tuple[str, ...]) -> str:
-    """``[a, b, c]``, or ``[first, second, … (n layers), last]`` for long groups."""
-    if len(names) <= 4:
-        return f"[{', '.join(names)}]"
-    return f"[{names[0]}, {names[1]}, … ({len(names)} layers), {names[-1]}]"
-
-
-def _out_channels(m: nn.Module) -> int:
-    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Analysis of a traced graph
 
 
@@ -388,13 +209,13 @@ class _Analysis:
         self.modules = dict(model.named_modules())
         self.nodes = list(graph.nodes)
         self.pos = {node: i for i, node in enumerate(self.nodes)}
-        self.kinds = {node: _classify(node, self.modules) for node in self.nodes}
+        self.kinds = {node: classify(node, self.modules) for node in self.nodes}
         self.calls: dict[str, list[fx.Node]] = {}
         for node in self.nodes:
             if node.op == "call_module":
                 self.calls.setdefault(node.target, []).append(node)
-        registered = [name for name, m in self.modules.items() if isinstance(m, _LAYERS)]
-        called = [name for name in self.calls if isinstance(self.modules[name], _LAYERS)]
+        registered = [name for name, m in self.modules.items() if isinstance(m, LAYERS)]
+        called = [name for name in self.calls if isinstance(self.modules[name], LAYERS)]
         self.order = called + [name for name in registered if name not in self.calls]
         self.index = {name: i for i, name in enumerate(self.order)}
         self.origins = self._origins()
@@ -414,7 +235,7 @@ class _Analysis:
             kind = self.kinds[node][0]
             if kind in ("layer", "grouped"):
                 origins[node] = (frozenset({node.target}), ())
-            elif kind in _UNARY and node.args and isinstance(node.args[0], fx.Node):
+            elif kind in UNARY and node.args and isinstance(node.args[0], fx.Node):
                 origins[node] = origins[node.args[0]]
             elif kind == "join":
                 parts = [origins[a] for a in node.all_input_nodes]
@@ -436,7 +257,7 @@ class _Analysis:
                 counts[node] = counts[node.args[0]]
             elif kind == "join" and args:
                 counts[node] = counts[args[0]]
-            elif kind == "cat" and _arg(node, 1, "dim", 0) in (1, -3):
+            elif kind == "cat" and arg(node, 1, "dim", 0) in (1, -3):
                 parts = node.args[0]
                 if all(isinstance(a, fx.Node) and a in counts for a in parts):
                     counts[node] = sum(counts[a] for a in parts)
@@ -461,7 +282,7 @@ class _Analysis:
                     units[info.name] = Unit(info.name, "group", info.group, info.out_channels,
                                             self._segments(info.group, layers), info.index)
                 else:
-                    refusals[info.name] = f"group {_listing(info.group)} joins different channel counts {sizes}"
+                    refusals[info.name] = f"group {listing(info.group)} joins different channel counts {sizes}"
         heads = self._heads()
         for name, (unit, reason) in heads.items():
             if unit is not None:
@@ -474,7 +295,7 @@ class _Analysis:
             if info.name in members or info.name in refusals or (parent in units and units[parent].kind == "heads"):
                 continue
             if len(info.group) > 1 and info.group_coupling is not None:
-                refusals[info.name] = f"group {_listing(info.group)} cannot share one index set: " \
+                refusals[info.name] = f"group {listing(info.group)} cannot share one index set: " \
                                       f"{info.group_coupling}"
             else:
                 refusals[info.name] = info.coupling
@@ -528,7 +349,7 @@ class _Analysis:
 
     def _layer(self, name: str) -> LayerInfo:
         m = self.modules[name]
-        channels = _out_channels(m)
+        channels = out_channels(m)
         uses, reasons, blocking, bn, is_output = self._walk(name, channels)
         structural = self._structural(name, m)
         coupling = "output is the model output" if is_output else structural or (reasons[0] if reasons else None)
@@ -574,7 +395,7 @@ class _Analysis:
         channels reach the model output.
         """
         starts = self.calls.get(name, [])
-        layout = _NCHW if isinstance(self.modules[name], nn.Conv2d) else _LAST
+        layout = NCHW if isinstance(self.modules[name], nn.Conv2d) else LAST
         todo = [(node, (layout, 0, channels)) for node in starts]
         seen = {node: (layout, 0, channels) for node in starts}
         uses, reasons, bn, is_output = [], [], None, False
@@ -603,7 +424,7 @@ class _Analysis:
         ordered = tuple(dict.fromkeys(use for _, use in sorted(uses, key=lambda t: t[0])))
         reasons.sort(key=lambda t: t[0])
         blocking = [r for _, r, shared in reasons if not shared]
-        normalized = [r for r in blocking if _NORMALIZED in r]  # the reason a user most needs to see
+        normalized = [r for r in blocking if NORMALIZED in r]  # the reason a user most needs to see
         blocking = (normalized or blocking or [None])[0]
         return ordered, [r for _, r, _ in reasons], blocking, bn, is_output
 
@@ -621,7 +442,7 @@ class _Analysis:
         if kind == "cat":
             return self._cat(name, src, node, state)
         if kind == "layernorm":
-            return None, None, (f"output is {_NORMALIZED} {self._describe(node)} (node {node.name}) together "
+            return None, None, (f"output is {NORMALIZED} {self._describe(node)} (node {node.name}) together "
                                 "with other channels: zeroing a channel changes their mean and variance, so removal "
                                 "cannot be exact (tpp-method.md §12)")
         cannot = f"output reaches {self._describe(node)} (node {node.name}), which tpp cannot follow"
@@ -631,7 +452,7 @@ class _Analysis:
                 and len(self.calls[node.target]) > 1:
             return None, None, f"output reaches {node.target}, which is called {len(self.calls[node.target])} times"
         if kind == "grouped":
-            if layout == _NCHW and m.in_channels == total == channels:
+            if layout == NCHW and m.in_channels == total == channels:
                 return None, ChannelUse(node.target, "input", groups=m.groups), None
             return None, None, f"output is consumed by grouped conv {node.target} (groups={m.groups}) after a " \
                                "concatenation"
@@ -639,25 +460,25 @@ class _Analysis:
             return state, None, None
         if kind == "softmax":  # e.g. a classifier's log_softmax: coupled, but followed to the model output
             return state, None, f"output reaches {self._describe(node)} (node {node.name}), which mixes channels"
-        if kind == "spatial" and layout == _NCHW:
+        if kind == "spatial" and layout == NCHW:
             return state, None, None
-        if kind == "flatten" and layout in (_NCHW, _FLAT):
-            return (_FLAT, offset, total), None, None
-        if kind == "mean" and layout == _NCHW:
-            return ((_NCHW if m else _FLAT), offset, total), None, None
+        if kind == "flatten" and layout in (NCHW, FLAT):
+            return (FLAT, offset, total), None, None
+        if kind == "mean" and layout == NCHW:
+            return ((NCHW if m else FLAT), offset, total), None, None
         if kind == "bn" and m.num_features == total:  # BatchNorm1d after a Linear: assumes [B, C], not [B, T, C]
-            if (isinstance(m, nn.BatchNorm2d) and layout == _NCHW) or (
-                isinstance(m, nn.BatchNorm1d) and layout in (_FLAT, _LAST)
+            if (isinstance(m, nn.BatchNorm2d) and layout == NCHW) or (
+                isinstance(m, nn.BatchNorm1d) and layout in (FLAT, LAST)
             ):
                 return state, ChannelUse(node.target, "bn", offset=offset), None
-        if kind == "depthwise" and layout == _NCHW and m.in_channels == total:
+        if kind == "depthwise" and layout == NCHW and m.in_channels == total:
             return state, ChannelUse(node.target, "depthwise", offset=offset), None
-        if kind == "layer" and isinstance(m, nn.Conv2d) and layout == _NCHW and m.in_channels == total:
+        if kind == "layer" and isinstance(m, nn.Conv2d) and layout == NCHW and m.in_channels == total:
             return None, ChannelUse(node.target, "input", offset=offset), None
         if kind == "layer" and isinstance(m, nn.Linear):
-            if layout == _LAST and m.in_features == total:
+            if layout == LAST and m.in_features == total:
                 return None, ChannelUse(node.target, "input", offset=offset), None
-            if layout == _FLAT and m.in_features % total == 0:
+            if layout == FLAT and m.in_features % total == 0:
                 return None, ChannelUse(node.target, "input", m.in_features // total, offset), None
         return None, None, f"{cannot} with its {channels} channels laid out as '{layout}'"
 
@@ -682,12 +503,12 @@ class _Analysis:
         what = ", ".join(dict.fromkeys(
             n for a in others if isinstance(a, fx.Node) for n in (sorted(self.origins[a][0]) or [a.name])))
         reason = f"output is concatenated with {what or 'itself'} (node {node.name})"
-        if layout != _NCHW or _arg(node, 1, "dim", 0) not in (1, -3) or list(parts).count(src) != 1:
+        if layout != NCHW or arg(node, 1, "dim", 0) not in (1, -3) or list(parts).count(src) != 1:
             return None, None, reason
         if node not in self.counts or src not in self.counts or self.counts[src] != total:
             return None, None, f"{reason}, whose channel counts tpp cannot tell"
         before = sum(self.counts[a] for a in parts[: list(parts).index(src)])
-        return (_NCHW, before + offset, self.counts[node]), None, None
+        return (NCHW, before + offset, self.counts[node]), None, None
 
     def _value(self, node: fx.Node) -> str:
         if node.op == "placeholder":
@@ -715,7 +536,7 @@ def _from_bn_map(model: nn.Module, bn_map: Mapping[str, str | None]) -> ModelGra
     modules = dict(model.named_modules())
     for key, bn in bn_map.items():
         layer = modules.get(key) if isinstance(key, str) else None
-        if not isinstance(layer, _LAYERS):
+        if not isinstance(layer, LAYERS):
             found = "no such module" if layer is None else type(layer).__name__
             raise ValueError(f"bn_map key {key!r}: expected the name of a Conv2d/Linear of the model, got {found}")
         if isinstance(layer, nn.Conv2d) and layer.groups > 1:
@@ -723,15 +544,15 @@ def _from_bn_map(model: nn.Module, bn_map: Mapping[str, str | None]) -> ModelGra
         if bn is None:
             continue
         norm = modules.get(bn) if isinstance(bn, str) else None
-        if not isinstance(norm, _BNS):
+        if not isinstance(norm, BNS):
             found = "no such module" if norm is None else type(norm).__name__
             raise ValueError(f"bn_map[{key!r}] = {bn!r}: expected None or the name of a BatchNorm1d/2d, got {found}")
-        if norm.num_features != _out_channels(layer):
+        if norm.num_features != out_channels(layer):
             raise ValueError(
                 f"bn_map[{key!r}] = {bn!r}: BatchNorm has {norm.num_features} features, "
-                f"layer has {_out_channels(layer)} output channels"
+                f"layer has {out_channels(layer)} output channels"
             )
-    names = [name for name, m in modules.items() if isinstance(m, _LAYERS)]
+    names = [name for name, m in modules.items() if isinstance(m, LAYERS)]
     layers = {}
     for index, name in enumerate(names):
         m = modules[name]
@@ -741,7 +562,7 @@ def _from_bn_map(model: nn.Module, bn_map: Mapping[str, str | None]) -> ModelGra
             name=name,
             kind="conv" if isinstance(m, nn.Conv2d) else "linear",
             index=index,
-            out_channels=_out_channels(m),
+            out_channels=out_channels(m),
             bn=bn,
             uses=(ChannelUse(bn, "bn"),) if bn is not None else (),
             coupling=None if listed else "not in bn_map",
