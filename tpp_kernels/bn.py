@@ -3,7 +3,8 @@
 Math (tpp-method.md §2, paper eq. 5): for the BatchNorm after a pruned layer, with pruned channels P,
 ``L_bn = Σ_{j∈P} γ_j² + β_j²`` and ``∂L_bn/∂γ_j = 2γ_j`` (``∂L_bn/∂β_j = 2β_j``) for ``j ∈ P``, 0 for kept ``j``.
 
-Every γ and β is a squares tensor of one cached :class:`~tpp_kernels.plan.PenaltyPlan` (``½Σx²`` at strength 2):
+Every γ and β is a squares tensor of one cached :class:`~tpp_kernels.plan.PenaltyPlan` (``½Σx²`` at strength 2,
+so ``Σx²``):
 one launch forward (a partial per tile, summed afterwards: deterministic), one backward writing both gradients —
 or adding the pruned channels into existing ``.grad`` tensors, leaving kept channels untouched. Same op design as
 gram.py (see its docstring for why the ops are opaque ``custom_op`` s).
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import checks, config, reference
-from .plan import PenaltyPlan, Rows, flat_layout
+from .plan import PenaltyPlan, Rows, flat_layout, strength_tensor
 from .tables import LRU, tensors_key
 
 _plans = LRU(16)
@@ -44,12 +45,6 @@ def _layout(gammas: Sequence[Tensor], betas: Sequence[Tensor], pruned: Sequence[
                             for x, idx in zip(_interleave(gammas, betas), _interleave(pruned, pruned))])
 
 
-def _strength(value: float, device: torch.device, tensor: Optional[Tensor] = None) -> Tensor:
-    """``2·value·tensor`` as a 0-d float64 device tensor: the plan's ``½Σx²`` times 2 is ``Σx²``."""
-    out = torch.full((), 2 * value, dtype=torch.float64, device=device)
-    return out if tensor is None else out * tensor
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Ops (on CPU without the interpreter, the kernels are tpp_kernels.reference)
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,14 +55,14 @@ def _bn_penalty_fwd(gammas: List[Tensor], betas: List[Tensor], pruned: List[Tens
     plan = _plan(gammas, betas, pruned)
     if plan is None:
         return gammas[0].new_zeros((), dtype=torch.float32)
-    return plan.forward(_strength(1.0, gammas[0].device))[0]
+    return plan.forward(strength_tensor(2.0, gammas[0].device))[0]
 
 
 @torch.library.custom_op("tpp::bn_penalty_bwd", mutates_args=())
 def _bn_penalty_bwd(grad: Tensor, gammas: List[Tensor], betas: List[Tensor], pruned: List[Tensor]) -> List[Tensor]:
     """The plan's flat gradient buffers (:func:`~tpp_kernels.plan.flat_layout`)."""
     plan = _plan(gammas, betas, pruned)
-    return plan.gradients(grad, _strength(1.0, grad.device), grad.new_empty(0, dtype=torch.float32))
+    return plan.gradients(grad, strength_tensor(2.0, grad.device), grad.new_empty(0, dtype=torch.float32))
 
 
 @torch.library.custom_op("tpp::bn_penalty_add_grad", mutates_args=("gamma_grads", "beta_grads"))
@@ -77,7 +72,7 @@ def _bn_penalty_add_grad(gammas: List[Tensor], betas: List[Tensor], gamma_grads:
     plan = _plan(gammas, betas, pruned)
     if plan is not None:
         grads = _interleave(gamma_grads, beta_grads)
-        plan.add_grads_(_strength(scale, gammas[0].device, scale_tensor), [grads[i] for i in plan.positions])
+        plan.add_grads_(strength_tensor(2 * scale, gammas[0].device, scale_tensor), [grads[i] for i in plan.positions])
 
 
 @_bn_penalty_fwd.register_fake

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import checks, config, reference
-from .plan import PenaltyPlan, Rows, flat_layout
+from .plan import PenaltyPlan, Rows, flat_layout, strength_tensor
 from .tables import LRU, tensors_key
 
 _plans = LRU(16)
@@ -49,12 +49,6 @@ def _layout(weights: Sequence[Tensor], pruned: Sequence[Tensor]):
     return flat_layout([(w.numel(), w.dtype, idx.shape[0]) for w, idx in zip(weights, pruned)], [])
 
 
-def _strength(value: float, device: torch.device, tensor: Optional[Tensor] = None) -> Tensor:
-    """A 0-d float64 device tensor ``value · tensor`` (a fill: no host-to-device copy)."""
-    out = torch.full((), value, dtype=torch.float64, device=device)
-    return out if tensor is None else out * tensor
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Ops (on CPU without the interpreter, the kernels are tpp_kernels.reference)
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,14 +60,14 @@ def _gram_penalty_fwd(weights: List[Tensor], pruned: List[Tensor], mean: bool,
     plan = _plan(weights, pruned, mean, input_precision)
     if plan is None:
         return weights[0].new_zeros((), dtype=torch.float32), weights[0].new_empty(0, dtype=torch.float32)
-    return plan.forward(_strength(1.0, weights[0].device))
+    return plan.forward(strength_tensor(1.0, weights[0].device))
 
 
 @torch.library.custom_op("tpp::gram_penalty_bwd", mutates_args=())
 def _gram_penalty_bwd(grad: Tensor, weights: List[Tensor], pruned: List[Tensor], r: Tensor, mean: bool,
                       input_precision: str) -> List[Tensor]:
     """The plan's flat gradient buffers (:func:`~tpp_kernels.plan.flat_layout`)."""
-    return _plan(weights, pruned, mean, input_precision).gradients(grad, _strength(1.0, grad.device), r)
+    return _plan(weights, pruned, mean, input_precision).gradients(grad, strength_tensor(1.0, grad.device), r)
 
 
 @torch.library.custom_op("tpp::gram_penalty_add_grad", mutates_args=("grads",))
@@ -81,7 +75,7 @@ def _gram_penalty_add_grad(weights: List[Tensor], grads: List[Tensor], pruned: L
                            scale_tensor: Optional[Tensor], mean: bool, input_precision: str) -> None:
     plan = _plan(weights, pruned, mean, input_precision)
     if plan is not None:
-        plan.add_grads_(_strength(scale, weights[0].device, scale_tensor), [grads[i] for i in plan.positions])
+        plan.add_grads_(strength_tensor(scale, weights[0].device, scale_tensor), [grads[i] for i in plan.positions])
 
 
 @_gram_penalty_fwd.register_fake

@@ -392,6 +392,13 @@ class PenaltyPlan:
         return tuple(specs)
 
 
+def strength_tensor(value: float, device: torch.device, tensor: Optional[Tensor] = None) -> Tensor:
+    """``value · tensor`` as the 0-d float64 device tensor a plan reads its strength from (a fill: no copy from the
+    host)."""
+    out = torch.full((), value, dtype=torch.float64, device=device)
+    return out if tensor is None else out * tensor
+
+
 def _check_rows(rows: Rows, device: torch.device, what: str) -> None:
     t = rows.tensor
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
