@@ -322,3 +322,34 @@ def test_inspect_errors_exit_2_in_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("tpp inspect: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_prune_to_a_speedup_records_the_ratios_and_resumes(tmp_path, capsys):
+    """``--speedup`` searches the ratios on the weights given (global ranking here), runs them, records them, and a
+    resumed run searches the same ones (the run identity holds the ratio spec)."""
+    from tpp.graph import analyze_model
+    from tpp.selection import num_pruned, unit_ratios
+
+    out = tmp_path / "sp"
+    argv = ["prune", "--model", "digits_resnet", "--data", "digits", "--speedup", "1.8", "--speedup-mode", "global",
+            "--weights", "none", "--out", str(out), *TINY]
+    assert main([*argv, "--stop-after-iters", "3"]) == 0
+    assert main([*argv, "--resume", "auto"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["speedup"]["target"] == 1.8 and config["speedup"]["mode"] == "global"
+    reached = json.loads((out / "metrics.json").read_text())["metrics"]["flops"]["speedup"]
+    assert abs(reached / 1.8 - 1) <= 0.02 and reached == pytest.approx(config["speedup"]["reached"])
+    graph = analyze_model(build_model("digits_resnet"))
+    counts = {n: num_pruned(r, graph.units[n].size) for n, r in unit_ratios(graph, config["ratio"]).items()}
+    assert counts == {n: round(r * graph.units[n].size) for n, r in config["speedup"]["ratios"].items()}
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--ratio", "0.5"], ("--ratio and --speedup exclude each other",)),
+    (["--speedup-mode", "global"], ("--speedup-mode global", "--weights")),
+    (["--speedup", "5000"], ("--speedup 5000 on --model digits_cnn", "out of reach")),
+])
+def test_speedup_errors_exit_2(extra, needles, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["prune", "--model", "digits_cnn", "--data", "digits", "--speedup", "1.5", "--out", str(out), *TINY]
+    _fails(argv + extra, capsys, *needles, out=out)

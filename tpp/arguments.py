@@ -140,6 +140,12 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
                                                     "the dataset's, 32 for mnist with mlp7)")
     g.add_argument("--ratio", help="pruning ratio: a number in [0, 1) for every prunable layer but the classifier, "
                                    "or 'pattern:ratio,...' (shell wildcards on layer names, last match wins)")
+    g.add_argument("--speedup", type=number,
+                   help="instead of --ratio: the FLOPs speedup (> 1) to reach within 2%%; the ratios are searched on "
+                        "the weights to prune (tpp.search_speedup) and printed")
+    g.add_argument("--speedup-mode", choices=("uniform", "global"), default="uniform",
+                   help="--speedup by one ratio for every unit, or by a global ranking of normalized scores (needs "
+                        "--weights)")
     g.add_argument("--skip", help="comma-separated layer patterns never pruned")
     g.add_argument("--method", help="tpp, l1, greg, diagonal, no-bn, kernorth, orthconv, orthp, scratch, "
                                     "l1-kernorth, l1-orthconv (default: tpp)")
@@ -235,6 +241,9 @@ def resolve_recipe(args, command: str):
     for key in RECIPE_FLAGS:
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
+    speedup = getattr(args, "speedup", None)
+    if speedup is not None and args.ratio is not None:
+        raise UsageError("--ratio and --speedup exclude each other")
     if args.ratio is not None:
         values["ratio"] = args.ratio
     if args.skip is not None:
@@ -252,9 +261,11 @@ def resolve_recipe(args, command: str):
         recipe = recipe_from_dict(values, base)
     except (TypeError, ValueError) as err:
         raise UsageError(str(err).replace("GrowingSchedule.", "--").replace("_", "-")) from None
-    if not recipe.complete:
-        missing = [f"--{k}" for k, v in (("model", recipe.model), ("data", recipe.data), ("ratio", recipe.ratio))
-                   if v in ("", None)]
+    what = (("model", recipe.model), ("data", recipe.data)) + ((("ratio", recipe.ratio),) if speedup is None else ())
+    missing = [f"--{k}" for k, v in what if v in ("", None)]
+    if missing:
         raise UsageError(f"recipe {recipe.name!r} does not say what to prune: give {', '.join(missing)} "
                          f"(or a recipe that does: {'tpp train --list' if command == 'train' else 'tpp list'})")
+    if speedup is not None:     # the ratio is searched by tpp.command once the model is built
+        return replace(recipe, ratio=None)
     return replace(recipe, ratio=parse_ratio(recipe.ratio))

@@ -213,6 +213,7 @@ def _image_size(recipe) -> Optional[int]:
 
 def _run(args, layout: Layout, command_line: str, env, log) -> int:
     import random
+    from dataclasses import replace
 
     import numpy as np
     import torch
@@ -220,7 +221,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     from .graph import analyze_model
     from .identity import CheckpointMismatch, RunIdentity
     from .recipes import RECIPES
-    from .selection import layer_ratios
+    from .selection import layer_ratios, search_speedup
     from .train.data import build_datasets, build_loaders
     from .weights import load_weights, model_kwargs
 
@@ -254,7 +255,6 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     num_classes = num_classes_of(recipe.data, train_set)
     sample = train_set[0][0]
     kwargs = model_kwargs(recipe.model, sample)
-    config = _run_config(args, recipe, num_classes, recipe.eval_batch_size // env.world_size)
     named = recipe.name in RECIPES and RECIPES[recipe.name].complete
     out, resume = resolve_out(args, layout, recipe.name if named else f"{recipe.model}-{recipe.data}-{recipe.method}",
                               env)
@@ -270,15 +270,27 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         raise UsageError(f"recipe {recipe.name!r} has no pretrained weights: pass --weights <state_dict file> "
                          "(the model to prune), or --weights none for a smoke test from random initialization")
     model, weights_from = load_weights(recipe.model, weights, num_classes, kwargs, sample, recipe.data, env)
+    speedup = None
     try:
         graph = analyze_model(model)                                 # the run's one torch.fx trace
+        if recipe.ratio is None:                                     # --speedup: the ratios are searched here
+            if layout.pretrain and weights is None and args.speedup_mode == "global":
+                raise UsageError("--speedup-mode global ranks the scores of the weights to prune: pass --weights "
+                                 "(this run would pretrain them after the search), or use --speedup-mode uniform")
+            speedup = search_speedup(model, args.speedup, sample.unsqueeze(0), mode=args.speedup_mode,
+                                     skip=recipe.skip, graph=graph)
+            recipe = replace(recipe, ratio=speedup.ratio_spec(graph))
+            for line in speedup.describe().splitlines():
+                log.info("%s", line)
         chosen = layer_ratios(graph, recipe.ratio, recipe.skip)
     except (TypeError, ValueError) as err:
         skip = f" --skip {','.join(recipe.skip)!r}" if recipe.skip else ""
-        raise UsageError(f"--ratio {recipe.ratio!r}{skip} on --model {recipe.model}: {err}") from None
+        what = f"--speedup {args.speedup:g}" if recipe.ratio is None else f"--ratio {recipe.ratio!r}"
+        raise UsageError(f"{what}{skip} on --model {recipe.model}: {err}") from None
     if not chosen:
         raise UsageError(f"--ratio {recipe.ratio!r} prunes no layer of --model {recipe.model} (every ratio is 0 or "
                          "skipped)")
+    config = _run_config(args, recipe, num_classes, recipe.eval_batch_size // env.world_size)
     per_rank, eval_per_rank = recipe.batch_size // env.world_size, recipe.eval_batch_size // env.world_size
     train_loader, val_loader = build_loaders(
         train_set, val_set, per_rank, eval_per_rank, rank=env.rank, world_size=env.world_size, seed=args.seed,
@@ -323,6 +335,8 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         "device": str(env.device), "out": str(out), "resume": str(resume) if resume else None,
         "num_classes": num_classes, "input_shape": list(sample.shape), "world_size": env.world_size,
         "batch_size": recipe.batch_size,
+        "speedup": None if speedup is None else {"target": speedup.target, "mode": speedup.mode,
+                                                 "reached": speedup.speedup, "ratios": speedup.ratios},
         "batch_size_per_process": per_rank, "pretrain_epochs": pretrain_epochs,
         "amp": str(amp or "none").replace("torch.", ""), "channels_last": channels_last, "backend": args.backend,
         "workers": workers, "deterministic": args.deterministic, "checkpoint_every": config.checkpoint_every,

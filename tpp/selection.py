@@ -18,6 +18,7 @@ ranking of normalized scores, by bisection on :func:`tpp.count_flops` of the pru
 """
 from __future__ import annotations
 
+import glob
 import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -202,6 +203,21 @@ class SpeedupSearch:
     pruned: dict[str, Tensor]
     speedup: float
     steps: int
+
+    def ratio_spec(self, graph: ModelGraph) -> str:
+        """The ratios as a ``"unit:ratio,..."`` spec that prunes exactly the searched counts (``(k − ½)/N`` to nine
+        decimals, so that :func:`num_pruned` gives back ``k`` for any ``N`` below 10⁸): what a run records and
+        resumes by."""
+        parts = []
+        for name, ratio in self.ratios.items():
+            size = graph.units[name].size
+            k = round(ratio * size)
+            parts.append(f"{glob.escape(name)}:{(k - 0.5) / size:.9f}")
+        spec = ",".join(parts)
+        found = {n: num_pruned(r, graph.units[n].size) for n, r in unit_ratios(graph, spec).items()}
+        if found != {n: round(r * graph.units[n].size) for n, r in self.ratios.items()}:
+            raise RuntimeError(f"ratio spec {spec!r} does not reproduce the searched counts")
+        return spec
 
     def describe(self) -> str:
         """One line per unit with its ratio, then the speedup reached."""
