@@ -43,6 +43,7 @@ from torch import Tensor, fx, nn
 
 from .attention import head_parameters
 from .fxnodes import BNS, FLAT, LAST, LAYERS, NCHW, NORMALIZED, UNARY, Tracer, arg, classify, listing, out_channels
+from .zeros import ZERO, Carried, cannot_absorb, describe, through, value
 
 __all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "Unit", "analyze_model"]
 
@@ -55,7 +56,9 @@ class ChannelUse:
     ``"input"`` (a Conv2d/Linear consuming them). ``block``: for a Linear after flatten, each channel is ``block``
     consecutive in_features. ``offset``: the channels sit at ``[offset, offset + C)`` of the module's channels
     (after a concatenation). ``groups``: an ``"input"`` of a grouped conv with that many groups (the channels must
-    then be pruned alike in every group).
+    then be pruned alike in every group). ``constant``: for an ``"input"``, the ops (:mod:`tpp.zeros`) that make a
+    removed channel arrive as a constant instead of 0, which removal folds into the consumer's bias; ``()`` if it
+    arrives as 0 (not compared: one consumer is reached one way).
     """
 
     module: str
@@ -63,6 +66,7 @@ class ChannelUse:
     block: int = 1
     offset: int = 0
     groups: int = 1
+    constant: Carried = field(default=ZERO, compare=False)
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,8 @@ class _Analysis:
         self.origins = self._origins()
         self.counts = self._channel_counts()
         self.blocking: dict[str, str | None] = {}  # per layer: a reason its group cannot share one index set
+        self.walks: dict[str, tuple] = {}  # per layer: what _walk found
+        self.carried: dict[str, tuple] = {}  # per join group (by root): what _carried found
         self.parent = {name: name for name in self.order}  # union-find over joined layers
         for node in self.nodes:
             if self.kinds[node][0] == "join":
@@ -353,7 +359,22 @@ class _Analysis:
     def _layer(self, name: str) -> LayerInfo:
         m = self.modules[name]
         channels = out_channels(m)
-        uses, reasons, blocking, bn, is_output = self._walk(name, channels)
+        uses, reasons, bn, is_output, _ = self._walked(name)
+        values, inexact = self._carried(self._root(name))
+        uses, reasons = list(uses), list(reasons) + [(pos, reason, False) for pos, reason in inexact]
+        for i, (pos, use, src) in enumerate(uses):
+            carried = values.get(src, ZERO)
+            why = cannot_absorb(self.modules[use.module]) if carried and use.role == "input" else None
+            if why is not None:
+                reasons.append((pos, self._not_absorbed(carried, use.module, why, channels), False))
+            elif carried and use.role == "input":
+                uses[i] = (pos, replace(use, constant=carried), src)
+        uses = tuple(dict.fromkeys(use for _, use, _ in sorted(uses, key=lambda t: t[0])))
+        reasons.sort(key=lambda t: t[0])
+        blocking = [r for _, r, shared in reasons if not shared]
+        normalized = [r for r in blocking if NORMALIZED in r]  # the reason a user most needs to see
+        blocking = (normalized or blocking or [None])[0]
+        reasons = [r for _, r, _ in reasons]
         structural = self._structural(name, m)
         coupling = "output is the model output" if is_output else structural or (reasons[0] if reasons else None)
         self.blocking[name] = "output is the model output" if is_output else structural or blocking
@@ -388,14 +409,19 @@ class _Analysis:
                 return f"shares parameters with {other}"
         return None
 
+    def _walked(self, name: str) -> tuple:
+        if name not in self.walks:
+            self.walks[name] = self._walk(name, out_channels(self.modules[name]))
+        return self.walks[name]
+
     def _walk(self, name: str, channels: int):
         """Follow ``name``'s output channels forward.
 
         The walk's state is ``(layout, offset, total)``: the channels sit at ``[offset, offset + channels)`` of a
-        value with ``total`` channels (concatenations shift them). Returns ``(uses, reasons, blocking, bn,
-        is_output)``: uses and coupling reasons in execution order, the first reason that is not a join with joined
-        layers' channels only (None if none), the BatchNorm applied directly to the layer's output, and whether the
-        channels reach the model output.
+        value with ``total`` channels (concatenations shift them). Returns ``(uses, reasons, bn, is_output, seen)``:
+        ``(position, use, node feeding it)`` and ``(position, coupling reason, whether it is a join with joined
+        layers' channels only)``, the BatchNorm applied directly to the layer's output, whether the channels reach
+        the model output, and the state after each node reached (None where the walk stopped).
         """
         starts = self.calls.get(name, [])
         layout = NCHW if isinstance(self.modules[name], nn.Conv2d) else LAST
@@ -416,7 +442,7 @@ class _Analysis:
                     continue
                 seen[node] = nxt
                 if use is not None:
-                    uses.append((self.pos[node], use))
+                    uses.append((self.pos[node], use, src))
                     if use.role == "bn" and src in starts and bn is None:
                         bn = use.module
                 if reason is not None:
@@ -424,12 +450,40 @@ class _Analysis:
                     reasons.append((self.pos[node], reason, shared))
                 if nxt is not None:
                     todo.append((node, nxt))
-        ordered = tuple(dict.fromkeys(use for _, use in sorted(uses, key=lambda t: t[0])))
-        reasons.sort(key=lambda t: t[0])
-        blocking = [r for _, r, shared in reasons if not shared]
-        normalized = [r for r in blocking if NORMALIZED in r]  # the reason a user most needs to see
-        blocking = (normalized or blocking or [None])[0]
-        return ordered, [r for _, r, _ in reasons], blocking, bn, is_output
+        return uses, reasons, bn, is_output, seen
+
+    def _carried(self, root: str) -> tuple[dict[fx.Node, Carried], list[tuple[int, str]]]:
+        """What a removed channel of the layers joined under ``root`` is at each node it reaches
+        (:func:`tpp.zeros.through`, from 0 at the layers), and every ``(position, reason)`` it cannot be exact."""
+        if root not in self.carried:
+            members = [n for n in self.order if self._root(n) == root]
+            values = {node: ZERO for member in members for node in self.calls.get(member, [])}
+            offsets: dict[fx.Node, int] = {}
+            for member in members:
+                for node, state in self._walked(member)[4].items():
+                    if state is not None and node not in values:
+                        offsets.setdefault(node, state[1])
+            reasons = []
+            for node in sorted(offsets, key=self.pos.get):
+                inputs = {a: values[a] for a in node.all_input_nodes if a in values}
+                if any(a in offsets and a not in values for a in node.all_input_nodes):
+                    continue  # behind a refused node
+                carried, reason = through(node, self.kinds[node][0], inputs, offsets[node],
+                                          f"{self._describe(node)} (node {node.name})", self.modules)
+                if carried is not None:
+                    values[node] = carried
+                elif reason is not None:
+                    reasons.append((self.pos[node], reason))
+            self.carried[root] = values, reasons
+        return self.carried[root]
+
+    def _not_absorbed(self, carried: Carried, consumer: str, why: str, channels: int) -> str:
+        """The reason a removed channel arriving at ``consumer`` as a constant makes removal inexact."""
+        start = carried[0]
+        arrives = describe(value(carried, self.modules, channels))
+        path = "" if len(carried) == 1 and start.op != "bn" else f" (it reaches {consumer} as {arrives})"
+        return (f"{start.where} maps a removed channel to {start.effect(self.modules)}, not 0{path}; its consumer "
+                f"{self._describe_module(consumer)} cannot absorb that constant into its bias: {why}")
 
     def _step(self, name: str, channels: int, src: fx.Node, node: fx.Node, state: tuple[str, int, int]):
         """One step of ``name``'s channels (``state`` = layout, offset, total; carried by ``src``) into ``node``.
@@ -522,10 +576,13 @@ class _Analysis:
 
     def _describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return f"{node.target} ({type(self.modules[node.target]).__name__})"
+            return self._describe_module(node.target)
         if node.op == "call_method":
             return f"Tensor.{node.target}"
         return getattr(node.target, "__name__", str(node.target))
+
+    def _describe_module(self, name: str) -> str:
+        return f"{name} ({type(self.modules[name]).__name__})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
