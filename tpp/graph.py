@@ -24,13 +24,22 @@ still ``is_output``. Each attention module called once with a packed q/k/v proje
 (``nn.MultiheadAttention``, timm-style ``Attention``: :func:`tpp.attention.head_parameters`; kept opaque by fx).
 ``ModelGraph.units`` lists the units, ``ModelGraph.refusals`` every other layer with its reason.
 
+Exactness (:mod:`tpp.zeros`): every unit is accepted only if removing it after the zero-out is exact in eval mode.
+The analysis follows what a removed channel *is* along its paths: exactly 0 after its zeroed producer, through
+zero-preserving ops (ReLU family, pooling, dropout, flatten), zeroed affine BatchNorms and depthwise carriers; a
+constant after an op with f(0) ≠ 0 (Sigmoid, Hardsigmoid, Softplus, ``h + c``, ``1 − h``, BatchNorm without
+affine). A Linear, or a Conv2d without zero padding, receiving a constant has it in ``ChannelUse.constant`` and
+removal folds it into its bias; any other constant (a zero-padded conv, a zero-padded average pool, batch
+statistics, two constants joined, a removed channel as divisor) refuses the layer, naming the node and the op.
+
 If fx cannot trace the model, ``analyze_model`` raises ``ValueError`` naming the submodule that failed; pass
 ``leaf_modules`` to keep that submodule opaque, or ``bn_map`` to describe the layers by hand instead. When
 ``bn_map`` is given it is always used and no tracing happens (an explicit description beats a guess), see
 ``analyze_model``.
 
 Size: the result types, then one ``_Analysis`` whose walk steps (origins, channel counts, joins, concatenation
-offsets, heads) share its state — about 575 lines; what a node means is :mod:`tpp.fxnodes`.
+offsets, heads, the value a removed channel carries) share its state — about 625 lines; what a node means is
+:mod:`tpp.fxnodes`, what it does to a removed channel :mod:`tpp.zeros`.
 """
 from __future__ import annotations
 
@@ -43,7 +52,7 @@ from torch import Tensor, fx, nn
 
 from .attention import head_parameters
 from .fxnodes import BNS, FLAT, LAST, LAYERS, NCHW, NORMALIZED, UNARY, Tracer, arg, classify, listing, out_channels
-from .zeros import ZERO, Carried, cannot_absorb, describe, through, value
+from .zeros import ZERO, Carried, refusal, through
 
 __all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "Unit", "analyze_model"]
 
@@ -363,11 +372,11 @@ class _Analysis:
         values, inexact = self._carried(self._root(name))
         uses, reasons = list(uses), list(reasons) + [(pos, reason, False) for pos, reason in inexact]
         for i, (pos, use, src) in enumerate(uses):
-            carried = values.get(src, ZERO)
-            why = cannot_absorb(self.modules[use.module]) if carried and use.role == "input" else None
+            carried = values.get(src, ZERO) if use.role == "input" else ZERO
+            why = refusal(carried, use.module, self.modules, channels)
             if why is not None:
-                reasons.append((pos, self._not_absorbed(carried, use.module, why, channels), False))
-            elif carried and use.role == "input":
+                reasons.append((pos, why, False))
+            elif carried:
                 uses[i] = (pos, replace(use, constant=carried), src)
         uses = tuple(dict.fromkeys(use for _, use, _ in sorted(uses, key=lambda t: t[0])))
         reasons.sort(key=lambda t: t[0])
@@ -477,14 +486,6 @@ class _Analysis:
             self.carried[root] = values, reasons
         return self.carried[root]
 
-    def _not_absorbed(self, carried: Carried, consumer: str, why: str, channels: int) -> str:
-        """The reason a removed channel arriving at ``consumer`` as a constant makes removal inexact."""
-        start = carried[0]
-        arrives = describe(value(carried, self.modules, channels))
-        path = "" if len(carried) == 1 and start.op != "bn" else f" (it reaches {consumer} as {arrives})"
-        return (f"{start.where} maps a removed channel to {start.effect(self.modules)}, not 0{path}; its consumer "
-                f"{self._describe_module(consumer)} cannot absorb that constant into its bias: {why}")
-
     def _step(self, name: str, channels: int, src: fx.Node, node: fx.Node, state: tuple[str, int, int]):
         """One step of ``name``'s channels (``state`` = layout, offset, total; carried by ``src``) into ``node``.
 
@@ -576,13 +577,10 @@ class _Analysis:
 
     def _describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return self._describe_module(node.target)
+            return f"{node.target} ({type(self.modules[node.target]).__name__})"
         if node.op == "call_method":
             return f"Tensor.{node.target}"
         return getattr(node.target, "__name__", str(node.target))
-
-    def _describe_module(self, name: str) -> str:
-        return f"{name} ({type(self.modules[name]).__name__})"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,14 @@ whole, every member with the same index set; channels feeding grouped convs only
 heads (``pruned[attention module] = head indices``) are removed whole: the module becomes a
 :class:`tpp.attention.PrunedMultiheadAttention` with the same ``embed_dim`` and ``head_dim``.
 
-Removal is exact: when the pruned W, b and the γ, β of the BatchNorms the channels pass through are zero, the pruned
-model computes the same function in eval mode (without BN a channel carries its bias: zero b[P] too).
+Removal is exact: when the pruned W, b and the γ, β of the BatchNorms and the rows of the depthwise convs the
+channels pass through are zero (the regularizer's zero-out; without BN a channel carries its bias: zero b[P] too),
+the pruned model computes the same function in eval mode. A removed channel reaching a consumer as a constant ``c``
+rather than 0 (after Sigmoid, Softplus, ``h + c``, a BatchNorm without affine, …: ``ChannelUse.constant``,
+:mod:`tpp.zeros`) is folded into that consumer's bias: ``b' = b + W[:, P] c_P`` for a Linear (blocks after
+flatten), summed over the kernel (within each group) for a Conv2d, which the graph accepts only without zero
+padding; a consumer without a bias gets one. ``c`` is computed from the model's state at removal (running
+statistics included). :func:`tpp.graph.analyze_model` refuses every layer whose removal cannot be made exact.
 
 ``save_pruned``/``load_pruned`` store ``{"format": "tpp-pruned", "version": 1, "arch", "model_args", "pruned",
 "state_dict", "extra"}`` with ``torch.save`` (``model_args``, the unpruned model's constructor arguments, is optional:
@@ -40,7 +46,7 @@ from torch import Tensor, nn
 from .attention import HeadParameters, PrunedMultiheadAttention, head_parameters
 from .files import atomic_save
 from .graph import ModelGraph, Unit, analyze_model
-from .zeros import bias_delta, value
+from .zeros import bias_delta, evaluate
 
 __all__ = ["prune_model", "save_pruned", "load_pruned", "build_unpruned", "PRUNED_FORMAT", "PRUNED_FORMAT_VERSION"]
 
@@ -155,7 +161,7 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
                     columns = _blocks(idx + use.offset, block)
                     _remove(removed, use.module, "in", use.offset * block, channels * block, columns, name)
                     if use.constant:  # removed channels arrive as constants (tpp.zeros): fold them into the bias
-                        constants = value(use.constant, modules, channels)[idx].repeat_interleave(block)
+                        constants = evaluate(use.constant, modules, channels)[idx].repeat_interleave(block)
                         folds.setdefault(use.module, {})[(use.offset * block, channels * block)] = bias_delta(
                             modules[use.module], columns, constants)
                 else:

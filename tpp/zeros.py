@@ -3,7 +3,7 @@
 After the zero-out a pruned channel leaves its producer as exact zeros (its weight rows and bias are 0). Removal
 (:func:`tpp.prune_model`) is exact in eval mode iff every consumer of the channel can do without it, i.e. it
 arrives there as 0, or as a constant the consumer's bias can absorb. The ops :mod:`tpp.graph` follows map the
-channel's value ``c`` (0 at the producer) as follows; ``value`` computes it with the ops themselves, in float64:
+channel's value ``c`` (0 at the producer) as follows; ``evaluate`` computes it with the ops themselves, in float64:
 
 =====================================================================  ==========================================
 op (module, ``F.*``/``torch.*`` function or ``Tensor`` method)          a removed channel's value ``c`` becomes
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["Step", "Carried", "ZERO", "through", "value", "cannot_absorb", "bias_delta", "describe",
+__all__ = ["Step", "Carried", "ZERO", "through", "evaluate", "refusal", "cannot_absorb", "bias_delta", "describe",
            "ELEMENTWISE_MODULES", "ELEMENTWISE_FUNCTIONS", "ELEMENTWISE_METHODS"]
 
 # --- the elementwise ops :mod:`tpp.fxnodes` classifies as "carry", by what they do to a removed channel ----------
@@ -79,10 +79,15 @@ _DIVIDE = frozenset({operator.truediv, operator.itruediv, torch.div, "div", "div
 
 
 class _Marker:
+    """A placeholder in :attr:`Step.args`; one object, kept by copy and pickle (``is`` tells it)."""
+
     def __init__(self, name: str) -> None:
         self.name = name
 
     def __repr__(self) -> str:
+        return self.name
+
+    def __reduce__(self) -> str:
         return self.name
 
 
@@ -120,14 +125,14 @@ class Step:
         """What this step maps a removed channel (0) to, in words."""
         if self.op == "bn":
             return "(0 − running_mean)/√(running_var + eps) per channel"
-        return describe(value((self,), modules, 1))
+        return describe(evaluate((self,), modules, 1))
 
 
 Carried = tuple  # tuple[Step, ...]: the ops a removed channel's value went through since it was last exactly 0
 ZERO: Carried = ()
 
 
-def value(carried: Carried, modules: Mapping[str, nn.Module], channels: int) -> Tensor:
+def evaluate(carried: Carried, modules: Mapping[str, nn.Module], channels: int) -> Tensor:
     """The float64 value of ``channels`` removed channels after the steps ``carried`` (zeros for :data:`ZERO`)."""
     v = torch.zeros(channels, dtype=torch.float64)
     with torch.no_grad():
@@ -199,7 +204,7 @@ def _evaluated(node: fx.Node, inputs: Mapping[fx.Node, Carried], first: Carried,
         step = Step("method" if node.op == "call_method" else "function", node.target, where, args, kwargs)
         first = inputs[lead] if lead is not None else ZERO
     if first == ZERO:
-        at_zero = value((step,), modules, 1)
+        at_zero = evaluate((step,), modules, 1)
         if not bool(torch.isfinite(at_zero).all()):
             return None, f"{where} maps a removed channel to {describe(at_zero)}"
         if not bool(at_zero.any()):
@@ -239,6 +244,19 @@ def _keeps_constants(node: fx.Node, module: nn.Module | None) -> bool:
         return True
     padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
     return divisor is None and not (padded and counted)
+
+
+def refusal(carried: Carried, consumer: str, modules: Mapping[str, nn.Module], channels: int) -> str | None:
+    """Why removal cannot be exact when ``channels`` removed channels reach ``consumer`` (a Linear/Conv2d) as
+    ``carried``; None when they arrive as 0 or the consumer absorbs them."""
+    why = cannot_absorb(modules[consumer]) if carried else None
+    if why is None:
+        return None
+    start = carried[0]
+    arrives = describe(evaluate(carried, modules, channels))
+    path = "" if len(carried) == 1 and start.op != "bn" else f" (it reaches {consumer} as {arrives})"
+    return (f"{start.where} maps a removed channel to {start.effect(modules)}, not 0{path}; its consumer {consumer} "
+            f"({type(modules[consumer]).__name__}) cannot absorb that constant into its bias: {why}")
 
 
 def cannot_absorb(module: nn.Module) -> str | None:
