@@ -5,6 +5,7 @@ Every accepted case goes through the public flow (``TPPRegularizer`` → ``zero_
 the cases where a removed channel carries a constant check that dropping it without the bias fold would be wrong.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -280,3 +281,25 @@ def test_zero_preserving_paths_fold_nothing():
     graph = analyze_model(model)
     assert graph.layers["0"].independent and graph.layers["7"].independent
     assert all(not use.constant for info in graph.layers.values() for use in info.uses)
+
+
+def test_the_op_table_is_right_about_zero():
+    """tpp/zeros.py's table: zero-preserving ops map 0 to 0 with any parameters; the others map it to f(0)."""
+    from tpp import zeros
+
+    z = torch.zeros(4, dtype=torch.float64)
+    params = {nn.LeakyReLU: (0.3,), nn.ELU: (2.5,), nn.CELU: (0.4,)}
+    for cls in zeros.ZERO_PRESERVING_MODULES + (nn.PReLU,):
+        assert torch.equal(cls(*params.get(cls, ())).double()(z), z), cls
+    for fn in zeros.ZERO_PRESERVING_FUNCTIONS:
+        assert torch.equal(fn(z.clone()), z), fn
+    for method in zeros.ZERO_PRESERVING_METHODS:
+        assert torch.equal(getattr(z.clone(), method)(), z), method
+    for cls in zeros.SAME_MODULES:  # identity in eval mode
+        v = torch.randn((2, 4, 3) if cls is nn.Dropout1d else (2, 4, 3, 3), dtype=torch.float64)
+        assert torch.equal((cls() if cls is nn.Identity else cls(0.4)).eval()(v.clone()), v), cls
+    valued = {nn.Sigmoid(): 0.5, nn.Hardsigmoid(): 0.5, nn.Softplus(beta=2.0): 0.5 * math.log(2.0),
+              nn.Hardtanh(): 0.0, nn.Hardtanh(0.25, 1.0): 0.25}
+    for module, expected in valued.items():
+        assert torch.allclose(module(z), torch.full_like(z, float(expected)), rtol=1e-15, atol=0), module
+    assert {type(m) for m in valued} == set(zeros.VALUED_MODULES)
