@@ -98,8 +98,8 @@ CHANNEL, ZEROS = _Marker("CHANNEL"), _Marker("ZEROS")  # in Step.args: the value
 class Step:
     """One op on a removed channel's value: ``op`` is ``"module"`` (``target``: the module's qualified name),
     ``"bn"`` (``target``: a BatchNorm without affine, its statistics at ``offset``), ``"function"`` or ``"method"``
-    (``target`` called with ``args``/``kwargs``, :data:`CHANNEL` standing for the value so far). ``where`` names
-    the node and the op for messages."""
+    (``target`` called with ``args``/``kwargs``, :data:`CHANNEL` standing for the value so far and :data:`ZEROS`
+    for another of the unit's channels, which is 0 there). ``where`` names the node and the op for messages."""
 
     op: str
     target: object
