@@ -3,7 +3,8 @@
 :class:`Tracer` keeps Conv2d/Linear/BatchNorm/MultiheadAttention (and ``leaf_modules``) opaque and records the
 innermost module a tracing failure came from. :func:`classify` names what a node does to the channels it receives —
 a layer consuming them, a carrier (BatchNorm, depthwise conv), an elementwise or spatial step that keeps them
-aligned, a flatten, a join (add/mul/cat), a normalization over them, or something unknown — from the tables below.
+aligned, a flatten, a join (add/mul/cat), a normalization over them, or something unknown — from the tables below
+and the elementwise ops of :mod:`tpp.zeros` (which also says what each op does to a removed channel).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from .zeros import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES
 
 __all__ = ["Tracer", "classify", "arg", "listing", "out_channels", "LAYERS", "BNS", "NORMALIZED", "NCHW", "FLAT",
            "LAST", "UNARY"]
@@ -53,24 +56,13 @@ BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 NORMALIZED = "normalized by"
 NCHW, FLAT, LAST = "nchw", "flat", "last"  # channels in dim 1 of a 4-D tensor / flattened blocks / last dim
 
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.AlphaDropout,
-)  # fmt: skip
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
 _SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
-_ELEMENTWISE_FUNCTIONS = frozenset({
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid,
-    torch.tanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
-    F.dropout2d, F.alpha_dropout,
-})  # fmt: skip
 _SPATIAL_FUNCTIONS = frozenset(
     {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
 )
 _SOFTMAX_FUNCTIONS = frozenset({F.softmax, F.log_softmax, torch.softmax, torch.log_softmax})
 _SOFTMAX_METHODS = frozenset({"softmax", "log_softmax"})
-_ELEMENTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"})
 _ADD, _MUL = "added to", "multiplied with"
 _JOIN_FUNCTIONS = {
     operator.add: _ADD, operator.iadd: _ADD, operator.sub: _ADD, operator.isub: _ADD, torch.add: _ADD,
@@ -128,7 +120,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
             return "layer", m
         if isinstance(m, BNS):
             return "bn", m
-        if isinstance(m, _ELEMENTWISE_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
+        if isinstance(m, ELEMENTWISE_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
             return "carry", None
         if isinstance(m, _SPATIAL_MODULES):
             return "spatial", None
@@ -139,7 +131,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
             return "layernorm", None
     elif op == "call_function":
-        if target in _ELEMENTWISE_FUNCTIONS or _is_stochastic_depth(target):
+        if target in ELEMENTWISE_FUNCTIONS or _is_stochastic_depth(target):
             return "carry", None
         if target in (F.layer_norm, F.group_norm):
             return "layernorm", None
@@ -156,7 +148,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
         if target is getattr and node.args[1] in _META_ATTRIBUTES:
             return "meta", None
     elif op == "call_method":
-        if target in _ELEMENTWISE_METHODS:
+        if target in ELEMENTWISE_METHODS:
             return "carry", None
         if target in _JOIN_METHODS:
             return "join", _JOIN_METHODS[target]

@@ -24,13 +24,22 @@ still ``is_output``. Each attention module called once with a packed q/k/v proje
 (``nn.MultiheadAttention``, timm-style ``Attention``: :func:`tpp.attention.head_parameters`; kept opaque by fx).
 ``ModelGraph.units`` lists the units, ``ModelGraph.refusals`` every other layer with its reason.
 
+Exactness (:mod:`tpp.zeros`): every unit is accepted only if removing it after the zero-out is exact in eval mode.
+The analysis follows what a removed channel *is* along its paths: exactly 0 after its zeroed producer, through
+zero-preserving ops (ReLU family, pooling, dropout, flatten), zeroed affine BatchNorms and depthwise carriers; a
+constant after an op with f(0) ≠ 0 (Sigmoid, Hardsigmoid, Softplus, ``h + c``, ``1 − h``, BatchNorm without
+affine). A Linear, or a Conv2d without zero padding, receiving a constant has it in ``ChannelUse.constant`` and
+removal folds it into its bias; any other constant (a zero-padded conv, a zero-padded average pool, batch
+statistics, two constants joined, a removed channel as divisor) refuses the layer, naming the node and the op.
+
 If fx cannot trace the model, ``analyze_model`` raises ``ValueError`` naming the submodule that failed; pass
 ``leaf_modules`` to keep that submodule opaque, or ``bn_map`` to describe the layers by hand instead. When
 ``bn_map`` is given it is always used and no tracing happens (an explicit description beats a guess), see
 ``analyze_model``.
 
 Size: the result types, then one ``_Analysis`` whose walk steps (origins, channel counts, joins, concatenation
-offsets, heads) share its state — about 575 lines; what a node means is :mod:`tpp.fxnodes`.
+offsets, heads, the value a removed channel carries) share its state — about 625 lines; what a node means is
+:mod:`tpp.fxnodes`, what it does to a removed channel :mod:`tpp.zeros`.
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ from torch import Tensor, fx, nn
 
 from .attention import head_parameters
 from .fxnodes import BNS, FLAT, LAST, LAYERS, NCHW, NORMALIZED, UNARY, Tracer, arg, classify, listing, out_channels
+from .zeros import ZERO, Carried, refusal, through
 
 __all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "Unit", "analyze_model"]
 
@@ -55,7 +65,9 @@ class ChannelUse:
     ``"input"`` (a Conv2d/Linear consuming them). ``block``: for a Linear after flatten, each channel is ``block``
     consecutive in_features. ``offset``: the channels sit at ``[offset, offset + C)`` of the module's channels
     (after a concatenation). ``groups``: an ``"input"`` of a grouped conv with that many groups (the channels must
-    then be pruned alike in every group).
+    then be pruned alike in every group). ``constant``: for an ``"input"``, the ops (:mod:`tpp.zeros`) that make a
+    removed channel arrive as a constant instead of 0, which removal folds into the consumer's bias; ``()`` if it
+    arrives as 0 (not compared: one consumer is reached one way).
     """
 
     module: str
@@ -63,6 +75,7 @@ class ChannelUse:
     block: int = 1
     offset: int = 0
     groups: int = 1
+    constant: Carried = field(default=ZERO, compare=False)
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,8 @@ class _Analysis:
         self.origins = self._origins()
         self.counts = self._channel_counts()
         self.blocking: dict[str, str | None] = {}  # per layer: a reason its group cannot share one index set
+        self.walks: dict[str, tuple] = {}  # per layer: what _walk found
+        self.carried: dict[str, tuple] = {}  # per join group (by root): what _carried found
         self.parent = {name: name for name in self.order}  # union-find over joined layers
         for node in self.nodes:
             if self.kinds[node][0] == "join":
@@ -353,7 +368,22 @@ class _Analysis:
     def _layer(self, name: str) -> LayerInfo:
         m = self.modules[name]
         channels = out_channels(m)
-        uses, reasons, blocking, bn, is_output = self._walk(name, channels)
+        uses, reasons, bn, is_output, _ = self._walked(name)
+        values, inexact = self._carried(self._root(name))
+        uses, reasons = list(uses), list(reasons) + [(pos, reason, False) for pos, reason in inexact]
+        for i, (pos, use, src) in enumerate(uses):
+            carried = values.get(src, ZERO) if use.role == "input" else ZERO
+            why = refusal(carried, use.module, self.modules, channels)
+            if why is not None:
+                reasons.append((pos, why, False))
+            elif carried:
+                uses[i] = (pos, replace(use, constant=carried), src)
+        uses = tuple(dict.fromkeys(use for _, use, _ in sorted(uses, key=lambda t: t[0])))
+        reasons.sort(key=lambda t: t[0])
+        blocking = [r for _, r, shared in reasons if not shared]
+        normalized = [r for r in blocking if NORMALIZED in r]  # the reason a user most needs to see
+        blocking = (normalized or blocking or [None])[0]
+        reasons = [r for _, r, _ in reasons]
         structural = self._structural(name, m)
         coupling = "output is the model output" if is_output else structural or (reasons[0] if reasons else None)
         self.blocking[name] = "output is the model output" if is_output else structural or blocking
@@ -388,14 +418,19 @@ class _Analysis:
                 return f"shares parameters with {other}"
         return None
 
+    def _walked(self, name: str) -> tuple:
+        if name not in self.walks:
+            self.walks[name] = self._walk(name, out_channels(self.modules[name]))
+        return self.walks[name]
+
     def _walk(self, name: str, channels: int):
         """Follow ``name``'s output channels forward.
 
         The walk's state is ``(layout, offset, total)``: the channels sit at ``[offset, offset + channels)`` of a
-        value with ``total`` channels (concatenations shift them). Returns ``(uses, reasons, blocking, bn,
-        is_output)``: uses and coupling reasons in execution order, the first reason that is not a join with joined
-        layers' channels only (None if none), the BatchNorm applied directly to the layer's output, and whether the
-        channels reach the model output.
+        value with ``total`` channels (concatenations shift them). Returns ``(uses, reasons, bn, is_output, seen)``:
+        ``(position, use, node feeding it)`` and ``(position, coupling reason, whether it is a join with joined
+        layers' channels only)``, the BatchNorm applied directly to the layer's output, whether the channels reach
+        the model output, and the state after each node reached (None where the walk stopped).
         """
         starts = self.calls.get(name, [])
         layout = NCHW if isinstance(self.modules[name], nn.Conv2d) else LAST
@@ -416,7 +451,7 @@ class _Analysis:
                     continue
                 seen[node] = nxt
                 if use is not None:
-                    uses.append((self.pos[node], use))
+                    uses.append((self.pos[node], use, src))
                     if use.role == "bn" and src in starts and bn is None:
                         bn = use.module
                 if reason is not None:
@@ -424,12 +459,32 @@ class _Analysis:
                     reasons.append((self.pos[node], reason, shared))
                 if nxt is not None:
                     todo.append((node, nxt))
-        ordered = tuple(dict.fromkeys(use for _, use in sorted(uses, key=lambda t: t[0])))
-        reasons.sort(key=lambda t: t[0])
-        blocking = [r for _, r, shared in reasons if not shared]
-        normalized = [r for r in blocking if NORMALIZED in r]  # the reason a user most needs to see
-        blocking = (normalized or blocking or [None])[0]
-        return ordered, [r for _, r, _ in reasons], blocking, bn, is_output
+        return uses, reasons, bn, is_output, seen
+
+    def _carried(self, root: str) -> tuple[dict[fx.Node, Carried], list[tuple[int, str]]]:
+        """What a removed channel of the layers joined under ``root`` is at each node it reaches
+        (:func:`tpp.zeros.through`, from 0 at the layers), and every ``(position, reason)`` it cannot be exact."""
+        if root not in self.carried:
+            members = [n for n in self.order if self._root(n) == root]
+            values = {node: ZERO for member in members for node in self.calls.get(member, [])}
+            offsets: dict[fx.Node, int] = {}
+            for member in members:
+                for node, state in self._walked(member)[4].items():
+                    if state is not None and node not in values:
+                        offsets.setdefault(node, state[1])
+            reasons = []
+            for node in sorted(offsets, key=self.pos.get):
+                inputs = {a: values[a] for a in node.all_input_nodes if a in values}
+                if any(a in offsets and a not in values for a in node.all_input_nodes):
+                    continue  # behind a refused node
+                carried, reason = through(node, self.kinds[node][0], inputs, offsets[node],
+                                          f"{self._describe(node)} (node {node.name})", self.modules)
+                if carried is not None:
+                    values[node] = carried
+                elif reason is not None:
+                    reasons.append((self.pos[node], reason))
+            self.carried[root] = values, reasons
+        return self.carried[root]
 
     def _step(self, name: str, channels: int, src: fx.Node, node: fx.Node, state: tuple[str, int, int]):
         """One step of ``name``'s channels (``state`` = layout, offset, total; carried by ``src``) into ``node``.

@@ -16,8 +16,14 @@ whole, every member with the same index set; channels feeding grouped convs only
 heads (``pruned[attention module] = head indices``) are removed whole: the module becomes a
 :class:`tpp.attention.PrunedMultiheadAttention` with the same ``embed_dim`` and ``head_dim``.
 
-Removal is exact: when the pruned W, b and the γ, β of the BatchNorms the channels pass through are zero, the pruned
-model computes the same function in eval mode (without BN a channel carries its bias: zero b[P] too).
+Removal is exact: when the pruned W, b and the γ, β of the BatchNorms and the rows of the depthwise convs the
+channels pass through are zero (the regularizer's zero-out; without BN a channel carries its bias: zero b[P] too),
+the pruned model computes the same function in eval mode. A removed channel reaching a consumer as a constant ``c``
+rather than 0 (after Sigmoid, Softplus, ``h + c``, a BatchNorm without affine, …: ``ChannelUse.constant``,
+:mod:`tpp.zeros`) is folded into that consumer's bias: ``b' = b + W[:, P] c_P`` for a Linear (blocks after
+flatten), summed over the kernel (within each group) for a Conv2d, which the graph accepts only without zero
+padding; a consumer without a bias gets one. ``c`` is computed from the model's state at removal (running
+statistics included). :func:`tpp.graph.analyze_model` refuses every layer whose removal cannot be made exact.
 
 ``save_pruned``/``load_pruned`` store ``{"format": "tpp-pruned", "version": 1, "arch", "model_args", "pruned",
 "state_dict", "extra"}`` with ``torch.save`` (``model_args``, the unpruned model's constructor arguments, is optional:
@@ -40,6 +46,7 @@ from torch import Tensor, nn
 from .attention import HeadParameters, PrunedMultiheadAttention, head_parameters
 from .files import atomic_save
 from .graph import ModelGraph, Unit, analyze_model
+from .zeros import bias_delta, evaluate
 
 __all__ = ["prune_model", "save_pruned", "load_pruned", "build_unpruned", "PRUNED_FORMAT", "PRUNED_FORMAT_VERSION"]
 
@@ -81,7 +88,7 @@ def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     with torch.no_grad():  # build every replacement first: nothing below can fail half-way
-        updates = [(modules[name], _shrunk(modules[name], keep.get("out"), keep.get("in")))
+        updates = [(modules[name], _shrunk(modules[name], keep.get("out"), keep.get("in"), keep.get("fold")))
                    for name, keep in plan.items()]
         replaced = [(name, PrunedMultiheadAttention.keeping(modules[name], kept)) for name, kept in heads.items()
                     if isinstance(modules[name], nn.MultiheadAttention)]
@@ -96,8 +103,8 @@ def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
 
 
 def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """Validate ``pruned``; return ``{module: {"out": kept outputs, "in": kept input columns}}`` and
-    ``{attention module: kept heads}``."""
+    """Validate ``pruned``; return ``{module: {"out": kept outputs, "in": kept input columns, "fold": what the
+    removed input columns add to its outputs (float64)}}`` and ``{attention module: kept heads}``."""
     if not isinstance(pruned, Mapping):
         raise TypeError(f"pruned must map layer names to filter indices, got {type(pruned).__name__}")
     if not isinstance(graph, ModelGraph):
@@ -125,6 +132,7 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
                          "by torch.fx to prune it physically.")
 
     removed: dict[tuple[str, str], dict[tuple[int, int], Tensor]] = {}  # (module, side) -> {(start, width): idx}
+    folds: dict[str, dict[tuple[int, int], Tensor]] = {}  # consumer -> {(start, width): bias delta}
     heads: dict[str, Tensor] = {}
     done: set[str] = set()
     for name, idx in indices.items():
@@ -150,14 +158,20 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
                 _expect(modules, use.module, use.role, channels + use.offset, use.block, use.groups)
                 if use.role == "input":
                     block = use.block
-                    _remove(removed, use.module, "in", use.offset * block, channels * block,
-                            _blocks(idx + use.offset, block), name)
+                    columns = _blocks(idx + use.offset, block)
+                    _remove(removed, use.module, "in", use.offset * block, channels * block, columns, name)
+                    if use.constant:  # removed channels arrive as constants (tpp.zeros): fold them into the bias
+                        constants = evaluate(use.constant, modules, channels)[idx].repeat_interleave(block)
+                        folds.setdefault(use.module, {})[(use.offset * block, channels * block)] = bias_delta(
+                            modules[use.module], columns, constants)
                 else:
                     _remove(removed, use.module, "out", use.offset, channels, idx + use.offset, name)
     edits: dict[str, dict[str, Tensor]] = {}
     for (module, side), parts in removed.items():
         drop = torch.cat(list(parts.values())).sort().values
         edits.setdefault(module, {})[side] = _complement(drop, _width(modules[module], side))
+    for module, parts in folds.items():
+        edits[module]["fold"] = sum(parts.values())
     return edits, heads
 
 
@@ -271,8 +285,9 @@ def _width(module: nn.Module, side: str) -> int:
     return module.out_channels if side == "out" else module.in_channels
 
 
-def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None) -> dict[str, object]:
-    """New tensors and sizes for ``module`` keeping output channels ``out`` and input columns ``inp``."""
+def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None, fold: Tensor | None) -> dict[str, object]:
+    """New tensors and sizes for ``module`` keeping output channels ``out`` and input columns ``inp``, ``fold``
+    added to its bias (a bias is created if it has none)."""
     def select(t: Tensor, dim: int, idx: Tensor) -> Tensor:
         return t.index_select(dim, idx.to(t.device))
 
@@ -281,11 +296,16 @@ def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None) -> dict[s
                if getattr(module, k) is not None}
         return {**new, "num_features": out.numel()}
     new = {}
-    weight = module.weight
+    weight, bias = module.weight, module.bias
+    if fold is not None:
+        base = bias.to(torch.float64) if bias is not None else torch.zeros((), dtype=torch.float64,
+                                                                         device=weight.device)
+        bias = (base + fold.to(base.device)).to(weight.dtype)
+        new["bias"] = bias
     if out is not None:
         weight = select(weight, 0, out)
-        if module.bias is not None:
-            new["bias"] = select(module.bias, 0, out)
+        if bias is not None:
+            new["bias"] = select(bias, 0, out)
     if isinstance(module, nn.Linear):
         weight = weight if inp is None else select(weight, 1, inp)
         return {**new, "weight": weight, "out_features": weight.shape[0], "in_features": weight.shape[1]}
@@ -302,7 +322,8 @@ def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None) -> dict[s
 def _assign(module: nn.Module, new: dict[str, object]) -> None:
     for key, value in new.items():
         if key in module._parameters:
-            setattr(module, key, nn.Parameter(value, requires_grad=module._parameters[key].requires_grad))
+            like = module._parameters[key] if module._parameters[key] is not None else module.weight
+            setattr(module, key, nn.Parameter(value, requires_grad=like.requires_grad))
         elif key in module._buffers:
             module._buffers[key] = value
         else:
