@@ -197,6 +197,76 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(full_run, imagefolder
     _assert_same_weights(_final_state(out), _final_state(full_run))
 
 
+def test_compile_and_fp32_arithmetic(full_run, imagefolder, weights, tmp_path, monkeypatch):
+    """--compile aot_eager --amp none: the training module is torch.compile-d, and compiled again after removal (the
+    pruned model); aot_eager keeps eager arithmetic, so the run ends with the uncompiled run's weights; --amp none
+    turns TF32 off for cuDNN convolutions and cuBLAS matmuls (the flags are global: restored after)."""
+    real_compile, compiled, graphs = torch.compile, [], []
+
+    def recording_backend(gm, example_inputs):          # what dynamo captured; runs it eagerly
+        graphs.append(gm)
+        return gm.forward
+
+    def spy(net, backend):
+        compiled.append((backend, sum(p.numel() for p in net.parameters())))
+        return real_compile(net, backend=recording_backend)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out = tmp_path / "compiled"
+        assert main(_args(imagefolder, weights, out, "--compile", "aot_eager", "--amp", "none",
+                          "--backend", "torch")) == 0
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    params = json.loads((full_run / "metrics.json").read_text())["metrics"]["params"]
+    assert compiled == [("aot_eager", params["base"]), ("aot_eager", params["pruned"])]
+    assert len(graphs) >= 2                          # the forward of each model went through the compiler
+    _assert_same_weights(_final_state(out), _final_state(full_run))
+
+
+def test_wall_time_cadence_checkpoints_without_changing_the_run(full_run, imagefolder, weights, tmp_path):
+    """--checkpoint-minutes 1e-6: a checkpoint after every step (written in the background, each waiting for the one
+    before); the weights are those of the run checkpointed by iterations."""
+    out = tmp_path / "often"
+    assert main(_args(imagefolder, weights, out, "--checkpoint-minutes", "0.000001", "--keep-last", "1")) == 0
+    (last,) = C.list_checkpoints(out / "checkpoints")
+    # start, every regularization step but the last, removed, every finetuning step, 2 epochs, done
+    assert int(last.name.split("-")[1]) == 1 + (REG_ITERS - 1) + 1 + FINETUNE_ITERS + 2 + 1
+    assert C.load_checkpoint(last)["stage"] == "done"
+    _assert_same_weights(_final_state(out), _final_state(full_run))
+
+
+def test_ddp_does_not_broadcast_buffers_and_takes_static_graph():
+    """Engine.wrap builds DDP with broadcast_buffers=False (Engine.sync broadcasts them where they are read) and the
+    static_graph asked for; a one-process gloo group stands for the world of two the engine is told about."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = build_model("resnet20", num_classes=3)
+        for static in (False, True):
+            engine = Engine(DistEnv(0, 2, 0, 2, torch.device("cpu"), "gloo"), static_graph=static)
+            net = engine.wrap(model)
+            assert isinstance(net, torch.nn.parallel.DistributedDataParallel)
+            assert net.broadcast_buffers is False and net.static_graph is static
+    finally:
+        dist.destroy_process_group()
+
+
+def test_wall_time_cadence_asks_rank_zero_clock():
+    engine = Engine(DistEnv(), checkpoints=C.CheckpointManager("unused"), checkpoint_minutes=1.0)
+    assert not engine.checkpoint_due()                     # a minute has not passed
+    engine.last_save -= 61.0
+    assert engine.checkpoint_due()
+    assert not Engine(DistEnv(), checkpoints=None, checkpoint_minutes=1.0).checkpoint_due()
+    sparse = Engine(DistEnv(), checkpoints=C.CheckpointManager("unused"), checkpoint_minutes=1.0, poll_every=3)
+    sparse.last_save -= 61.0
+    assert [sparse.checkpoint_due() for _ in range(6)] == [False, False, True, False, False, True]
+
+
 def test_checkpoint_of_another_model_or_spec_is_refused(full_run, imagefolder, weights, tmp_path, capsys):
     out = tmp_path / "other"
     torch.manual_seed(0)
@@ -270,8 +340,9 @@ def test_torchrun_two_ranks_agree(ddp_run, full_run):
 
 
 def test_torchrun_resume_after_kill_is_exact(ddp_run, imagefolder, weights, tmp_path):
+    """...also with DDP's static_graph, which changes no result."""
     out = tmp_path / "run"
-    args = _args(imagefolder, weights, out, "--checkpoint-every", "4")
+    args = _args(imagefolder, weights, out, "--checkpoint-every", "4", "--static-graph")
     proc = _torchrun([*args, "--stop-after-iters", "10"])
     assert proc.returncode == 0 and "--stop-after-iters" in proc.stderr          # torchrun: no failed job
     assert f"continue with: python -m tpp.train smoke --data-root {imagefolder}" in proc.stderr

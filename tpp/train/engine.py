@@ -34,6 +34,7 @@ The loops are :mod:`tpp.loop`'s (one training loop in the project); this module 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 import warnings
 from pathlib import Path
@@ -135,8 +136,11 @@ class Engine(TrainHooks):
         net = model
         if self.env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            kwargs = dict(self.ddp_kwargs)
+            if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
+                kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")     # its name since torch 2.14
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
-                                                      gradient_as_bucket_view=True, **self.ddp_kwargs)
+                                                      gradient_as_bucket_view=True, **kwargs)
         if self.compile:
             torch.compiler.reset()      # a model wrapped again (after removal) is compiled afresh
             net = torch.compile(net, backend=self.compile)
