@@ -591,6 +591,11 @@ def test_tpp_cli_has_the_train_subcommand(capsys, tmp_path):
 
     assert tpp_main(["train", "--list"]) == 0
     assert "resnet50-imagenet-2.31x" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tpp_main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--compile [BACKEND] torch.compile the training module" in text and "--static-graph" in text
+    assert "--checkpoint-minutes CHECKPOINT_MINUTES also checkpoint" in text and "(default: 10.0)" in text
     assert tpp_main(["train", "resnet34-imagenet-1.32x", "--show", "--finetune-epochs", "3"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["finetune_epochs"] == 3 and shown["skip"][0] == "*layer1.0.conv1"
