@@ -44,6 +44,13 @@ def test_snapshot_is_a_deep_copy():
     assert torch.equal(copy["model"]["w"], expected["w"]) and torch.equal(copy["model"]["v"], expected["v"])
     assert copy["history"] == [{"a": 1}] and copy["t"] == (2, [3])
     assert copy["model"]["v"].untyped_storage().nbytes() == 3 * 4          # the view alone, not its base
+    # the next snapshot reuses the earlier one's buffers where shape, dtype and strides match — and copies afresh
+    again = C.snapshot({**state, "model": {"w": state["model"]["w"], "v": torch.ones(7)}}, into=copy)
+    assert again["model"]["w"].data_ptr() == copy["model"]["w"].data_ptr()
+    assert torch.equal(again["model"]["w"], state["model"]["w"]) and torch.equal(again["model"]["v"], torch.ones(7))
+    assert again["rng"].data_ptr() == copy["rng"].data_ptr() and torch.equal(again["rng"], state["rng"])
+    cl = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert C.snapshot(cl).is_contiguous(memory_format=torch.channels_last) and torch.equal(C.snapshot(cl), cl)
 
 
 def test_background_save_writes_the_state_of_the_moment_of_saving(tmp_path, monkeypatch):

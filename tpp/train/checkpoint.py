@@ -12,7 +12,8 @@ to the numbered file when the filesystem allows it) and ``best.json`` (its score
 — a writer killed between the two renames — falls back to reading ``best.pt``). Only rank 0 writes; every rank reads.
 
 Background writing (``background=True``): ``save`` takes a :func:`snapshot` of the state — every tensor copied to
-host memory (pinned for CUDA tensors, one synchronisation), every container copied — and returns; a writer thread
+host memory (pinned for CUDA tensors, one synchronisation; the previous snapshot's buffers are reused, so one
+checkpoint's worth of host memory stays allocated), every container copied — and returns; a writer thread
 then does what a synchronous save does (the file, ``best.pt``/``best.json``, the old files dropped, ``on_saved``).
 The training loop is blocked for the snapshot only, and may change the model right after. One write is in flight at
 a time: a ``save`` while one is pending first waits for it (no coalescing: every checkpoint asked for is written, in
@@ -75,30 +76,39 @@ def _write(state: Mapping, path: Path) -> Path:
     return atomic_save(state, path)
 
 
-def snapshot(obj):
+def snapshot(obj, into=None):
     """A deep copy of ``obj`` in host memory: tensors copied to the CPU (into pinned memory for CUDA tensors, then
     one synchronisation), dicts, lists and tuples rebuilt, anything else ``copy.deepcopy``-ed. Nothing of the result
-    shares memory with ``obj``: training may go on changing it at once."""
+    shares memory with ``obj``: training may go on changing it at once.
+
+    ``into``: an earlier snapshot no longer in use; its tensors are reused where the same place holds a tensor of the
+    same shape, dtype and strides (no allocation, no page faults: the copy is all that is left)."""
     pending: list = []
 
-    def copy_of(x):
+    def copy_of(x, old):
         if isinstance(x, torch.Tensor):
             x = x.detach()
-            if x.device.type == "cuda":
-                out = torch.empty_like(x, device="cpu", pin_memory=True)
-                out.copy_(x, non_blocking=True)
+            pinned = x.device.type == "cuda"
+            same = isinstance(old, torch.Tensor) and old.is_pinned() == pinned and \
+                (old.shape, old.dtype, old.stride()) == (x.shape, x.dtype, x.stride())
+            if same:
+                out = old
+            else:
+                out = torch.empty_like(x, device="cpu", pin_memory=pinned)      # dense x: the same strides
+            out.copy_(x, non_blocking=pinned)
+            if pinned:
                 pending.append(x.device)
-                return out
-            return x.clone()
+            return out
         if isinstance(x, dict):
-            return type(x)((k, copy_of(v)) for k, v in x.items())
-        if isinstance(x, list):
-            return [copy_of(v) for v in x]
-        if isinstance(x, tuple) and not hasattr(x, "_fields"):
-            return tuple(copy_of(v) for v in x)
+            old = old if isinstance(old, dict) else {}
+            return type(x)((k, copy_of(v, old.get(k))) for k, v in x.items())
+        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            old = old if isinstance(old, (list, tuple)) and len(old) == len(x) else [None] * len(x)
+            items = [copy_of(v, o) for v, o in zip(x, old)]
+            return items if isinstance(x, list) else tuple(items)
         return copy.deepcopy(x)
 
-    out = copy_of(obj)
+    out = copy_of(obj, into)
     for device in set(pending):
         torch.cuda.synchronize(device)
     return out
@@ -194,6 +204,7 @@ class CheckpointManager:
         self.best_key = best_key or _finetune_top1
         self.on_saved = on_saved
         self.writer = BackgroundWriter() if background else None
+        self.previous: Optional[dict] = None        # the last snapshot: its host memory is reused by the next one
         if is_main and self.folder.is_dir():         # created by the first save, not before
             for p in self.folder.iterdir():          # left by a writer killed mid-save
                 if _TMP.match(p.name):
@@ -252,7 +263,7 @@ class CheckpointManager:
         if self.writer is None:
             self._store(state, path, event, score if is_best else None)
         else:
-            state = snapshot(state)
+            state = self.previous = snapshot(state, self.previous)
             self.writer.submit(lambda: self._store(state, path, event, score if is_best else None))
         return path
 
@@ -281,6 +292,7 @@ class CheckpointFile:
     def __init__(self, path: PathLike, is_main: bool = True, background: bool = False):
         self.path, self.is_main = Path(path), is_main
         self.writer = BackgroundWriter() if background else None
+        self.previous: Optional[dict] = None
 
     def reset(self) -> None:
         self.wait()
@@ -304,7 +316,7 @@ class CheckpointFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.writer is None:
             return _write(state, self.path)
-        state = snapshot(state)
+        state = self.previous = snapshot(state, self.previous)
         self.writer.submit(lambda: _write(state, self.path))
         return self.path
 

@@ -69,8 +69,9 @@ def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
 
 def fp32_arithmetic() -> None:
     """IEEE fp32 convolutions and matmuls on GPUs: TF32 off for cuDNN (on by PyTorch's default) and cuBLAS — the
-    paper's arithmetic under ``--amp none``. The legacy flags are set because torch 2.9+ honours them too (its
-    ``fp32_precision`` then reads ``"none"``: defer to them), and code reading either API sees the same state."""
+    paper's arithmetic under ``--amp none``. The legacy flags work on every torch: 2.9+ maps them onto its
+    ``fp32_precision`` settings (cuDNN conv/rnn ``"none"``, matmul ``"ieee"``), so code reading either API sees the
+    same state (setting the new API instead makes the legacy getters raise)."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
