@@ -129,6 +129,7 @@ def test_every_phase_and_artifact(full_run):
     assert done["stage"] == "done" and done["identity"]["model"] == "resnet20"
     best = C.load_checkpoint(ckpts / "best.pt")
     assert best["best_score"] == max(r["test_acc"] for r in metrics["history"]["finetune"])
+    assert json.loads((ckpts / "best.json").read_text())["best_score"] == best["best_score"]
 
     model = load_pruned(build_model("resnet20", num_classes=CLASSES), full_run / "pruned.pt")
     assert sum(p.numel() for p in model.parameters()) == m["params"]["pruned"]
