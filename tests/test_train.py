@@ -2,11 +2,14 @@
 (2 ranks select the same filters and end with the same weights); a run killed mid-regularization or mid-finetuning
 resumes to bit-identical weights; a crash while a checkpoint is written leaves the previous one loadable; a checkpoint
 of another model or pruning spec is refused; AMP's GradScaler unscales before the regularizer; the recipes hold the
-paper's settings."""
+paper's settings; --compile compiles the model and the pruned one, --amp none turns TF32 off, checkpoints by wall
+time change no result, DDP gets broadcast_buffers=False and static_graph (background checkpoint writing itself:
+test_async_checkpoint.py)."""
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +132,7 @@ def test_every_phase_and_artifact(full_run):
     assert done["stage"] == "done" and done["identity"]["model"] == "resnet20"
     best = C.load_checkpoint(ckpts / "best.pt")
     assert best["best_score"] == max(r["test_acc"] for r in metrics["history"]["finetune"])
+    assert json.loads((ckpts / "best.json").read_text())["best_score"] == best["best_score"]
 
     model = load_pruned(build_model("resnet20", num_classes=CLASSES), full_run / "pruned.pt")
     assert sum(p.numel() for p in model.parameters()) == m["params"]["pruned"]
@@ -151,11 +155,16 @@ def test_pruned_model_scores_what_the_run_measured(full_run, imagefolder):
                                                                         # history entry every 3
     ("finetune", REG_ITERS + EPOCH_ITERS + 3, ("finetune", (1, 2))),    # epoch 1 done, 2 batches of epoch 2
 ])
-def test_killed_run_resumes_bit_exactly(full_run, imagefolder, weights, tmp_path, phase, stop_after, resumes_at):
+def test_killed_run_resumes_bit_exactly(full_run, imagefolder, weights, tmp_path, monkeypatch, phase, stop_after,
+                                        resumes_at):
     out = tmp_path / "run"
     args = _args(imagefolder, weights, out, "--checkpoint-every", "4", "--finetune-checkpoint-every", "2",
                  "--log-every", "3")
+    if phase == "regularize":            # slow background writes: the stopped run waits for the last one
+        real_write = C._write
+        monkeypatch.setattr(C, "_write", lambda state, path: (time.sleep(0.3), real_write(state, path))[1])
     assert main([*args, "--stop-after-iters", str(stop_after)]) == 0          # a requested stop is no failure
+    monkeypatch.undo()
     assert not (out / "pruned.pt").exists()
     latest = C.load_checkpoint(C.list_checkpoints(out / "checkpoints")[-1])
     assert latest["stage"] == resumes_at[0]
@@ -195,6 +204,76 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(full_run, imagefolder
     assert C.load_checkpoint(out / "checkpoints" / files[-1])["iteration"] == 8
     assert main([*args, "--resume", "auto"]) == 0
     _assert_same_weights(_final_state(out), _final_state(full_run))
+
+
+def test_compile_and_fp32_arithmetic(full_run, imagefolder, weights, tmp_path, monkeypatch):
+    """--compile aot_eager --amp none: the training module is torch.compile-d, and compiled again after removal (the
+    pruned model); aot_eager keeps eager arithmetic, so the run ends with the uncompiled run's weights; --amp none
+    turns TF32 off for cuDNN convolutions and cuBLAS matmuls (the flags are global: restored after)."""
+    real_compile, compiled, graphs = torch.compile, [], []
+
+    def recording_backend(gm, example_inputs):          # what dynamo captured; runs it eagerly
+        graphs.append(gm)
+        return gm.forward
+
+    def spy(net, backend):
+        compiled.append((backend, sum(p.numel() for p in net.parameters())))
+        return real_compile(net, backend=recording_backend)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out = tmp_path / "compiled"
+        assert main(_args(imagefolder, weights, out, "--compile", "aot_eager", "--amp", "none",
+                          "--backend", "torch")) == 0
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    params = json.loads((full_run / "metrics.json").read_text())["metrics"]["params"]
+    assert compiled == [("aot_eager", params["base"]), ("aot_eager", params["pruned"])]
+    assert len(graphs) >= 2                          # the forward of each model went through the compiler
+    _assert_same_weights(_final_state(out), _final_state(full_run))
+
+
+def test_wall_time_cadence_checkpoints_without_changing_the_run(full_run, imagefolder, weights, tmp_path):
+    """--checkpoint-minutes 1e-6: a checkpoint after every step (written in the background, each waiting for the one
+    before); the weights are those of the run checkpointed by iterations."""
+    out = tmp_path / "often"
+    assert main(_args(imagefolder, weights, out, "--checkpoint-minutes", "0.000001", "--keep-last", "1")) == 0
+    (last,) = C.list_checkpoints(out / "checkpoints")
+    # start, every regularization step but the last, removed, every finetuning step, 2 epochs, done
+    assert int(last.name.split("-")[1]) == 1 + (REG_ITERS - 1) + 1 + FINETUNE_ITERS + 2 + 1
+    assert C.load_checkpoint(last)["stage"] == "done"
+    _assert_same_weights(_final_state(out), _final_state(full_run))
+
+
+def test_ddp_does_not_broadcast_buffers_and_takes_static_graph():
+    """Engine.wrap builds DDP with broadcast_buffers=False (Engine.sync broadcasts them where they are read) and the
+    static_graph asked for; a one-process gloo group stands for the world of two the engine is told about."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = build_model("resnet20", num_classes=3)
+        for static in (False, True):
+            engine = Engine(DistEnv(0, 2, 0, 2, torch.device("cpu"), "gloo"), static_graph=static)
+            net = engine.wrap(model)
+            assert isinstance(net, torch.nn.parallel.DistributedDataParallel)
+            assert net.broadcast_buffers is False and net.static_graph is static
+    finally:
+        dist.destroy_process_group()
+
+
+def test_wall_time_cadence_asks_rank_zero_clock():
+    engine = Engine(DistEnv(), checkpoints=C.CheckpointManager("unused"), checkpoint_minutes=1.0)
+    assert not engine.checkpoint_due()                     # a minute has not passed
+    engine.last_save -= 61.0
+    assert engine.checkpoint_due()
+    assert not Engine(DistEnv(), checkpoints=None, checkpoint_minutes=1.0).checkpoint_due()
+    sparse = Engine(DistEnv(), checkpoints=C.CheckpointManager("unused"), checkpoint_minutes=1.0, poll_every=3)
+    sparse.last_save -= 61.0
+    assert [sparse.checkpoint_due() for _ in range(6)] == [False, False, True, False, False, True]
 
 
 def test_checkpoint_of_another_model_or_spec_is_refused(full_run, imagefolder, weights, tmp_path, capsys):
@@ -270,8 +349,9 @@ def test_torchrun_two_ranks_agree(ddp_run, full_run):
 
 
 def test_torchrun_resume_after_kill_is_exact(ddp_run, imagefolder, weights, tmp_path):
+    """...also with DDP's static_graph, which changes no result."""
     out = tmp_path / "run"
-    args = _args(imagefolder, weights, out, "--checkpoint-every", "4")
+    args = _args(imagefolder, weights, out, "--checkpoint-every", "4", "--static-graph")
     proc = _torchrun([*args, "--stop-after-iters", "10"])
     assert proc.returncode == 0 and "--stop-after-iters" in proc.stderr          # torchrun: no failed job
     assert f"continue with: python -m tpp.train smoke --data-root {imagefolder}" in proc.stderr
@@ -520,6 +600,11 @@ def test_tpp_cli_has_the_train_subcommand(capsys, tmp_path):
 
     assert tpp_main(["train", "--list"]) == 0
     assert "resnet50-imagenet-2.31x" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tpp_main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--compile [BACKEND] torch.compile the training module" in text and "--static-graph" in text
+    assert "--checkpoint-minutes CHECKPOINT_MINUTES also checkpoint" in text and "(default: 10.0)" in text
     assert tpp_main(["train", "resnet34-imagenet-1.32x", "--show", "--finetune-epochs", "3"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["finetune_epochs"] == 3 and shown["skip"][0] == "*layer1.0.conv1"

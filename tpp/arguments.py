@@ -193,6 +193,11 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
                    help="torch CPU threads per process (0: torch's default; 1 is often fastest for small models)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN/CUDA kernels (slower; off: cudnn.benchmark)")
+    g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the training module (--compile: inductor; --compile aot_eager etc.); the "
+                        "regularizer's step runs outside it and the pruned model is compiled again after removal")
+    g.add_argument("--static-graph", action="store_true",
+                   help="DistributedDataParallel(static_graph=True): the graph is the same every step")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default: runs/<recipe or model-data-method>-<time>)")
@@ -209,6 +214,9 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--finetune-checkpoint-every", type=count,
                    help="also checkpoint every this many finetuning iterations (default: 1000 on ImageNet-size "
                         "epochs, else per epoch only; 0: per epoch only)")
+    g.add_argument("--checkpoint-minutes", type=number, default=10.0,
+                   help="also checkpoint when this many minutes have passed since the last checkpoint, whichever "
+                        "of the two cadences comes first (0: by iterations only); written in the background")
     if train:
         g.add_argument("--keep-last", type=count, default=2, help="numbered checkpoints kept (best.pt besides)")
     else:

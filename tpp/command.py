@@ -227,7 +227,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
 
     recipe = resolve_recipe(args, layout.command)
     _check_recipe(recipe, env.world_size)
-    from .train.engine import resolve_amp
+    from .train.engine import fp32_arithmetic, resolve_amp
 
     amp = resolve_amp(args.amp, env.device)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and env.device.type == "cuda")
@@ -235,6 +235,8 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.deterministic
         torch.backends.cudnn.deterministic = args.deterministic
+    if amp is None:                      # the paper's arithmetic: IEEE fp32, no TF32 convolutions or matmuls
+        fp32_arithmetic()
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -380,6 +382,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     finally:
         if tb is not None:
             tb.close()
+        engine.close()                   # the checkpoint being written is on disk (or its error raised)
     settings["run"] = result.config
     _write_settings(out, layout, settings, env)
     _write_results(out, layout, result, recipe, settings, images_per_epoch, env)
@@ -395,7 +398,7 @@ def _engine(args, layout, out, env, amp, channels_last, recipe, per_rank: int, b
 
     images_per_epoch = batches_per_epoch * recipe.batch_size
     if layout.checkpoints == "file":
-        checkpoints = CheckpointFile(out / "checkpoint.pt", is_main=env.is_main)
+        checkpoints = CheckpointFile(out / "checkpoint.pt", is_main=env.is_main, background=True)
     else:
         from .train.logs import write_csv
 
@@ -403,9 +406,10 @@ def _engine(args, layout, out, env, amp, channels_last, recipe, per_rank: int, b
             _write_tables(out, state.get("history") or {}, images_per_epoch, write_csv)
 
         checkpoints = CheckpointManager(out / "checkpoints", keep_last=max(1, args.keep_last), is_main=env.is_main,
-                                        on_saved=on_saved)
+                                        on_saved=on_saved, background=True)
     engine = Engine(env, amp=amp, channels_last=channels_last, label_smoothing=recipe.label_smoothing,
-                    checkpoints=checkpoints, batch_size=per_rank, seed=args.seed)
+                    checkpoints=checkpoints, batch_size=per_rank, seed=args.seed, static_graph=args.static_graph,
+                    compile=args.compile, checkpoint_minutes=args.checkpoint_minutes)
     return engine, checkpoints, images_per_epoch
 
 

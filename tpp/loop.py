@@ -181,6 +181,11 @@ class TrainHooks:
             raise ValueError("the test loader yields no samples")
         return {"acc": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
 
+    def checkpoint_due(self) -> bool:
+        """Called after every regularization and finetuning step, on every rank: ``True`` asks for a checkpoint now,
+        besides the iteration cadence (the engine's wall-time cadence). Must answer the same on every rank."""
+        return False
+
     def state_dict(self) -> dict:
         """Extra state saved in checkpoints (scaler, per-rank RNG states, ...)."""
         return {}

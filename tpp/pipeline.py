@@ -454,7 +454,8 @@ class _Run:
                 self.progress("regularize", self.iteration, total,
                               {"strength": strength, "loss": loss.item() if hooks.sync_loss else loss,
                                "phase": reg.phase})
-            if self.iteration % every == 0 and self.iteration < total:
+            due = hooks.checkpoint_due()
+            if (due or self.iteration % every == 0) and self.iteration < total:
                 self._save("iteration")
 
     @torch.no_grad()
@@ -510,7 +511,8 @@ class _Run:
         every = cfg.finetune_checkpoint_every
 
         def on_iteration_end(epoch: int, batches: int, running: dict) -> None:
-            if every and batches % every == 0:
+            due = self.hooks.checkpoint_due()
+            if due or (every and batches % every == 0):
                 self.ft_batch, self.ft_running = batches, running
                 self._save("iteration")
 

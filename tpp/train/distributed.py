@@ -72,7 +72,8 @@ def init_distributed(device: Optional[str] = None, backend: Optional[str] = None
 
     ``device``: ``"cpu"``, ``"cuda"`` (each process uses ``cuda:LOCAL_RANK``), or ``None`` for cuda when
     available; ``"cuda:N"`` is honoured in a single process only. ``backend``: ``"nccl"`` (default with CUDA) or
-    ``"gloo"`` (default on CPU). ``timeout_s`` bounds every collective (a checkpoint write on rank 0 must fit in it).
+    ``"gloo"`` (default on CPU). ``timeout_s`` bounds every collective (the others wait there while rank 0 finishes a
+    background checkpoint write before evaluation or removal: it must fit in it).
     """
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)

@@ -5,7 +5,13 @@ The loops are :mod:`tpp.loop`'s (one training loop in the project); this module 
 
 * ``place``: model to ``cuda:LOCAL_RANK`` (or CPU), channels_last when asked, every parameter and buffer broadcast
   from rank 0 — the filters are then selected from identical weights on every rank, and ``agree`` checks they are.
-* ``wrap``: ``DistributedDataParallel`` (rebuilt after removal, when the pipeline builds the finetuning optimizer).
+* ``wrap``: ``DistributedDataParallel`` (rebuilt after removal, when the pipeline builds the finetuning optimizer),
+  ``broadcast_buffers=False``: DDP's default broadcasts every buffer from rank 0 before each forward — one more
+  collective per step — but no step reads another rank's BN running statistics (training normalises with the
+  batch's), so ``sync`` broadcasts them once where they are read: before evaluation, saving and removal (the result
+  is the same: rank 0's statistics, which broadcasting never changed). With ``compile``, the module the steps run on
+  is ``torch.compile``-d (around DDP); ``reg.apply_gradients()`` and ``reg.step()`` run outside it, and the pruned
+  model is compiled afresh when ``wrap`` is called again after removal.
 * ``train_step`` (the loop's): forward under ``torch.autocast`` (bf16 or fp16); ``criterion``: cross-entropy with
   optional label smoothing; ``backward_step``: backward through the GradScaler (fp16),
   ``scaler.unscale_(optimizer)`` **before** the regularizer's ``apply_gradients()`` (its gradients are unscaled and
@@ -13,16 +19,23 @@ The loops are :mod:`tpp.loop`'s (one training loop in the project); this module 
 * ``batches``: ``sampler.set_epoch(pass, start)`` of :class:`~tpp.train.data.ResumableDistributedSampler` (finetuning
   passes are numbered apart from regularization passes).
 * ``sum``/``mean``: all-reduce; evaluation counts (top-1, top-5, loss) are summed over the ranks' disjoint shards.
-* ``sync``: BN running statistics broadcast from rank 0 (what DDP itself uses at the next forward) before anything
-  is evaluated, saved or removed, so every rank holds the same model.
+* ``sync``: BN running statistics broadcast from rank 0 before anything is evaluated, saved or removed, so every
+  rank holds the same model; it also waits for the checkpoint being written in the background, so the files are
+  complete wherever the ranks synchronise.
+* ``checkpoint_due``: wall-time cadence (``checkpoint_minutes``) besides the pipeline's iteration cadence; rank 0's
+  clock decides, polled every ``poll_every`` steps (one small broadcast then, none in between).
 * ``agree``: hash all-gather; the pipeline calls it on the selected filters and on the pruned sets and weights right
   before removal — no rank removes anything on its own.
 * ``state_dict``: GradScaler, the RNG states of every rank; ``save`` hands the state to a
-  :class:`~tpp.train.checkpoint.CheckpointManager` or :class:`~tpp.train.checkpoint.CheckpointFile` (rank 0 writes).
+  :class:`~tpp.train.checkpoint.CheckpointManager` or :class:`~tpp.train.checkpoint.CheckpointFile` (rank 0 writes,
+  in the background when the store was made with ``background=True``); ``close`` waits for the pending write and
+  raises its error.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
@@ -36,7 +49,8 @@ from ..loop import TrainHooks
 from . import distributed as D
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 
-__all__ = ["Engine", "AMP_MODES", "resolve_amp", "FINETUNE_PASS_OFFSET", "StopRequested", "stop_after"]
+__all__ = ["Engine", "AMP_MODES", "resolve_amp", "fp32_arithmetic", "FINETUNE_PASS_OFFSET", "StopRequested",
+           "stop_after"]
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 FINETUNE_PASS_OFFSET = 1_000_000   # sampler epochs of finetuning passes: distinct permutations from regularization's
@@ -53,6 +67,15 @@ def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
+def fp32_arithmetic() -> None:
+    """IEEE fp32 convolutions and matmuls on GPUs: TF32 off for cuDNN (on by PyTorch's default) and cuBLAS — the
+    paper's arithmetic under ``--amp none``. The legacy flags work on every torch: 2.9+ maps them onto its
+    ``fp32_precision`` settings (cuDNN conv/rnn ``"none"``, matmul ``"ieee"``), so code reading either API sees the
+    same state (setting the new API instead makes the legacy getters raise)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class Engine(TrainHooks):
     """DDP/AMP/channels_last hooks for :func:`tpp.pipeline.run_pruning` (see the module docstring).
 
@@ -65,21 +88,36 @@ class Engine(TrainHooks):
             writes nothing.
         batch_size: per-rank training batch (the sampler's start of a resumed pass is ``skip × batch_size``).
         seed: reseeds the RNGs of ranks whose states a checkpoint does not hold (another world size).
-        find_unused_parameters, static_graph: passed to DDP.
+        find_unused_parameters, static_graph, broadcast_buffers: passed to DDP (see the module docstring for why
+            buffers are not broadcast at every step).
+        compile: ``torch.compile`` backend of the training module (``"inductor"``, ``"aot_eager"``, ...) or ``None``.
+        checkpoint_minutes: also checkpoint when this much wall time has passed since the last checkpoint (``0``:
+            by iterations only); checked every ``poll_every`` steps (default: every step in one process, every
+            50 under DDP, where checking is a broadcast and a host synchronisation).
     """
 
     def __init__(self, env: D.DistEnv, *, amp: Optional[torch.dtype] = None, channels_last: bool = False,
                  label_smoothing: float = 0.0, checkpoints: Optional[CheckpointManager] = None,
                  batch_size: int = 1, seed: int = 0,
-                 find_unused_parameters: bool = False, static_graph: bool = False):
+                 find_unused_parameters: bool = False, static_graph: bool = False, broadcast_buffers: bool = False,
+                 compile: Optional[str] = None, checkpoint_minutes: float = 0.0,
+                 poll_every: Optional[int] = None):
         if amp not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"amp must be torch.bfloat16, torch.float16 or None, got {amp!r}")
+        poll_every = poll_every or (50 if env.distributed else 1)
+        if not checkpoint_minutes >= 0 or poll_every < 1:
+            raise ValueError(f"checkpoint_minutes must be >= 0 and poll_every >= 1, got {checkpoint_minutes!r}, "
+                             f"{poll_every!r}")
         self.env, self.device = env, env.device
         self.amp, self.channels_last = amp, channels_last
         self.label_smoothing = float(label_smoothing)
         self.checkpoints = checkpoints
         self.batch_size, self.seed = batch_size, seed
-        self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters, "static_graph": static_graph}
+        self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters, "static_graph": static_graph,
+                           "broadcast_buffers": broadcast_buffers}
+        self.compile = compile
+        self.checkpoint_seconds, self.poll_every = 60.0 * checkpoint_minutes, poll_every
+        self.steps, self.last_save = 0, time.monotonic()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == torch.float16)
         self.sync_loss = False              # the loop passes loss tensors: no host sync per step
         self.pass_info = {"phase": None, "epoch": 0, "start": 0}
@@ -96,12 +134,18 @@ class Engine(TrainHooks):
         return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        if not self.env.distributed:
-            return model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # buffers (BN statistics) are synced from rank 0 at every forward: DDP's default, under either of its names
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
-                                                   gradient_as_bucket_view=True, **self.ddp_kwargs)
+        net = model
+        if self.env.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            kwargs = dict(self.ddp_kwargs)
+            if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
+                kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")     # its name since torch 2.14
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
+                                                      gradient_as_bucket_view=True, **kwargs)
+        if self.compile:
+            torch.compiler.reset()      # a model wrapped again (after removal) is compiled afresh
+            net = torch.compile(net, backend=self.compile)
+        return net
 
     def inputs(self, x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
         x = x.to(self.device, non_blocking=True)
@@ -151,6 +195,7 @@ class Engine(TrainHooks):
 
     @torch.no_grad()
     def sync(self, model: nn.Module) -> None:
+        self.wait()
         if self.env.distributed:
             for b in model.buffers():
                 dist.broadcast(b.data, src=0)
@@ -181,7 +226,30 @@ class Engine(TrainHooks):
                           stacklevel=2)
             torch.manual_seed(self.seed + self.env.rank)
 
+    def checkpoint_due(self) -> bool:
+        """Whether ``checkpoint_minutes`` have passed since the last checkpoint (rank 0's clock, the same answer on
+        every rank); called once per training step on every rank."""
+        self.steps += 1
+        if not self.checkpoint_seconds or self.checkpoints is None or self.steps % self.poll_every:
+            return False
+        due = time.monotonic() - self.last_save >= self.checkpoint_seconds
+        if self.env.distributed:
+            flag = torch.tensor([1 if due else 0], dtype=torch.int32, device=self.device)
+            dist.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written in the background is on disk; raise its error if it failed."""
+        if self.checkpoints is not None and hasattr(self.checkpoints, "wait"):
+            self.checkpoints.wait()
+
+    def close(self) -> None:
+        """The end of a run (done, stopped or failed): wait for the pending checkpoint write (raising its error)."""
+        self.wait()
+
     def save(self, state: dict, path: Path, event: str) -> None:
+        self.last_save = time.monotonic()
         if self.checkpoints is None:
             return
         tag = {"iteration": f"{state['stage']}-it{state['iteration']:07d}" if state["stage"] == "regularize"
