@@ -81,6 +81,7 @@ class Engine(TrainHooks):
         self.batch_size, self.seed = batch_size, seed
         self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters, "static_graph": static_graph}
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == torch.float16)
+        self.skips_nonfinite_steps = self.scaler.is_enabled()     # fp16: the scaler skips overflowing steps
         self.sync_loss = False              # the loop passes loss tensors: no host sync per step
         self.pass_info = {"phase": None, "epoch": 0, "start": 0}
 
