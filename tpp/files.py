@@ -54,18 +54,41 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _Recorded:
+    """A binary file that remembers the first ``OSError`` of its ``write``: ``torch.save`` catches it (a full disk)
+    and raises a ``RuntimeError`` about zip positions instead; :func:`write_atomic` raises the ``OSError``."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
 def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temporary binary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(file)`` on a temporary binary file beside ``path``, then rename it over ``path``. Any error (a
+    full disk is ``OSError(ENOSPC)``) leaves ``path`` as it was and removes the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    recorded = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            recorded = _Recorded(f)
+            write(recorded)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if recorded is not None and recorded.error is not None and err is not recorded.error:
+            raise recorded.error from err
         raise
     fsync_dir(path.parent)
     return path

@@ -21,7 +21,7 @@ __all__ = ["FiniteGuard", "NonFiniteError", "EXIT_NON_FINITE"]
 #: exit status of ``tpp prune``/``tpp train`` stopped by a non-finite loss, gradient or weight
 EXIT_NON_FINITE = 3
 
-_WHAT = {1: "the training loss", 2: "a gradient (with the regularizer's)", 3: "the weights"}
+_WHAT = {1: "the training loss", 2: "a gradient", 3: "the weights"}
 
 
 class NonFiniteError(RuntimeError):
@@ -90,6 +90,6 @@ class FiniteGuard:
 
     def error(self, what: str, where: str, phase: str, iteration: int) -> NonFiniteError:
         """The one-line error: what became non-finite, where, and the last good checkpoint."""
-        return NonFiniteError(f"{what} became non-finite (NaN or inf) {where} of {phase}; the run stopped and wrote "
-                              f"no model from it. Last good checkpoint: {self.last_good}. Lower the learning rate "
-                              "or momentum and start again", phase, iteration)
+        return NonFiniteError(f"{what} became non-finite (NaN or inf) {where} ({phase} phase); the run stopped and "
+                              f"wrote no model from it. Last good checkpoint: {self.last_good}. Lower the learning "
+                              "rate or momentum and start again", phase, iteration)

@@ -23,6 +23,11 @@ Phases:
 4. **finetune** — a fresh SGD optimizer (lr ``finetune_lr``, momentum, weight decay), ×``lr_gamma`` at each epoch
    in ``lr_milestones``, no TPP regularizer (L1 + KernOrth/OrthConv add theirs here).
 
+Guarded: every step's loss and gradients are watched on the device (:class:`tpp.guard.FiniteGuard`, no host sync per
+step) and checked at each log record, checkpoint and epoch end, together with the weights: a non-finite loss,
+penalty, gradient or weight raises :class:`tpp.guard.NonFiniteError` naming the first bad iteration and the last
+good checkpoint, before anything computed from it is saved (the last good checkpoint is never replaced by it).
+
 The settings of a run are one typed, frozen :class:`RunConfig` (``RunConfig.from_recipe`` for a
 :class:`tpp.recipes.Recipe`); the model is traced with torch.fx once per run (``graph=``, or here) and the ratio spec
 resolved to per-layer ratios once, then handed to the regularizer, the selection and the removal. The loop itself is
@@ -228,7 +233,8 @@ def run_pruning(
         graph: :func:`tpp.analyze_model` of ``model``, when the caller has it (traced here otherwise, once).
 
     Returns a :class:`PruneResult`. Raises ``ValueError`` for an unknown method, a bad ratio spec, or a checkpoint
-    that does not match.
+    that does not match or is corrupted; :class:`tpp.guard.NonFiniteError` when training produces a non-finite
+    loss, penalty, gradient or weight.
     """
     if config is None:
         config = RunConfig(method=method, ratio=ratio, **settings)
@@ -309,8 +315,7 @@ class _Run:
         self.guard.last_good = f"{written or path} (stage {self.stage}, {position})"
 
     def _check_finite(self) -> None:
-        phase = {"regularize": "regularization", "finetune": "finetuning"}.get(self.stage, self.stage)
-        self.guard.check(phase, self.hooks, self.model, self.iteration if self.stage == "regularize" else None)
+        self.guard.check(self.stage, self.hooks, self.model, self.iteration if self.stage == "regularize" else None)
 
     def _restore(self, state) -> None:
         if not isinstance(state, Mapping):
@@ -460,7 +465,7 @@ class _Run:
                 with torch.no_grad():
                     penalty = float(reg.penalty())
                 if not math.isfinite(penalty):
-                    raise self.guard.error("the penalty", f"after iteration {self.iteration}", "regularization",
+                    raise self.guard.error("the penalty", f"after iteration {self.iteration}", "regularize",
                                            self.iteration)
                 self.history["regularize"].append({
                     "iteration": self.iteration, "strength": strength, "penalty": penalty,
