@@ -118,6 +118,7 @@ def test_killed_at_random_points_the_folder_stays_whole_and_resumable(tmp_path, 
         _check_folder(out)
         if proc.returncode == 0:
             break
+    assert kills >= 1, "the run finished before the first kill"
     if not (out / "checkpoint.pt").exists():           # it finished before the last kill
         assert (out / "metrics.json").exists() and (out / "pruned.pt").exists()
         return
