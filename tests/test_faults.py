@@ -347,18 +347,23 @@ def test_files_without_a_checksum_still_load(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- guarded training
-def test_a_diverging_run_exits_3_and_writes_no_model(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_a_diverging_run_exits_3_and_writes_no_model(command, tmp_path, capsys):
     """The finding: `--momentum 5` ended with exit 0, an all-NaN pruned.pt and NaN in metrics.json."""
     out = tmp_path / "run"
-    code = main(["prune", *CNN, *TINY, "--finetune-epochs", "1", "--weights", str(_weights(tmp_path)),
+    code = main([command, *CNN, *TINY, "--finetune-epochs", "1", "--weights", str(_weights(tmp_path)),
                  "--momentum", "5", "--reg-lr", "1", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == EXIT_NON_FINITE == 3
-    assert err.startswith("tpp prune: error: ") and "\n" not in err and "non-finite" in err
-    assert f"Last good checkpoint: {out / 'checkpoint.pt'} (stage regularize, iteration " in err
+    assert err.startswith(f"tpp {command}: error: ") and "\n" not in err and "non-finite" in err
+    last = out / "checkpoint.pt" if command == "prune" else out / "checkpoints"
+    assert f"Last good checkpoint: {last} (stage regularize, iteration " in err
     assert not (out / "pruned.pt").exists() and not (out / "metrics.json").exists()
-    state = load_checkpoint(out / "checkpoint.pt")
-    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    checkpoints = [out / "checkpoint.pt"] if command == "prune" else sorted((out / "checkpoints").glob("*.pt"))
+    assert checkpoints
+    for path in checkpoints:
+        state = load_checkpoint(path)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert not _check_folder(out)
 
 
