@@ -14,7 +14,9 @@ Everything a user can get wrong is checked before the run folder is touched, and
   ``best.pt``; ``ranks/rank<r>.json`` digests; ``--weights`` required (a recipe may name torchvision's); AMP and
   channels_last on GPUs by default.
 
-Exit status: 0 done (also after ``--stop-after-iters``, with the command that resumes), 2 bad input.
+Exit status: 0 done (also after ``--stop-after-iters``, with the command that resumes), 2 bad input (a corrupted
+``--resume``/``--weights`` file included), 3 a non-finite loss, penalty, gradient or weight (one line naming the first
+bad iteration and the last good checkpoint; no model is written from it).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .arguments import EXIT_USAGE, UsageError, resolve_recipe
+from .guard import EXIT_NON_FINITE, NonFiniteError
 
 __all__ = ["Layout", "LAYOUTS", "run_command", "resolve_out", "versions", "list_recipes"]
 
@@ -108,6 +111,10 @@ def run_command(args, command: str, command_line: str, prog: str) -> int:
         else:
             log.error("%s: error: %s", prog, err)
         return EXIT_USAGE
+    except NonFiniteError as err:
+        if env.is_main:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_NON_FINITE
     except BaseException as err:
         log.error("%s failed: %s: %s", prog, type(err).__name__, err)
         raise
@@ -327,6 +334,9 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if layout.ranks:
             (out / "ranks").mkdir(exist_ok=True)
+        from .files import remove_stale_temporaries
+
+        remove_stale_temporaries(out, ("checkpoints", "ranks"))     # left by a killed earlier run
     from .train import distributed as D
 
     D.barrier(env)

@@ -68,6 +68,7 @@ def run_demo(out: Path, ratios: Sequence[float] = DEFAULT_RATIOS, methods: Seque
     import torch
 
     from .data import build_loader, load_digits_split
+    from .files import write_json, write_text_atomic
     from .metrics import count_params, jacobian_singular_values
     from .models import build_model
     from .pipeline import RECIPES, evaluate, run_pruning, train
@@ -130,12 +131,9 @@ def run_demo(out: Path, ratios: Sequence[float] = DEFAULT_RATIOS, methods: Seque
             "command": " ".join(["python -m tpp.demo"] + sys.argv[1:]), "ratios": list(ratios),
             "methods": list(methods), "models": list(models)}
     plots = plot_demo(rows, out)
-    (out / "table.txt").write_text(table + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"meta": meta, "pretrained": pretrained, "rows": rows,
-                                                  "results": results}, indent=1, default=str) + "\n",
-                                      encoding="utf-8")
-    (out / "config.json").write_text(json.dumps({"recipe": recipe.to_dict(), **meta}, indent=2, default=str) + "\n",
-                                     encoding="utf-8")
+    write_text_atomic(out / "table.txt", table + "\n")
+    write_json(out / "results.json", {"meta": meta, "pretrained": pretrained, "rows": rows, "results": results})
+    write_json(out / "config.json", {"recipe": recipe.to_dict(), **meta})
     write_demo_report(out, rows, meta, plots, pretrained)
     return {"rows": rows, "results": results, "meta": meta, "table": table, "pretrained": pretrained}
 

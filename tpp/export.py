@@ -95,10 +95,11 @@ def cmd_export(args, argv: Sequence[str], prog: str = "tpp export") -> int:
         raise UsageError(f"--format onnx needs {' and '.join(missing)} (not installed): pip install \"tpp[export]\"")
     import torch
 
+    from .files import load_verified
     from .surgery import load_pruned
 
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_verified(path)
         model = load_pruned(checkpoint)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise UsageError(f"{path}: {err}") from None

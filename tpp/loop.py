@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .files import atomic_save
+from .files import load_verified, save_verified
+from .guard import FiniteGuard
 
 __all__ = ["TrainHooks", "DEFAULT_HOOKS", "train", "evaluate", "device_of", "batches", "first_samples", "sgd",
            "make_lr_scheduler", "LR_SCHEDULES", "Progress"]
@@ -112,6 +113,8 @@ class TrainHooks:
 
     #: pass ``loss.item()`` to ``progress`` every iteration (a host sync); ``False`` passes the detached tensor
     sync_loss: bool = True
+    #: a step with non-finite gradients is skipped, not applied (a GradScaler): the guard then watches only the loss
+    skips_nonfinite_steps: bool = False
 
     def place(self, model: nn.Module, device: torch.device) -> nn.Module:
         """Put ``model`` (the bare module) where it trains: device, memory format; make ranks agree on its weights."""
@@ -193,13 +196,21 @@ class TrainHooks:
     def load_state_dict(self, state: Mapping) -> None:
         pass
 
-    def save(self, state: dict, path: Path, event: str) -> None:
-        """Write checkpoint ``state`` to ``path`` (atomically: temporary file, then rename). ``event`` is
-        ``"start"``, ``"iteration"``, ``"removed"``, ``"epoch"`` or ``"done"``."""
-        atomic_save(state, path)
+    def save(self, state: dict, path: Path, event: str) -> Optional[Path]:
+        """Write checkpoint ``state`` to ``path`` (atomically, with a checksum: :func:`tpp.files.save_verified`).
+        ``event`` is ``"start"``, ``"iteration"``, ``"removed"``, ``"epoch"`` or ``"done"``. Returns the file
+        written, when known."""
+        return save_verified(state, path)
 
     def load(self, path: Path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        """A checkpoint of :meth:`save`, checked against its checksum (``ValueError`` naming a damaged file)."""
+        return load_verified(path)
+
+    def gradients(self, optimizer: torch.optim.Optimizer) -> Optional[list[Tensor]]:
+        """The gradients the last step applied, for the non-finite guard (``None``: do not check them)."""
+        if self.skips_nonfinite_steps:
+            return None
+        return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 DEFAULT_HOOKS = TrainHooks()
@@ -213,7 +224,8 @@ def train(model: nn.Module, train_loader: Iterable, epochs: int, lr: float, *, m
           on_epoch_end: Optional[Callable[[int, list], None]] = None, history: Optional[list] = None,
           hooks: Optional[TrainHooks] = None, net: Optional[nn.Module] = None, start_batch: int = 0,
           running: Optional[Mapping] = None,
-          on_iteration_end: Optional[Callable[[int, int, dict], None]] = None) -> list[dict]:
+          on_iteration_end: Optional[Callable[[int, int, dict], None]] = None,
+          guard: Optional[FiniteGuard] = None) -> list[dict]:
     """Plain SGD training (cross-entropy) for ``epochs`` epochs with a step-decay learning rate; used for
     pretraining and finetuning. ``regularizer`` (anything with ``apply_gradients()``/``step()``) is applied every
     iteration. Returns per-epoch records ``{"epoch", "lr", "train_loss", "time_s", "test_acc"?, "test_top5"?,
@@ -222,7 +234,11 @@ def train(model: nn.Module, train_loader: Iterable, epochs: int, lr: float, *, m
     ``hooks`` (:class:`TrainHooks`) does the steps, data passes and evaluation; ``net`` is the module the steps run
     on (e.g. DDP around ``model``; default ``model``). ``start_epoch``/``start_batch``/``running`` resume inside an
     epoch: skip its first ``start_batch`` batches, with ``running = {"loss_sum", "seen"}`` of the batches done.
-    ``on_iteration_end(epoch, batches_done, running)`` is called after every step (0-based epoch)."""
+    ``on_iteration_end(epoch, batches_done, running)`` is called after every step (0-based epoch).
+
+    ``guard`` (:class:`tpp.guard.FiniteGuard`, default a new one) watches every step's loss and gradients on the
+    device and is checked at each epoch end (and by the caller's callbacks): a non-finite one raises
+    :class:`tpp.guard.NonFiniteError` naming the first bad iteration, before the epoch is recorded or saved."""
     hooks = hooks or DEFAULT_HOOKS
     net = model if net is None else net
     device = device or device_of(model)
@@ -230,6 +246,13 @@ def train(model: nn.Module, train_loader: Iterable, epochs: int, lr: float, *, m
     scheduler = scheduler or torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
     history = [] if history is None else history
     steps_per_epoch = _len_or_none(train_loader)
+    guard = guard or FiniteGuard(device)
+
+    def describe(n: int) -> str:
+        if not steps_per_epoch:
+            return f"iteration {n}"
+        return f"iteration {n} (epoch {(n - 1) // steps_per_epoch + 1}, batch {(n - 1) % steps_per_epoch + 1})"
+
     for epoch in range(start_epoch, epochs):
         net.train()
         lr_now = optimizer.param_groups[0]["lr"]
@@ -241,6 +264,7 @@ def train(model: nn.Module, train_loader: Iterable, epochs: int, lr: float, *, m
         for i, (x, y) in enumerate(hooks.batches(train_loader, phase, epoch, skip), start=skip):
             x, y = hooks.inputs(x, y, device)
             loss = hooks.train_step(net, optimizer, x, y, regularizer)
+            guard.watch(epoch * (steps_per_epoch or 0) + i + 1, loss, hooks.gradients(optimizer))
             if regularizer is not None:
                 regularizer.step()
             total_loss += loss.double() * y.numel()
@@ -251,6 +275,7 @@ def train(model: nn.Module, train_loader: Iterable, epochs: int, lr: float, *, m
                           "lr": lr_now})
             if on_iteration_end is not None:
                 on_iteration_end(epoch, i + 1, {"loss_sum": total_loss, "seen": seen})
+        guard.check(phase, hooks, model, (epoch + 1) * (steps_per_epoch or 0), describe)
         scheduler.step()
         loss_sum, count = hooks.sum(torch.stack([total_loss, torch.tensor(float(seen), dtype=torch.float64,
                                                                           device=device)])).tolist()

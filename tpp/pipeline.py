@@ -23,6 +23,11 @@ Phases:
 4. **finetune** — a fresh SGD optimizer (lr ``finetune_lr``, momentum, weight decay), ×``lr_gamma`` at each epoch
    in ``lr_milestones``, no TPP regularizer (L1 + KernOrth/OrthConv add theirs here).
 
+Guarded: every step's loss and gradients are watched on the device (:class:`tpp.guard.FiniteGuard`, no host sync per
+step) and checked at each log record, checkpoint and epoch end, together with the weights: a non-finite loss,
+penalty, gradient or weight raises :class:`tpp.guard.NonFiniteError` naming the first bad iteration and the last
+good checkpoint, before anything computed from it is saved (the last good checkpoint is never replaced by it).
+
 The settings of a run are one typed, frozen :class:`RunConfig` (``RunConfig.from_recipe`` for a
 :class:`tpp.recipes.Recipe`); the model is traced with torch.fx once per run (``graph=``, or here) and the ratio spec
 resolved to per-layer ratios once, then handed to the regularizer, the selection and the removal. The loop itself is
@@ -51,6 +56,7 @@ from torch import Tensor, nn
 
 from .baselines import Method, OrthRegularizer, get_method, make_regularizer, orthogonalize_, reinitialize_
 from .graph import ModelGraph, analyze_model
+from .guard import FiniteGuard
 from .identity import RUN_CHECKPOINT_VERSION, RunIdentity, model_signature, skip_patterns
 from .loop import (
     DEFAULT_HOOKS,
@@ -227,7 +233,8 @@ def run_pruning(
         graph: :func:`tpp.analyze_model` of ``model``, when the caller has it (traced here otherwise, once).
 
     Returns a :class:`PruneResult`. Raises ``ValueError`` for an unknown method, a bad ratio spec, or a checkpoint
-    that does not match.
+    that does not match or is corrupted; :class:`tpp.guard.NonFiniteError` when training produces a non-finite
+    loss, penalty, gradient or weight.
     """
     if config is None:
         config = RunConfig(method=method, ratio=ratio, **settings)
@@ -273,6 +280,7 @@ class _Run:
         self.history: dict = {"regularize": [], "finetune": []}
         self.metrics: dict = {"accuracy": {}, "top5": {}, "loss": {}, "jsv_mean": {}, "jsv": {}, "time_s": {}}
         self.config = {**cfg.to_dict(), "device": str(self.device)}
+        self.guard = FiniteGuard(self.device)       # non-finite loss/gradients: checked where the host reads anyway
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         self.jsv_inputs = first_samples(test_loader, cfg.jsv_samples).to(self.device) if cfg.jsv_samples else None
@@ -280,10 +288,12 @@ class _Run:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, event: str) -> None:
+        """Write the run state (after checking it is finite: a non-finite run never replaces the last good file)."""
         path = self.checkpoint
         if path is None:
             return
         self.hooks.sync(self.model)
+        self._check_finite()
         running = self.ft_running or {}
         state = {
             "version": RUN_CHECKPOINT_VERSION, "stage": self.stage, "iteration": self.iteration, "epoch": self.epoch,
@@ -299,7 +309,13 @@ class _Run:
                                   "seen": int(running.get("seen", 0))},
             "hooks": self.hooks.state_dict(),
         }
-        self.hooks.save(state, Path(path), event)
+        written = self.hooks.save(state, Path(path), event)
+        position = f"iteration {self.iteration}" if self.stage == "regularize" else \
+            f"epoch {self.epoch}" + (f", batch {self.ft_batch}" if self.ft_batch else "")
+        self.guard.last_good = f"{written or path} (stage {self.stage}, {position})"
+
+    def _check_finite(self) -> None:
+        self.guard.check(self.stage, self.hooks, self.model, self.iteration if self.stage == "regularize" else None)
 
     def _restore(self, state) -> None:
         if not isinstance(state, Mapping):
@@ -439,13 +455,18 @@ class _Run:
             x, y = hooks.inputs(*next(batches), self.device)
             strength = reg.strength
             loss = hooks.train_step(self.net, self.optimizer, x, y, reg)
+            self.guard.watch(self.iteration + 1, loss, hooks.gradients(self.optimizer))
             reg.step()
             self.iteration += 1
             self.window = loss.double() if self.window is None else self.window + loss.double()
             self.window_seen += 1
             if self.iteration % cfg.log_every == 0 or self.iteration == total:
+                self._check_finite()
                 with torch.no_grad():
                     penalty = float(reg.penalty())
+                if not math.isfinite(penalty):
+                    raise self.guard.error("the penalty", f"after iteration {self.iteration}", "regularize",
+                                           self.iteration)
                 self.history["regularize"].append({
                     "iteration": self.iteration, "strength": strength, "penalty": penalty,
                     "loss": float(hooks.mean(self.window)) / self.window_seen, "phase": reg.phase})
@@ -525,4 +546,4 @@ class _Run:
               device=self.device, progress=self.progress, phase="finetune", regularizer=self.ft_reg,
               optimizer=self.optimizer, scheduler=self.scheduler, start_epoch=self.epoch,
               on_epoch_end=on_epoch_end, history=self.history["finetune"], hooks=self.hooks, net=self.net,
-              start_batch=start_batch, running=running, on_iteration_end=on_iteration_end)
+              start_batch=start_batch, running=running, on_iteration_end=on_iteration_end, guard=self.guard)

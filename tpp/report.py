@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
+from .files import write_atomic, write_text_atomic
+
 __all__ = ["Column", "SUMMARY_COLUMNS", "summary_row", "format_table", "markdown_table", "plot_run", "plot_demo",
            "write_run_report", "write_demo_report", "matplotlib_available"]
 
@@ -171,8 +173,10 @@ def plot_run(result: Mapping, out_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path, plt) -> Path:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -273,7 +277,7 @@ def write_run_report(out_dir: Path, config: Mapping, result: Mapping, plots: Seq
     lines += ["", "## Plots", ""]
     lines += _images(plots) if plots else ["(matplotlib is not installed: no plots; pip install \"tpp[demo]\")"]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -303,5 +307,5 @@ def write_demo_report(out_dir: Path, rows: Sequence[Mapping], meta: Mapping, plo
     lines += ["## Results", "", markdown_table(rows), "", "## Plots", ""]
     lines += _images(plots) if plots else ["(matplotlib is not installed: no plots; pip install \"tpp[demo]\")"]
     path = Path(out_dir) / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -26,7 +26,8 @@ padding; a consumer without a bias gets one. ``c`` is computed from the model's 
 statistics included). :func:`tpp.graph.analyze_model` refuses every layer whose removal cannot be made exact.
 
 ``save_pruned``/``load_pruned`` store ``{"format": "tpp-pruned", "version": 1, "arch", "model_args", "pruned",
-"state_dict", "extra"}`` with ``torch.save`` (``model_args``, the unpruned model's constructor arguments, is optional:
+"state_dict", "extra", "tpp_checksum"}`` with ``torch.save``, atomically (the checksum, SHA-256 of the rest, is
+checked on load; tpp 0.1 files have none) (``model_args``, the unpruned model's constructor arguments, is optional:
 tpp 0.1 files lack it and keep ``num_classes``/``model_kwargs`` in ``extra``); loading reads the file with
 ``torch.load(weights_only=True)``, builds the unpruned architecture — the one given, or the registry/torchvision/timm
 model the file names — and shrinks it with ``prune_model``. The pruned-model format version is
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import HeadParameters, PrunedMultiheadAttention, head_parameters
-from .files import atomic_save
+from .files import save_verified, verify
 from .graph import ModelGraph, Unit, analyze_model
 from .zeros import bias_delta, evaluate
 
@@ -340,7 +341,8 @@ def save_pruned(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
 
     The file holds ``{"format": "tpp-pruned", "version": 1, "arch": arch, "model_args": model_args,
     "pruned": {name: [ints]}, "state_dict": model.state_dict(), "extra": extra}``: tensors and plain data only, so
-    ``torch.load(weights_only=True)`` reads it. ``arch`` (a :func:`tpp.models.build_model` name, or
+    ``torch.load(weights_only=True)`` reads it, plus the SHA-256 checksum of all that
+    (``tpp.files.DIGEST_KEY``), which :func:`load_pruned` checks. ``arch`` (a :func:`tpp.models.build_model` name, or
     ``"timm:<name>"``) with ``model_args`` (its keyword arguments, e.g. ``{"num_classes": 10}``) lets
     ``load_pruned(path)`` rebuild the model alone. ``extra`` and ``model_args`` may contain None, bool, int, float,
     str, tensors, and lists/tuples/dicts (string keys) of those; anything else raises ``TypeError`` before writing.
@@ -362,7 +364,7 @@ def save_pruned(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
     checkpoint = {"format": PRUNED_FORMAT, "version": PRUNED_FORMAT_VERSION, "arch": arch,
                   "model_args": dict(model_args) if model_args is not None else None, "pruned": spec,
                   "state_dict": model.state_dict(), "extra": extra}
-    atomic_save(checkpoint, path)
+    save_verified(checkpoint, path)
 
 
 def _check_plain(value, where: str) -> None:
@@ -387,11 +389,13 @@ def load_pruned(model: nn.Module | PathLike | Mapping, path_or_obj: PathLike | M
 
     With one argument the unpruned architecture is built from the file (:func:`build_unpruned`: its ``arch`` and
     constructor arguments — tpp 0.1 files included); with two, ``model`` is an instance of the UNPRUNED
-    architecture (not modified). A path is read with ``torch.load(weights_only=True)``; the loaded dict is accepted
-    too. The structure is ``prune_model(model, checkpoint["pruned"])``, then the weights are loaded strictly.
-    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is not a tpp-pruned checkpoint,
-    an ``arch`` differing from the saved one (when both are given), a file naming no buildable architecture (one
-    argument), or a checkpoint that does not fit ``model`` (naming the first mismatching layer, key or shape).
+    architecture (not modified). A path is read with ``torch.load(weights_only=True)`` and checked against the
+    checksum :func:`save_pruned` stored in it (files of tpp 0.1 have none); a loaded dict is accepted as it is
+    (:func:`tpp.files.verify` checks one). The structure is ``prune_model(model, checkpoint["pruned"])``, then the
+    weights are loaded strictly. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is
+    not a tpp-pruned checkpoint or is corrupted (truncated, or its content not matching its checksum), an ``arch``
+    differing from the saved one (when both are given), a file naming no buildable architecture (one argument), or
+    a checkpoint that does not fit ``model`` (naming the first mismatching layer, key or shape).
     """
     if path_or_obj is None and not isinstance(model, nn.Module):
         model, path_or_obj = None, model
@@ -430,11 +434,12 @@ def _read(path_or_obj) -> tuple[Mapping, str]:
     if not Path(path_or_obj).is_file():
         raise FileNotFoundError(f"pruned model checkpoint not found: {source}")
     try:
-        return torch.load(path_or_obj, map_location="cpu", weights_only=True), source
+        checkpoint = torch.load(path_or_obj, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; the first line says which
         first = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(f"{source} is not a tpp-pruned checkpoint: torch.load(weights_only=True) failed: "
                          f"{type(err).__name__}: {first}") from err
+    return verify(checkpoint, source), source
 
 
 def build_unpruned(checkpoint: Mapping, source: str = "checkpoint") -> nn.Module:

@@ -3,7 +3,9 @@
 A checkpoint is written to a temporary file in the same folder, flushed and ``fsync``-ed, then renamed over its
 final name (``os.replace``, atomic on POSIX) and the folder entry is ``fsync``-ed: a crash or a kill at any moment
 leaves either the previous files or the new complete one, never a truncated file under a checkpoint's name.
-Temporary files a killed writer left behind are removed when a :class:`CheckpointManager` opens the folder.
+Temporary files a killed writer left behind are removed when a :class:`CheckpointManager` opens the folder. Every
+checkpoint carries a SHA-256 checksum of its content (:func:`tpp.files.save_verified`), checked by
+:func:`load_checkpoint`: a damaged file is a ``ValueError`` naming it, never a silently different run.
 
 Files: ``ckpt-<sequence>-<stage>-<position>.pt`` (sequence numbers increase across resumes; the newest is what
 ``--resume auto`` continues from), ``best.pt`` (the checkpoint with the best finetuning top-1 so far, a hard link
@@ -40,7 +42,7 @@ from typing import Callable, Mapping, Optional, Union
 
 import torch
 
-from ..files import atomic_save, fsync_dir, write_json
+from ..files import TEMPORARY, atomic_save, fsync_dir, load_verified, save_verified, write_json
 from ..identity import CheckpointMismatch
 
 __all__ = ["atomic_save", "CheckpointManager", "CheckpointFile", "CheckpointMismatch", "rng_state", "set_rng_state",
@@ -48,7 +50,6 @@ __all__ = ["atomic_save", "CheckpointManager", "CheckpointFile", "CheckpointMism
 
 PathLike = Union[str, os.PathLike]
 _NAME = re.compile(r"^ckpt-(\d{6,})-[A-Za-z0-9_.-]+\.pt$")
-_TMP = re.compile(r"^\..+\.tmp-\d+$")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -72,8 +73,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _write(state: Mapping, path: Path) -> Path:
-    """The one place a checkpoint file is written (atomically)."""
-    return atomic_save(state, path)
+    """The one place a checkpoint file is written (atomically, with its checksum)."""
+    return save_verified(state, path)
 
 
 def snapshot(obj, into=None):
@@ -180,8 +181,10 @@ def list_checkpoints(folder: PathLike) -> list[Path]:
 
 
 def load_checkpoint(path: PathLike) -> dict:
-    """A checkpoint read without executing pickled code (``weights_only=True``), on the CPU."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """A checkpoint read without executing pickled code (``weights_only=True``), on the CPU, and checked against the
+    checksum its writer stored (:func:`tpp.files.load_verified`; checkpoints of tpp 0.1 have none). Raises
+    ``FileNotFoundError``, or ``ValueError`` naming the file when it is truncated, unreadable or corrupted."""
+    return load_verified(path)
 
 
 class CheckpointManager:
@@ -207,7 +210,7 @@ class CheckpointManager:
         self.previous: Optional[dict] = None        # the last snapshot: its host memory is reused by the next one
         if is_main and self.folder.is_dir():         # created by the first save, not before
             for p in self.folder.iterdir():          # left by a writer killed mid-save
-                if _TMP.match(p.name):
+                if TEMPORARY.match(p.name):
                     p.unlink(missing_ok=True)
         existing = list_checkpoints(self.folder)
         self.sequence = int(_NAME.match(existing[-1].name).group(1)) if existing else 0

@@ -119,6 +119,7 @@ class Engine(TrainHooks):
         self.checkpoint_seconds, self.poll_every = 60.0 * checkpoint_minutes, poll_every
         self.steps, self.last_save = 0, time.monotonic()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == torch.float16)
+        self.skips_nonfinite_steps = self.scaler.is_enabled()     # fp16: the scaler skips overflowing steps
         self.sync_loss = False              # the loop passes loss tensors: no host sync per step
         self.pass_info = {"phase": None, "epoch": 0, "start": 0}
 
