@@ -35,6 +35,8 @@ from torch import Tensor, nn
 from ..loop import TrainHooks
 from . import distributed as D
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from .decode import EncodedImages
+from .prefetch import Normalize, prefetch
 
 __all__ = ["Engine", "AMP_MODES", "resolve_amp", "FINETUNE_PASS_OFFSET", "StopRequested", "stop_after"]
 
@@ -103,10 +105,23 @@ class Engine(TrainHooks):
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
                                                    gradient_as_bucket_view=True, **self.ddp_kwargs)
 
-    def inputs(self, x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    #: how uint8 image batches become model inputs on the device (the dataset's mean/std); None: float batches only
+    normalize: Optional[Normalize] = None
+
+    def inputs(self, x, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``x`` on the device (JPEG batches decoded there, uint8 images normalized by :attr:`normalize`) in the
+        model's memory format, and ``y``; copies are ``non_blocking`` (already done when :meth:`batches` prefetched
+        them)."""
+        if isinstance(x, EncodedImages):
+            x = x.decode(self.device)
         x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if not x.is_floating_point():
+            if self.normalize is None:
+                raise TypeError(f"{x.dtype} input batches need Engine.normalize (the dataset's mean and std); "
+                                "build the datasets with tpp.train.data.build_datasets and set it from normalizer_of")
+            x = self.normalize(x)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return x, y.to(self.device, non_blocking=True)
 
     def autocast(self):
@@ -121,8 +136,8 @@ class Engine(TrainHooks):
         self.pass_info = {"phase": phase, "epoch": number, "start": skip}
         if hasattr(sampler, "start"):            # ResumableDistributedSampler: starts the pass part-way
             sampler.set_epoch(number, skip * self.batch_size)
-            return iter(loader)
-        return super().batches(loader, phase, number, skip)
+            return prefetch(loader, self.device)
+        return prefetch(super().batches(loader, phase, number, skip), self.device)
 
     # ----------------------------------------------------------------- step
     def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
