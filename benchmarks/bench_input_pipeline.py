@@ -11,6 +11,9 @@ Paths (the same RandomResizedCrop(224) + flip, or Resize(256) + CenterCrop(224),
 * ``uint8`` — the default now: the same PIL decode, crop and resize, a uint8 HWC view (no float conversion, no
   transposition), channels_last uint8 batches (150 KB per image); ``Normalize`` runs on the device (its cost on
   this device is reported apart: ``device normalize``);
+* ``tensor`` — ``--decode cpu-tensor``: the worker decodes with ``torchvision.io.decode_jpeg`` (libjpeg, bitwise
+  PIL's decode) and crops, resizes and flips the uint8 tensor (torch's antialiased bilinear kernel: pixels within 2
+  levels of PIL's, same crops);
 * ``jpeg`` — ``--decode gpu``: the worker reads the file and draws the crop from the JPEG header; decoding, crop,
   resize and flip run on the GPU (``device decode`` row, only when CUDA is available).
 
@@ -47,8 +50,8 @@ import machine  # noqa: E402
 from tpp.train.data import SeededSamples, build_datasets, build_loaders, sample_seed  # noqa: E402
 from tpp.train.decode import collate as encoded_collate  # noqa: E402
 
-PATHS = ("float", "uint8", "jpeg")
-BYTES_PER_IMAGE = {"float": 4, "uint8": 1, "jpeg": 1}     # per pixel and channel of the batch that is copied
+PATHS = ("float", "uint8", "tensor", "jpeg")
+BYTES_PER_IMAGE = {"float": 4, "uint8": 1, "tensor": 1, "jpeg": 1}     # per pixel and channel of the batch that is copied
 
 
 def write_images(root: Path, count: int, seed: int = 0) -> float:
@@ -158,7 +161,7 @@ def main(argv=None) -> dict:
         result["jpeg_kb"] = write_images(root, args.images)
         sets = {p: build_datasets("imagefolder", str(root), 224, pixels=p) for p in paths}
         train = interleaved(lambda p, rep: worker_pass(sets[p][0], rep, True), paths, args.repeats)
-        val_paths = [p for p in paths if p != "jpeg"]   # jpeg: evaluation images are decoded as uint8 on the CPU
+        val_paths = [p for p in paths if p in ("float", "uint8")]   # the others evaluate as uint8 does
         val = interleaved(lambda p, rep: worker_pass(sets[p][1], rep, False), val_paths, args.repeats)
         loaders = {p: build_loaders(*sets[p], args.batch, args.batch, rank=0, world_size=1, seed=0,
                                     workers=args.workers, pin_memory=False)[0] for p in paths}
@@ -203,7 +206,7 @@ def write(result: dict, out: Path, device: torch.device) -> None:
     for r in result["rows"]:
         tw = r["train_worker"]
         ratio = f"{tw['vs_float']:.2f}×" if "vs_float" in tw else "—"
-        val = f"{r['val_worker']['img_s']:.0f}" if "val_worker" in r else "— (CPU, as uint8)"
+        val = f"{r['val_worker']['img_s']:.0f}" if "val_worker" in r else "as uint8"
         tp = r["train_process"]
         process_ratio = f"{tp['vs_float']:.2f}×" if "vs_float" in tp else "—"
         lines.append(f"| {r['path']} | {tw['img_s']:.0f} | {ratio} | {tw['cpu_ms_per_image']:.2f} | {val} | "

@@ -40,7 +40,8 @@ def image_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def datasets(image_root):
-    return {p: build_datasets("imagefolder", str(image_root), SIZE, pixels=p) for p in ("float", "uint8", "jpeg")}
+    return {p: build_datasets("imagefolder", str(image_root), SIZE, pixels=p)
+            for p in ("float", "uint8", "tensor", "jpeg")}
 
 
 # ----------------------------------------------------------------- uint8 + device normalization == the CPU transforms
@@ -166,25 +167,37 @@ def test_prefetch_on_cuda_keeps_order_and_values():
         assert xd.is_cuda and yd.is_cuda and torch.equal(xd.cpu(), x) and torch.equal(yd.cpu(), y)
 
 
-# ------------------------------------------------------------------------------------------------ --decode gpu
-def test_jpeg_path_draws_the_same_crops(datasets):
-    """The worker side of ``--decode gpu`` draws the crop and flip the CPU path draws from the same sample seed:
-    decoded and resized on tensors (here on the CPU) it is the CPU path's image within resampling rounding, and
-    far from the image of another seed."""
-    jpeg, uint8 = datasets["jpeg"][0], datasets["uint8"][0]
-    loader = build_loaders(jpeg, datasets["jpeg"][1], 4, 4, rank=0, world_size=1, seed=2, workers=0,
+# ------------------------------------------------------------------------------------------ --decode cpu-tensor, gpu
+def test_tensor_decode_draws_the_same_crops(datasets):
+    """``cpu-tensor`` draws the crop and flip the PIL path draws from the same sample seed; its pixels differ from
+    PIL's by the rounding of the two resize passes only (decode bitwise libjpeg's: ≤ 1 level per pass, ≤ 2 in all),
+    and are far from the crop of another seed."""
+    tensor, pil = SeededSamples(datasets["tensor"][0]), SeededSamples(datasets["uint8"][0])
+    for index in range(len(tensor)):
+        seed = sample_seed(9, 1, index)
+        image, label = tensor[(index, seed)]
+        same, same_label = pil[(index, seed)]
+        assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and label == same_label
+        assert (image.int() - same.int()).abs().max() <= 2
+        assert (image.float() - pil[(index, seed + 1)][0].float()).abs().mean() > 10
+
+
+def test_gpu_decode_batches_equal_the_tensor_path(datasets):
+    """``--decode gpu``'s batches (decoded here on the CPU) are the ``cpu-tensor`` images of the same sample seeds —
+    the non-JPEG file shipped as PIL pixels included — and ``Engine.inputs`` decodes and normalizes them."""
+    jpeg = datasets["jpeg"][0]
+    loader = build_loaders(jpeg, datasets["jpeg"][1], 11, 4, rank=0, world_size=1, seed=2, workers=0,
                            pin_memory=False)[0]
     loader.sampler.set_epoch(0)
-    (encoded, labels), keys = next(iter(loader)), list(loader.sampler)[:4]
-    assert isinstance(encoded, EncodedImages) and len(encoded) == 4 and encoded.boxes.shape == (4, 5)
+    (encoded, labels), keys = next(iter(loader)), list(loader.sampler)
+    assert isinstance(encoded, EncodedImages) and len(encoded) == 11 and encoded.boxes.shape == (11, 5)
+    assert sorted(d.dim() for d in encoded.data) == [1] * 10 + [3]          # the PNG arrives decoded
     decoded = encoded.decode(torch.device("cpu"))
-    assert decoded.shape == (4, 3, SIZE, SIZE) and decoded.dtype == torch.uint8
+    assert decoded.shape == (11, 3, SIZE, SIZE) and decoded.dtype == torch.uint8
     assert decoded.is_contiguous(memory_format=torch.channels_last)
-    for image, (index, seed), label in zip(decoded, keys, labels):
-        same, same_label = SeededSamples(uint8)[(index, seed)]
-        other = SeededSamples(uint8)[(index, seed + 1)][0]
-        gap = lambda a: (image.float() - a.float()).abs().mean().item()  # noqa: E731
-        assert label == same_label and gap(same) < 6 < gap(other)
+    tensor = SeededSamples(datasets["tensor"][0])
+    assert torch.equal(decoded, torch.stack([tensor[k][0] for k in keys]))
+    assert torch.equal(labels, torch.tensor([tensor[k][1] for k in keys]))
     engine = Engine(DistEnv())
     engine.normalize = normalizer_of(jpeg)
     x, _ = engine.inputs(encoded, labels, engine.device)
@@ -199,6 +212,19 @@ def test_gpu_decode_falls_back_to_cpu(caplog):
     reasons = [r.getMessage() for r in caplog.records]
     assert len(reasons) == 2 and "not a CUDA GPU" in reasons[0] and "decode_jpeg on cuda failed" in reasons[1]
     assert resolve_decode("cpu", torch.device("cuda")) == "cpu"
+    assert resolve_decode("cpu-tensor", torch.device("cuda")) == "cpu-tensor"       # decodes on the CPU
+
+
+def test_tensor_decode_falls_back_without_torchvision_io(monkeypatch, caplog):
+    import torchvision.io
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no libjpeg in this build")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", broken)
+    with caplog.at_level(logging.WARNING, logger="tpp.train.decode"):
+        assert resolve_decode("cpu-tensor", torch.device("cpu")) == "cpu"
+    assert "no libjpeg in this build" in caplog.records[0].getMessage()
     with pytest.raises(ValueError, match="decode must be one of"):
         resolve_decode("dali", torch.device("cpu"))
 
@@ -221,7 +247,7 @@ def test_default_workers_from_cpu_affinity(monkeypatch):
 def test_sample_seed_drives_every_path(datasets):
     """The per-sample seed, not the global RNG, decides the crop on each path (resume stays exact)."""
     seed = sample_seed(0, 4, 2)
-    for pixels in ("float", "uint8", "jpeg"):
+    for pixels in ("float", "uint8", "tensor", "jpeg"):
         train = SeededSamples(datasets[pixels][0])
         torch.manual_seed(0)
         a = train[(2, seed)][0]

@@ -222,7 +222,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     from .recipes import RECIPES
     from .selection import layer_ratios
     from .train.data import build_datasets, build_loaders, default_workers, model_input, normalizer_of
-    from .train.decode import resolve_decode
+    from .train.decode import PIXELS_OF, resolve_decode
     from .weights import load_weights, model_kwargs
 
     recipe = resolve_recipe(args, layout.command)
@@ -246,7 +246,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         raise UsageError(f"--data {recipe.data} is read from a local folder: pass --data-root <folder>"
                          + (" (with --download to fetch it there)" if recipe.data != "imagefolder" else ""))
     try:
-        pixels = "jpeg" if resolve_decode(args.decode, env.device) == "gpu" else "uint8"
+        pixels = PIXELS_OF[resolve_decode(args.decode, env.device)]
         train_set, val_set = build_datasets(recipe.data, args.data_root, _image_size(recipe), args.download,
                                             seed=args.seed, pixels=pixels)
     except (FileNotFoundError, ValueError, ImportError) as err:

@@ -14,7 +14,8 @@ at ``image_size`` (train: RandomResizedCrop + flip; val: Resize(⌊size·256/224
 exactly :mod:`tpp.data`'s; the small datasets come from :func:`tpp.data.build_dataset`. For `tpp train` its images
 are shipped as uint8 (``pixels="uint8"``: :func:`image_transform`, :func:`collate`, channels_last batches, 4× less
 to copy) and normalized on the device by the dataset's ``normalize`` (:mod:`tpp.train.prefetch`), bitwise as the CPU
-did; ``pixels="jpeg"`` ships the training files undecoded with their crops (:mod:`tpp.train.decode`).
+did; ``pixels="tensor"`` and ``"jpeg"`` decode and crop the training images as tensors, in the workers or on the
+device (:mod:`tpp.train.decode`).
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def collate(samples: list) -> list:
     return [images, *default_collate([s[1:] for s in samples])]
 
 
-PIXELS = ("float", "uint8", "jpeg")
+PIXELS = ("float", "uint8", "tensor", "jpeg")
 
 
 def _imagefolder(root: Path, train: bool, image_size: int, pixels: str) -> Dataset:
@@ -163,11 +164,13 @@ def _imagefolder(root: Path, train: bool, image_size: int, pixels: str) -> Datas
     split = root / ("train" if train else "val")
     if not split.is_dir():
         raise FileNotFoundError(f"imagefolder split folder {split} does not exist; {layout}")
-    if pixels == "jpeg" and train:
+    if pixels in ("tensor", "jpeg") and train:
         from . import decode
 
-        dataset = datasets.ImageFolder(str(split), transform=decode.EncodedCrops(image_size), loader=read_bytes)
-        dataset.collate = decode.collate
+        transform = decode.TensorCrops(image_size) if pixels == "tensor" else decode.EncodedCrops(image_size)
+        dataset = datasets.ImageFolder(str(split), transform=transform, loader=read_bytes)
+        if pixels == "jpeg":
+            dataset.collate = decode.collate
     elif pixels == "float":
         return datasets.ImageFolder(str(split), transform=image_transform(train, image_size, "float"))
     else:
@@ -196,8 +199,9 @@ def build_datasets(data: str, root: Optional[str], image_size: Optional[int] = N
                    seed: int = 0, pixels: str = "float") -> tuple[Dataset, Dataset]:
     """``(train, val)`` of ``data``; imagefolder at ``image_size`` (default 224) with ``pixels`` (one of
     :data:`PIXELS`): ``"float"`` normalized on the CPU, ``"uint8"`` normalized on the device (the datasets'
-    ``normalize``), ``"jpeg"``: training images decoded on the device too (:mod:`tpp.train.decode`). The small
-    datasets are float whatever ``pixels`` (digits is standardized, the others are a few KiB per image)."""
+    ``normalize``); training images decoded and cropped as tensors: ``"tensor"`` in the workers, ``"jpeg"`` on the
+    device (:mod:`tpp.train.decode`). The small datasets are float whatever ``pixels`` (digits is standardized, the
+    others are a few KiB per image)."""
     if pixels not in PIXELS:
         raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
     if data == "imagefolder":

@@ -1,14 +1,19 @@
-"""JPEG decoding on the GPU (``--decode gpu``): loader workers only read the file bytes and draw the crop; the device
-decodes, crops, resizes and flips.
+"""Decoding and cropping training JPEGs as tensors (``--decode cpu-tensor`` in the loader workers, ``--decode gpu`` on
+the device) instead of with PIL (``--decode cpu``, the default: exactly the old pixels).
 
-* Worker side, :class:`EncodedCrops` (the training dataset's transform): the JPEG bytes with the RandomResizedCrop
-  box and the flip drawn by the same RNG calls as the CPU transform on the image size read from the JPEG header, so
-  a sample seed gives the same crop and flip on either path (the resampled pixels differ by rounding: nvJPEG and an
-  antialiased bilinear resize on tensors instead of libjpeg and PIL).
-* :func:`collate` gathers those into :class:`EncodedImages`; :meth:`EncodedImages.decode` gives the uint8
-  ``[N, 3, size, size]`` channels_last batch on the device (``torchvision.io.decode_jpeg(device=...)``, batched).
-* :func:`resolve_decode`: ``"gpu"`` when a trial decode on the run's device works, else ``"cpu"`` with the reason
-  logged. Evaluation images are always decoded on the CPU (4% of a run's images).
+* The crop and flip are drawn by :class:`CropDraw` with the RNG calls of ``RandomResizedCrop`` +
+  ``RandomHorizontalFlip`` on the image size read from the file header, so a sample seed gives the same crop and flip
+  on every path. The pixels differ from PIL's by resampling rounding only: the JPEG decode is libjpeg's (CPU,
+  bitwise PIL's) or nvJPEG's (GPU), and the antialiased bilinear resize of uint8 tensors rounds its two passes apart
+  from PIL's (at most 1 level per pass, so ≤ 2 levels).
+* ``cpu-tensor``: :class:`TensorCrops` decodes (``torchvision.io.decode_jpeg``) and crops in the worker: faster than
+  PIL on the CPU.
+* ``gpu``: :class:`EncodedCrops` only reads the file and draws the crop in the worker; :func:`collate` gathers the
+  files into :class:`EncodedImages`, whose :meth:`~EncodedImages.decode` gives the uint8 ``[N, 3, size, size]``
+  channels_last batch on the device (``decode_jpeg(device=...)``, batched). Files nvJPEG would not take (not JPEG,
+  or CMYK) are decoded by PIL in the worker and shipped as pixels.
+* :func:`resolve_decode`: the requested decoder if it can run, else ``"cpu"`` with the reason logged. Evaluation
+  images are always decoded with PIL (4% of a run's images).
 """
 from __future__ import annotations
 
@@ -19,34 +24,87 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["EncodedCrops", "EncodedImages", "collate", "resolve_decode", "DECODERS"]
+__all__ = ["CropDraw", "TensorCrops", "EncodedCrops", "EncodedImages", "collate", "resolve_decode", "DECODERS",
+           "PIXELS_OF"]
 
-DECODERS = ("cpu", "gpu")
+DECODERS = ("cpu", "cpu-tensor", "gpu")
+PIXELS_OF = {"cpu": "uint8", "cpu-tensor": "tensor", "gpu": "jpeg"}    # build_datasets(pixels=) of each decoder
 log = logging.getLogger(__name__)
 
 
-class EncodedCrops:
-    """Dataset transform: JPEG ``bytes`` → ``(bytes as a uint8 tensor, [top, left, height, width, flip], size)`` with the
-    crop of ``RandomResizedCrop(size)`` and the flip of ``RandomHorizontalFlip()`` drawn as they draw them."""
+class CropDraw:
+    """``RandomResizedCrop(size)``'s box and ``RandomHorizontalFlip()``'s coin, drawn as they draw them, from the
+    header of an encoded image: ``(PIL image opened lazily, [top, left, height, width, flip])``."""
 
     def __init__(self, size: int):
         from torchvision import transforms as T
 
         self.size, self.crop = size, T.RandomResizedCrop(size)
 
-    def __call__(self, data: bytes) -> tuple[Tensor, Tensor, int]:
+    def __call__(self, data: bytes):
         from PIL import Image
 
         header = Image.open(io.BytesIO(data))           # reads the header only: size, mode
         top, left, height, width = self.crop.get_params(header, self.crop.scale, self.crop.ratio)
         flip = int(torch.rand(1) < 0.5)
-        box = torch.tensor([top, left, height, width, flip])
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, self.size
+        return header, torch.tensor([top, left, height, width, flip])
+
+
+def resized_crop(image: Tensor, box, size: int) -> Tensor:
+    """``image`` (uint8 ``[3, H, W]``, any device) cropped to ``box`` (top, left, height, width, flip), resized to
+    ``size``² (bilinear, antialiased) and flipped when ``box[4]``."""
+    from torchvision.transforms.v2 import functional as F
+
+    top, left, height, width, flip = (int(v) for v in box)
+    image = F.resized_crop(image, top, left, height, width, [size, size], antialias=True)
+    return F.horizontal_flip(image) if flip else image
+
+
+def _nvjpeg_takes(header) -> bool:
+    return header.format == "JPEG" and header.mode in ("RGB", "L")
+
+
+def _pil_pixels(header) -> Tensor:
+    from .data import pil_to_uint8
+
+    return pil_to_uint8(header.convert("RGB"))
+
+
+class TensorCrops:
+    """Dataset transform of ``--decode cpu-tensor``: file ``bytes`` → the uint8 ``[3, size, size]`` crop."""
+
+    def __init__(self, size: int):
+        self.draw = CropDraw(size)
+
+    def __call__(self, data: bytes) -> Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        header, box = self.draw(data)
+        if _nvjpeg_takes(header):
+            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        else:
+            image = _pil_pixels(header)
+        return resized_crop(image, box, self.draw.size)
+
+
+class EncodedCrops:
+    """Dataset transform of ``--decode gpu``: file ``bytes`` → ``(payload, [top, left, height, width, flip], size)``;
+    the payload is the file as a 1-D uint8 tensor, or the decoded ``[3, H, W]`` pixels of a file nvJPEG would not
+    take."""
+
+    def __init__(self, size: int):
+        self.draw = CropDraw(size)
+
+    def __call__(self, data: bytes) -> tuple[Tensor, Tensor, int]:
+        header, box = self.draw(data)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if _nvjpeg_takes(header) else _pil_pixels(header)
+        return payload, box, self.draw.size
 
 
 @dataclass
 class EncodedImages:
-    """A batch of JPEG files with their crop boxes (``[N, 5]``: top, left, height, width, flip) and output size."""
+    """A batch of files (1-D encoded JPEG, or ``[3, H, W]`` pixels) with their crop boxes (``[N, 5]``: top, left,
+    height, width, flip) and the output size."""
 
     data: list[Tensor]
     boxes: Tensor
@@ -58,19 +116,22 @@ class EncodedImages:
     def decode(self, device: torch.device) -> Tensor:
         """The uint8 ``[N, 3, size, size]`` channels_last batch on ``device``."""
         from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms.v2 import functional as F
 
-        images = decode_jpeg(self.data, mode=ImageReadMode.RGB, device=device)
+        encoded = [i for i, d in enumerate(self.data) if d.dim() == 1]
+        images = [d.to(device, non_blocking=True) if d.dim() == 3 else None for d in self.data]
+        if encoded:
+            decoded = decode_jpeg([self.data[i] for i in encoded], mode=ImageReadMode.RGB, device=device)
+            for i, image in zip(encoded, decoded):
+                images[i] = image
         out = torch.empty((len(images), self.size, self.size, 3), dtype=torch.uint8, device=device)
         out = out.permute(0, 3, 1, 2)
-        for i, (image, (top, left, height, width, flip)) in enumerate(zip(images, self.boxes.tolist())):
-            image = F.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
-            out[i] = F.horizontal_flip(image) if flip else image
+        for i, (image, box) in enumerate(zip(images, self.boxes.tolist())):
+            out[i] = resized_crop(image, box, self.size)
         return out
 
 
 def collate(samples: list) -> list:
-    """``[EncodedImages, labels]`` of ``((data, box, size), label)`` samples."""
+    """``[EncodedImages, labels]`` of ``((payload, box, size), label)`` samples."""
     size = samples[0][0][2]
     boxes = torch.stack([s[0][1] for s in samples])
     return [EncodedImages([s[0][0] for s in samples], boxes, size), torch.tensor([s[1] for s in samples])]
@@ -82,17 +143,19 @@ def resolve_decode(requested: str, device: torch.device) -> str:
         raise ValueError(f"decode must be one of {DECODERS}, got {requested!r}")
     if requested == "cpu":
         return "cpu"
-    reason = _gpu_decode_problem(device)
+    device = torch.device(device) if requested == "gpu" else torch.device("cpu")
+    if requested == "gpu" and device.type != "cuda":
+        reason = f"the run's device is {device}, not a CUDA GPU"
+    else:
+        reason = _decode_problem(device)
     if reason is None:
-        return "gpu"
-    log.warning("--decode gpu is not available (%s): decoding JPEGs on the CPU", reason)
+        return requested
+    log.warning("--decode %s is not available (%s): decoding JPEGs with PIL on the CPU", requested, reason)
     return "cpu"
 
 
-def _gpu_decode_problem(device: torch.device):
-    """Why JPEGs cannot be decoded on ``device`` (None: they can)."""
-    if device.type != "cuda":
-        return f"the run's device is {device}, not a CUDA GPU"
+def _decode_problem(device: torch.device):
+    """Why a JPEG cannot be decoded by ``torchvision.io.decode_jpeg`` on ``device`` (None: it can)."""
     try:
         from PIL import Image
         from torchvision.io import decode_jpeg
