@@ -51,7 +51,7 @@ from tpp.train.data import SeededSamples, build_datasets, build_loaders, sample_
 from tpp.train.decode import collate as encoded_collate  # noqa: E402
 
 PATHS = ("float", "uint8", "tensor", "jpeg")
-BYTES_PER_IMAGE = {"float": 4, "uint8": 1, "tensor": 1, "jpeg": 1}     # per pixel and channel of the batch that is copied
+BYTES_PER_IMAGE = {"float": 4, "uint8": 1, "tensor": 1, "jpeg": 1}     # per pixel and channel of the copied batch
 
 
 def write_images(root: Path, count: int, seed: int = 0) -> float:
@@ -166,7 +166,6 @@ def main(argv=None) -> dict:
         loaders = {p: build_loaders(*sets[p], args.batch, args.batch, rank=0, world_size=1, seed=0,
                                     workers=args.workers, pin_memory=False)[0] for p in paths}
         process = interleaved(lambda p, rep: process_pass(loaders[p], rep), paths, args.repeats)
-        del loaders
         for path in paths:
             row = {"path": path, "batch_bytes_per_image": BYTES_PER_IMAGE[path] * 3 * 224 * 224,
                    "train_worker": summary(train[path]), "train_process": summary([(t, t) for t in process[path]])}
@@ -201,7 +200,8 @@ def write(result: dict, out: Path, device: torch.device) -> None:
              f"{', '.join(f'{v:.2f}' for v in result['load_average_start'])}, at the end "
              f"{', '.join(f'{v:.2f}' for v in result['load_average_end'])}.", "",
              "| path | train img/s per worker | vs float (median of per-round ratios) | CPU ms per train image | "
-             f"val img/s per worker | train img/s per process ({a['workers']} worker) | vs float | batch bytes per image |",
+             f"val img/s per worker | train img/s per process ({a['workers']} worker) | vs float | "
+             "batch bytes per image |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         tw = r["train_worker"]

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from tpp.data import IMAGENET_STATS
-from tpp.train.data import (SeededSamples, build_datasets, build_loaders, default_workers, model_input, normalizer_of,
-                            sample_seed)
+from tpp.train.data import (
+    SeededSamples,
+    build_datasets,
+    build_loaders,
+    default_workers,
+    model_input,
+    normalizer_of,
+    sample_seed,
+)
 from tpp.train.decode import EncodedImages, resolve_decode
 from tpp.train.distributed import DistEnv
 from tpp.train.engine import Engine

@@ -235,8 +235,8 @@ def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, eval_ba
                               generator=torch.Generator().manual_seed(seed + rank),
                               collate_fn=getattr(train_set, "collate", collate), **common)
     val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=ShardSampler(len(val_set), world_size, rank),
-                            generator=torch.Generator().manual_seed(seed), collate_fn=getattr(val_set, "collate", collate),
-                            **common)   # never draws global RNG
+                            generator=torch.Generator().manual_seed(seed),     # never draws global RNG
+                            collate_fn=getattr(val_set, "collate", collate), **common)
     return train_loader, val_loader
 
 
