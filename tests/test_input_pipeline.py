@@ -211,27 +211,36 @@ def test_gpu_decode_batches_equal_the_tensor_path(datasets):
     assert torch.equal(x, engine.normalize(decoded))
 
 
+@pytest.fixture
+def decode_log():
+    """The messages logged by tpp.train.decode (caught on its own logger: `tpp train` stops propagation above)."""
+    records, logger = [], logging.getLogger("tpp.train.decode")
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA is unavailable")
-def test_gpu_decode_falls_back_to_cpu(caplog):
-    with caplog.at_level(logging.WARNING, logger="tpp.train.decode"):
-        assert resolve_decode("gpu", torch.device("cpu")) == "cpu"
-        assert resolve_decode("gpu", torch.device("cuda")) == "cpu"     # the trial decode fails: no CUDA here
-    reasons = [r.getMessage() for r in caplog.records]
+def test_gpu_decode_falls_back_to_cpu(decode_log):
+    assert resolve_decode("gpu", torch.device("cpu")) == "cpu"
+    assert resolve_decode("gpu", torch.device("cuda")) == "cpu"     # the trial decode fails: no CUDA here
+    reasons = decode_log
     assert len(reasons) == 2 and "not a CUDA GPU" in reasons[0] and "decode_jpeg on cuda failed" in reasons[1]
     assert resolve_decode("cpu", torch.device("cuda")) == "cpu"
     assert resolve_decode("cpu-tensor", torch.device("cuda")) == "cpu-tensor"       # decodes on the CPU
 
 
-def test_tensor_decode_falls_back_without_torchvision_io(monkeypatch, caplog):
+def test_tensor_decode_falls_back_without_torchvision_io(monkeypatch, decode_log):
     import torchvision.io
 
     def broken(*args, **kwargs):
         raise RuntimeError("no libjpeg in this build")
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", broken)
-    with caplog.at_level(logging.WARNING, logger="tpp.train.decode"):
-        assert resolve_decode("cpu-tensor", torch.device("cpu")) == "cpu"
-    assert "no libjpeg in this build" in caplog.records[0].getMessage()
+    assert resolve_decode("cpu-tensor", torch.device("cpu")) == "cpu"
+    assert len(decode_log) == 1 and "no libjpeg in this build" in decode_log[0]
     with pytest.raises(ValueError, match="decode must be one of"):
         resolve_decode("dali", torch.device("cpu"))
 
@@ -262,3 +271,21 @@ def test_sample_seed_drives_every_path(datasets):
         b = train[(2, seed)][0]
         first, second = (a, b) if pixels != "jpeg" else (a[1], b[1])
         assert torch.equal(first, second) and not math.isnan(float(first.float().sum()))
+
+
+# ------------------------------------------------------------------------------------------------ the command
+@pytest.mark.usefixtures("one_torch_thread")
+def test_tpp_train_decode_gpu_falls_back_on_cpu(image_root, tmp_path, capsys):
+    """`tpp train --decode gpu` on the CPU trains on the PIL-decoded uint8 path, saying why (normalized on the
+    device, the model's sample and the pipeline's example inputs included)."""
+    from tpp.models import build_model
+    from tpp.train.run import main
+
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", num_classes=3).state_dict(), tmp_path / "w.pt")
+    args = ["smoke", "--data-root", str(image_root), "--weights", str(tmp_path / "w.pt"), "--out",
+            str(tmp_path / "run"), "--image-size", "16", "--batch-size", "4", "--eval-batch-size", "4", "--device",
+            "cpu", "--workers", "0", "--quiet", "--stop-after-iters", "2", "--decode", "gpu"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "--decode gpu is not available (the run's device is cpu, not a CUDA GPU)" in err and "Traceback" not in err
