@@ -198,7 +198,7 @@ def test_gpu_decode_batches_equal_the_tensor_path(datasets):
     loader.sampler.set_epoch(0)
     (encoded, labels), keys = next(iter(loader)), list(loader.sampler)
     assert isinstance(encoded, EncodedImages) and len(encoded) == 11 and encoded.boxes.shape == (11, 5)
-    assert sorted(d.dim() for d in encoded.data) == [1] * 10 + [3]          # the PNG arrives decoded
+    assert sorted(d.dim() for d in encoded.items()) == [1] * 10 + [3]       # the PNG arrives decoded
     decoded = encoded.decode(torch.device("cpu"))
     assert decoded.shape == (11, 3, SIZE, SIZE) and decoded.dtype == torch.uint8
     assert decoded.is_contiguous(memory_format=torch.channels_last)
@@ -209,6 +209,10 @@ def test_gpu_decode_batches_equal_the_tensor_path(datasets):
     engine.normalize = normalizer_of(jpeg)
     x, _ = engine.inputs(encoded, labels, engine.device)
     assert torch.equal(x, engine.normalize(decoded))
+    in_worker = build_loaders(jpeg, datasets["jpeg"][1], 11, 4, rank=0, world_size=1, seed=2, workers=1,
+                              pin_memory=False)[0]                           # one shared payload per batch
+    in_worker.sampler.set_epoch(0)
+    assert torch.equal(next(iter(in_worker))[0].decode(torch.device("cpu")), decoded)
 
 
 @pytest.fixture

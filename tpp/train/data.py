@@ -180,6 +180,7 @@ def _imagefolder(root: Path, train: bool, image_size: int, pixels: str) -> Datas
 
 
 def read_bytes(path: str) -> bytes:
+    """The file at ``path`` (the loader of the datasets whose transform decodes)."""
     with open(path, "rb") as f:
         return f.read()
 

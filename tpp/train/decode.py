@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -103,24 +103,42 @@ class EncodedCrops:
 
 @dataclass
 class EncodedImages:
-    """A batch of files (1-D encoded JPEG, or ``[3, H, W]`` pixels) with their crop boxes (``[N, 5]``: top, left,
-    height, width, flip) and the output size."""
+    """A batch of files with their crop boxes (``boxes``: ``[N, 5]`` top, left, height, width, flip) and the output
+    size. ``payload`` holds the files one after the other (one storage: one shared-memory segment per batch between
+    processes, however many images); ``shapes[i]`` is ``(length, 0, 0)`` for a JPEG file, ``(3, H, W)`` for decoded
+    pixels (stored HWC)."""
 
-    data: list[Tensor]
+    payload: Tensor
+    shapes: Tensor
     boxes: Tensor
     size: int
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.shapes)
+
+    def pin_memory(self) -> "EncodedImages":
+        """Called by a DataLoader with ``pin_memory=True``: the payload in page-locked memory."""
+        return replace(self, payload=self.payload.pin_memory())
+
+    def items(self) -> list[Tensor]:
+        """Each file as a 1-D uint8 tensor, or its pixels as ``[3, H, W]`` (views of ``payload``)."""
+        out, start = [], 0
+        for a, h, w in self.shapes.tolist():
+            length = a if h == 0 else a * h * w
+            item = self.payload[start:start + length]
+            out.append(item if h == 0 else item.view(h, w, a).permute(2, 0, 1))
+            start += length
+        return out
 
     def decode(self, device: torch.device) -> Tensor:
         """The uint8 ``[N, 3, size, size]`` channels_last batch on ``device``."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        encoded = [i for i, d in enumerate(self.data) if d.dim() == 1]
-        images = [d.to(device, non_blocking=True) if d.dim() == 3 else None for d in self.data]
+        images = self.items()
+        encoded = [i for i, item in enumerate(images) if item.dim() == 1]
+        images = [item.to(device, non_blocking=True) if item.dim() == 3 else item for item in images]
         if encoded:
-            decoded = decode_jpeg([self.data[i] for i in encoded], mode=ImageReadMode.RGB, device=device)
+            decoded = decode_jpeg([images[i] for i in encoded], mode=ImageReadMode.RGB, device=device)
             for i, image in zip(encoded, decoded):
                 images[i] = image
         out = torch.empty((len(images), self.size, self.size, 3), dtype=torch.uint8, device=device)
@@ -132,9 +150,11 @@ class EncodedImages:
 
 def collate(samples: list) -> list:
     """``[EncodedImages, labels]`` of ``((payload, box, size), label)`` samples."""
-    size = samples[0][0][2]
+    payloads = [s[0][0] for s in samples]
+    shapes = torch.tensor([[len(p), 0, 0] if p.dim() == 1 else list(p.shape) for p in payloads])
+    flat = torch.cat([p if p.dim() == 1 else p.permute(1, 2, 0).reshape(-1) for p in payloads])
     boxes = torch.stack([s[0][1] for s in samples])
-    return [EncodedImages([s[0][0] for s in samples], boxes, size), torch.tensor([s[1] for s in samples])]
+    return [EncodedImages(flat, shapes, boxes, samples[0][0][2]), torch.tensor([s[1] for s in samples])]
 
 
 def resolve_decode(requested: str, device: torch.device) -> str:
