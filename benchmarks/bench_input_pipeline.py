@@ -167,8 +167,11 @@ def main(argv=None) -> dict:
                                     workers=args.workers, pin_memory=False)[0] for p in paths}
         process = interleaved(lambda p, rep: process_pass(loaders[p], rep), paths, args.repeats)
         for path in paths:
+            passes = process[path]
             row = {"path": path, "batch_bytes_per_image": BYTES_PER_IMAGE[path] * 3 * 224 * 224,
-                   "train_worker": summary(train[path]), "train_process": summary([(t, t) for t in process[path]])}
+                   "train_worker": summary(train[path]),
+                   "train_process": {"img_s": 1 / statistics.median(passes),
+                                     "img_s_passes": [round(1 / t, 1) for t in passes]}}
             if path in val:
                 row["val_worker"] = summary(val[path])
             if path == "uint8":
@@ -178,6 +181,8 @@ def main(argv=None) -> dict:
             if "float" in paths:          # per-round ratios: the rounds alternate paths, so load cancels
                 row["train_worker"]["vs_float"] = statistics.median(
                     f[0] / t[0] for f, t in zip(train["float"], train[path]))
+                row["train_worker"]["cpu_vs_float"] = statistics.median(
+                    f[1] / t[1] for f, t in zip(train["float"], train[path]))
                 row["train_process"]["vs_float"] = statistics.median(
                     f / t for f, t in zip(process["float"], process[path]))
             result["rows"].append(row)
@@ -199,18 +204,20 @@ def write(result: dict, out: Path, device: torch.device) -> None:
              f"{m['python']}. Load average (1, 5, 15 min) at the start "
              f"{', '.join(f'{v:.2f}' for v in result['load_average_start'])}, at the end "
              f"{', '.join(f'{v:.2f}' for v in result['load_average_end'])}.", "",
-             "| path | train img/s per worker | vs float (median of per-round ratios) | CPU ms per train image | "
+             "Ratios are medians of per-round ratios (each round runs every path once, so the load falls on all).", "",
+             "| path | train img/s per worker | vs float | CPU ms per train image | CPU vs float | "
              f"val img/s per worker | train img/s per process ({a['workers']} worker) | vs float | "
              "batch bytes per image |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         tw = r["train_worker"]
         ratio = f"{tw['vs_float']:.2f}×" if "vs_float" in tw else "—"
         val = f"{r['val_worker']['img_s']:.0f}" if "val_worker" in r else "as uint8"
         tp = r["train_process"]
         process_ratio = f"{tp['vs_float']:.2f}×" if "vs_float" in tp else "—"
-        lines.append(f"| {r['path']} | {tw['img_s']:.0f} | {ratio} | {tw['cpu_ms_per_image']:.2f} | {val} | "
-                     f"{tp['img_s']:.0f} | {process_ratio} | {r['batch_bytes_per_image'] / 1e3:.0f} KB |")
+        cpu_ratio = f"{tw['cpu_vs_float']:.2f}×" if "cpu_vs_float" in tw else "—"
+        lines.append(f"| {r['path']} | {tw['img_s']:.0f} | {ratio} | {tw['cpu_ms_per_image']:.2f} | {cpu_ratio} | "
+                     f"{val} | {tp['img_s']:.0f} | {process_ratio} | {r['batch_bytes_per_image'] / 1e3:.0f} KB |")
     lines.append("")
     for r in result["rows"]:
         for key, label in (("device_normalize", "device normalize"), ("device_decode", "device decode + crop")):
