@@ -11,7 +11,9 @@ The loops are :mod:`tpp.loop`'s (one training loop in the project); this module 
   ``scaler.unscale_(optimizer)`` **before** the regularizer's ``apply_gradients()`` (its gradients are unscaled and
   identical on every rank, added to the all-reduced ones), ``scaler.step``, ``scaler.update``.
 * ``batches``: ``sampler.set_epoch(pass, start)`` of :class:`~tpp.train.data.ResumableDistributedSampler` (finetuning
-  passes are numbered apart from regularization passes).
+  passes are numbered apart from regularization passes), the next batch copied to the GPU while the current one
+  trains (:func:`~tpp.train.prefetch.prefetch`); ``inputs``: uint8 image batches normalized on the device
+  (:attr:`Engine.normalize`), JPEG batches of ``--decode gpu`` decoded there.
 * ``sum``/``mean``: all-reduce; evaluation counts (top-1, top-5, loss) are summed over the ranks' disjoint shards.
 * ``sync``: BN running statistics broadcast from rank 0 (what DDP itself uses at the next forward) before anything
   is evaluated, saved or removed, so every rank holds the same model.
