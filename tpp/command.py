@@ -246,7 +246,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         raise UsageError(f"--data {recipe.data} is read from a local folder: pass --data-root <folder>"
                          + (" (with --download to fetch it there)" if recipe.data != "imagefolder" else ""))
     try:
-        pixels = PIXELS_OF[resolve_decode(args.decode, env.device)]
+        pixels = PIXELS_OF[resolve_decode(args.decode, env.device)] if recipe.data == "imagefolder" else "float"
         train_set, val_set = build_datasets(recipe.data, args.data_root, _image_size(recipe), args.download,
                                             seed=args.seed, pixels=pixels)
     except (FileNotFoundError, ValueError, ImportError) as err:
