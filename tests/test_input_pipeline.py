@@ -3,6 +3,7 @@ transforms gave, channels_last collation, the prefetcher keeps the order and exa
 the same crops and falls back cleanly, and the worker count follows the CPU affinity."""
 import logging
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -97,6 +98,8 @@ def test_normalize_layouts_and_inputs():
         normalize(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="std"):
         Normalize((0.5,), (0.0,))
+    state = pickle.dumps(normalize)                   # into loader workers: the statistics, no (device) tensors
+    assert b"_rebuild_tensor" not in state and torch.equal(pickle.loads(state)(x), out)
 
 
 def test_uint8_batches_are_channels_last(datasets):

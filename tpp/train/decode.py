@@ -61,10 +61,12 @@ def resized_crop(image: Tensor, box, size: int) -> Tensor:
 
 
 def _nvjpeg_takes(header) -> bool:
+    """Whether the file is one ``decode_jpeg`` gets (the others are decoded by PIL on every path, alike)."""
     return header.format == "JPEG" and header.mode in ("RGB", "L")
 
 
 def _pil_pixels(header) -> Tensor:
+    """The RGB pixels of a lazily opened PIL image as a uint8 ``[3, H, W]`` view of HWC storage."""
     from .data import pil_to_uint8
 
     return pil_to_uint8(header.convert("RGB"))

@@ -35,6 +35,10 @@ class Normalize:
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"
 
+    def __getstate__(self) -> dict:
+        """Pickled (into loader workers with the dataset) without the per-device copies of the statistics."""
+        return {"mean": self.mean, "std": self.std, "_stats": {}}
+
     def __call__(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
             return x
