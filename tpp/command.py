@@ -229,7 +229,8 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     from .identity import CheckpointMismatch, RunIdentity
     from .recipes import RECIPES
     from .selection import layer_ratios, search_speedup
-    from .train.data import build_datasets, build_loaders
+    from .train.data import build_datasets, build_loaders, default_workers, model_input, normalizer_of
+    from .train.decode import PIXELS_OF, resolve_decode
     from .weights import load_weights, model_kwargs
 
     recipe = resolve_recipe(args, layout.command)
@@ -238,7 +239,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
 
     amp = resolve_amp(args.amp, env.device)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and env.device.type == "cuda")
-    workers = args.workers if args.workers is not None else (8 if env.device.type == "cuda" else 0)
+    workers = args.workers if args.workers is not None else default_workers(env.device, env.local_world_size)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.deterministic
         torch.backends.cudnn.deterministic = args.deterministic
@@ -255,14 +256,15 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         raise UsageError(f"--data {recipe.data} is read from a local folder: pass --data-root <folder>"
                          + (" (with --download to fetch it there)" if recipe.data != "imagefolder" else ""))
     try:
+        pixels = PIXELS_OF[resolve_decode(args.decode, env.device)] if recipe.data == "imagefolder" else "float"
         train_set, val_set = build_datasets(recipe.data, args.data_root, _image_size(recipe), args.download,
-                                            seed=args.seed)
+                                            seed=args.seed, pixels=pixels)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise UsageError(f"--data {recipe.data} --data-root {args.data_root}: {err}") from None
     from .data import num_classes_of
 
     num_classes = num_classes_of(recipe.data, train_set)
-    sample = train_set[0][0]
+    sample = model_input(val_set)           # float, as the model takes it (uint8 images normalized)
     kwargs = model_kwargs(recipe.model, sample)
     named = recipe.name in RECIPES and RECIPES[recipe.name].complete
     out, resume = resolve_out(args, layout, recipe.name if named else f"{recipe.model}-{recipe.data}-{recipe.method}",
@@ -313,6 +315,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
                               num_classes=num_classes)
     engine, checkpoints, images_per_epoch = _engine(args, layout, out, env, amp, channels_last, recipe, per_rank,
                                                     len(train_loader))
+    engine.normalize = normalizer_of(val_set)       # uint8 batches are normalized on the device
     resume_state = None
     if resume is not None:
         try:

@@ -283,8 +283,12 @@ class _Run:
         self.guard = FiniteGuard(self.device)       # non-finite loss/gradients: checked where the host reads anyway
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
-        self.jsv_inputs = first_samples(test_loader, cfg.jsv_samples).to(self.device) if cfg.jsv_samples else None
-        self.example = first_samples(test_loader, 1).to(self.device)
+        self.jsv_inputs = self._samples(cfg.jsv_samples) if cfg.jsv_samples else None
+        self.example = self._samples(1)
+
+    def _samples(self, n: int) -> Tensor:
+        """The first ``n`` test inputs as the model takes them (``hooks.inputs``: device, normalization, format)."""
+        return self.hooks.inputs(first_samples(self.test_loader, n), torch.zeros(0, dtype=torch.long), self.device)[0]
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, event: str) -> None:
@@ -411,8 +415,7 @@ class _Run:
         the run's device."""
         if not self.cfg.latency:
             return
-        x = first_samples(self.test_loader, self.cfg.latency_batch)
-        x, _ = self.hooks.inputs(x, torch.zeros(0, dtype=torch.long), self.device)
+        x = self._samples(self.cfg.latency_batch)
         latency = self.metrics.setdefault("latency_s", {"batch": int(x.shape[0]), "device": str(self.device)})
         with self.hooks.autocast():                 # as the run computes: AMP when it trains with AMP
             latency[when] = measure_latency(self.model, x, warmup=3, iters=20)

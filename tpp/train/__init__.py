@@ -6,6 +6,8 @@ phases, every paper recipe by name.
 * :mod:`tpp.train.distributed` — torchrun environment, process group, rank agreement, rank-named logs;
 * :mod:`tpp.train.checkpoint` — atomic checkpoint files, keep-last-k and best, RNG states;
 * :mod:`tpp.train.data` — resumable distributed sampler, per-sample seeded augmentation, ImageFolder at any size;
+* :mod:`tpp.train.prefetch` — uint8 images normalized on the device, batches copied on a side CUDA stream;
+* :mod:`tpp.train.decode` — ``--decode gpu``: JPEGs decoded, cropped and flipped on the GPU;
 * :mod:`tpp.train.logs` — args.yaml, summary.csv, TensorBoard.
 
 The recipes are :mod:`tpp.recipes` (ResNet56/CIFAR-10, VGG19/CIFAR-100, ResNet34/50 ImageNet, and the generic ones);

@@ -11,22 +11,30 @@ per-sample seeded augmentation — so a resumed run sees exactly the batches and
 
 ImageFolder (ImageNet layout ``root/train/<class>/*``, ``root/val/<class>/*``) uses the standard ImageNet transforms
 at ``image_size`` (train: RandomResizedCrop + flip; val: Resize(⌊size·256/224⌋) + CenterCrop), which at 224 are
-exactly :mod:`tpp.data`'s; the small datasets come from :func:`tpp.data.build_dataset`.
+exactly :mod:`tpp.data`'s; the small datasets come from :func:`tpp.data.build_dataset`. For `tpp train` its images
+are shipped as uint8 (``pixels="uint8"``: :func:`image_transform`, :func:`collate`, channels_last batches, 4× less
+to copy) and normalized on the device by the dataset's ``normalize`` (:mod:`tpp.train.prefetch`), bitwise as the CPU
+did; ``pixels="tensor"`` and ``"jpeg"`` decode and crop the training images as tensors, in the workers or on the
+device (:mod:`tpp.train.decode`).
 """
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from ..data import IMAGENET_STATS, build_dataset, num_classes_of
+from .prefetch import Normalize
 
 __all__ = ["sample_seed", "SeededSamples", "ResumableDistributedSampler", "ShardSampler", "build_datasets",
-           "num_classes_of", "build_loaders"]
+           "num_classes_of", "build_loaders", "image_transform", "pil_to_uint8", "load_rgb", "collate", "PIXELS",
+           "normalizer_of", "model_input", "default_workers"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -100,31 +108,110 @@ class ShardSampler(Sampler):
         return max(0, math.ceil((self.size - self.rank) / self.num_replicas))
 
 
-def _imagefolder(root: Path, train: bool, image_size: int) -> Dataset:
-    from torchvision import datasets
+def image_transform(train: bool, image_size: int, pixels: str = "uint8"):
+    """The standard ImageNet transform at ``image_size`` (train: RandomResizedCrop + flip; val:
+    Resize(⌊size·256/224⌋) + CenterCrop) on PIL images. ``pixels="uint8"`` ends in a uint8 ``[3, H, W]`` view of
+    HWC pixels (:func:`collate` stacks those into channels_last batches without a transposition; the device
+    normalizes them, :class:`~tpp.train.prefetch.Normalize`); ``"float"`` ends in ``ToTensor`` + ``Normalize`` on
+    the CPU (what the loaders shipped before). The crops, flips and resampling are torchvision's on PIL images either
+    way, so both give the same pixels for the same RNG state."""
     from torchvision import transforms as T
+
+    if train:
+        steps = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
+    if pixels == "float":
+        return T.Compose(steps + [T.ToTensor(), T.Normalize(*IMAGENET_STATS)])
+    return T.Compose(steps + [pil_to_uint8])
+
+
+def pil_to_uint8(image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 ``[3, H, W]`` view of its HWC pixels (no transposition)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def load_rgb(path: str):
+    """The image at ``path`` as an RGB PIL image (torchvision's loader without its copy of images already RGB)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        if image.mode == "RGB":
+            image.load()
+            return image
+        return image.convert("RGB")
+
+
+def collate(samples: list) -> list:
+    """``default_collate`` of ``(image, label, ...)`` samples whose uint8 images are :func:`pil_to_uint8` views:
+    the HWC pixels are stacked (in shared memory inside a worker) and the batch is their ``[N, 3, H, W]``
+    channels_last view; other images are collated as ``default_collate`` does."""
+    if not (isinstance(samples[0][0], torch.Tensor) and samples[0][0].dtype == torch.uint8
+            and samples[0][0].dim() == 3):
+        return default_collate(samples)
+    images = default_collate([s[0].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
+    return [images, *default_collate([s[1:] for s in samples])]
+
+
+PIXELS = ("float", "uint8", "tensor", "jpeg")
+
+
+def _imagefolder(root: Path, train: bool, image_size: int, pixels: str) -> Dataset:
+    from torchvision import datasets
 
     layout = "expected root/train/<class>/<image> and root/val/<class>/<image> (the ImageNet layout)"
     split = root / ("train" if train else "val")
     if not split.is_dir():
         raise FileNotFoundError(f"imagefolder split folder {split} does not exist; {layout}")
-    if train:
-        steps = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    if pixels in ("tensor", "jpeg") and train:
+        from . import decode
+
+        transform = decode.TensorCrops(image_size) if pixels == "tensor" else decode.EncodedCrops(image_size)
+        dataset = datasets.ImageFolder(str(split), transform=transform, loader=read_bytes)
+        if pixels == "jpeg":
+            dataset.collate = decode.collate
+    elif pixels == "float":
+        return datasets.ImageFolder(str(split), transform=image_transform(train, image_size, "float"))
     else:
-        steps = [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
-    return datasets.ImageFolder(str(split), transform=T.Compose(steps + [T.ToTensor(), T.Normalize(*IMAGENET_STATS)]))
+        dataset = datasets.ImageFolder(str(split), transform=image_transform(train, image_size), loader=load_rgb)
+    dataset.normalize = Normalize(*IMAGENET_STATS)
+    return dataset
+
+
+def read_bytes(path: str) -> bytes:
+    """The file at ``path`` (the loader of the datasets whose transform decodes)."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def normalizer_of(dataset: Dataset) -> Optional[Normalize]:
+    """How ``dataset``'s uint8 images become model inputs (None: its images are already float)."""
+    return getattr(dataset, "normalize", None)
+
+
+def model_input(dataset: Dataset) -> torch.Tensor:
+    """Sample 0 of ``dataset`` as the model takes it (uint8 images normalized, on the CPU)."""
+    image, normalize = dataset[0][0], normalizer_of(dataset)
+    return normalize(image) if normalize is not None else image
 
 
 def build_datasets(data: str, root: Optional[str], image_size: Optional[int] = None, download: bool = False,
-                   seed: int = 0) -> tuple[Dataset, Dataset]:
-    """``(train, val)`` of ``data``; imagefolder at ``image_size`` (default 224)."""
+                   seed: int = 0, pixels: str = "float") -> tuple[Dataset, Dataset]:
+    """``(train, val)`` of ``data``; imagefolder at ``image_size`` (default 224) with ``pixels`` (one of
+    :data:`PIXELS`): ``"float"`` normalized on the CPU, ``"uint8"`` normalized on the device (the datasets'
+    ``normalize``); training images decoded and cropped as tensors: ``"tensor"`` in the workers, ``"jpeg"`` on the
+    device (:mod:`tpp.train.decode`). The small datasets are float whatever ``pixels`` (digits is standardized, the
+    others are a few KiB per image)."""
+    if pixels not in PIXELS:
+        raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
     if data == "imagefolder":
         if root is None:
             raise ValueError("imagefolder is read from a local folder: pass --data-root <folder with train/ and val/>")
         if download:
             raise ValueError("imagefolder cannot be downloaded")
         size = image_size or 224
-        return _imagefolder(Path(root), True, size), _imagefolder(Path(root), False, size)
+        return _imagefolder(Path(root), True, size, pixels), _imagefolder(Path(root), False, size, pixels)
     kwargs: dict = {}
     if data == "digits":
         kwargs["seed"] = seed
@@ -139,13 +226,26 @@ def build_datasets(data: str, root: Optional[str], image_size: Optional[int] = N
 def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, eval_batch_size: int, *, rank: int,
                   world_size: int, seed: int, workers: int, pin_memory: bool) -> tuple[DataLoader, DataLoader]:
     """Training loader (``batch_size`` per rank, :class:`ResumableDistributedSampler`, seeded samples, drop_last)
-    and evaluation loader (:class:`ShardSampler`, ``eval_batch_size`` per rank)."""
+    and evaluation loader (:class:`ShardSampler`, ``eval_batch_size`` per rank); uint8 images are collated into
+    channels_last batches (:func:`collate`)."""
     sampler = ResumableDistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     common = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
     if workers > 0:
         common["prefetch_factor"] = 4
     train_loader = DataLoader(SeededSamples(train_set), batch_size=batch_size, sampler=sampler, drop_last=True,
-                              generator=torch.Generator().manual_seed(seed + rank), **common)
+                              generator=torch.Generator().manual_seed(seed + rank),
+                              collate_fn=getattr(train_set, "collate", collate), **common)
     val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=ShardSampler(len(val_set), world_size, rank),
-                            generator=torch.Generator().manual_seed(seed), **common)   # never draws global RNG
+                            generator=torch.Generator().manual_seed(seed),     # never draws global RNG
+                            collate_fn=getattr(val_set, "collate", collate), **common)
     return train_loader, val_loader
+
+
+def default_workers(device: torch.device, local_processes: int) -> int:
+    """Loader workers per process when ``--workers`` is not given: on GPUs the CPUs this process may run on
+    (``os.sched_getaffinity``) shared by the node's ``local_processes``, less one for the process itself; 0 on the
+    CPU (the training process needs the cores)."""
+    if torch.device(device).type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, local_processes) - 1)

@@ -17,7 +17,9 @@ The loops are :mod:`tpp.loop`'s (one training loop in the project); this module 
   ``scaler.unscale_(optimizer)`` **before** the regularizer's ``apply_gradients()`` (its gradients are unscaled and
   identical on every rank, added to the all-reduced ones), ``scaler.step``, ``scaler.update``.
 * ``batches``: ``sampler.set_epoch(pass, start)`` of :class:`~tpp.train.data.ResumableDistributedSampler` (finetuning
-  passes are numbered apart from regularization passes).
+  passes are numbered apart from regularization passes), the next batch copied to the GPU while the current one
+  trains (:func:`~tpp.train.prefetch.prefetch`); ``inputs``: uint8 image batches normalized on the device
+  (:attr:`Engine.normalize`), JPEG batches of ``--decode gpu`` decoded there.
 * ``sum``/``mean``: all-reduce; evaluation counts (top-1, top-5, loss) are summed over the ranks' disjoint shards.
 * ``sync``: BN running statistics broadcast from rank 0 before anything is evaluated, saved or removed, so every
   rank holds the same model; it also waits for the checkpoint being written in the background, so the files are
@@ -48,6 +50,8 @@ from torch import Tensor, nn
 from ..loop import TrainHooks
 from . import distributed as D
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from .decode import EncodedImages
+from .prefetch import Normalize, prefetch
 
 __all__ = ["Engine", "AMP_MODES", "resolve_amp", "fp32_arithmetic", "FINETUNE_PASS_OFFSET", "StopRequested",
            "stop_after"]
@@ -148,10 +152,23 @@ class Engine(TrainHooks):
             net = torch.compile(net, backend=self.compile)
         return net
 
-    def inputs(self, x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    #: how uint8 image batches become model inputs on the device (the dataset's mean/std); None: float batches only
+    normalize: Optional[Normalize] = None
+
+    def inputs(self, x, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``x`` on the device (JPEG batches decoded there, uint8 images normalized by :attr:`normalize`) in the
+        model's memory format, and ``y``; copies are ``non_blocking`` (already done when :meth:`batches` prefetched
+        them)."""
+        if isinstance(x, EncodedImages):
+            x = x.decode(self.device)
         x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if x.dim() == 4:                          # before normalizing: uint8 is 4× cheaper to rearrange
+            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        if not x.is_floating_point():
+            if self.normalize is None:
+                raise TypeError(f"{x.dtype} input batches need Engine.normalize (the dataset's mean and std); "
+                                "build the datasets with tpp.train.data.build_datasets and set it from normalizer_of")
+            x = self.normalize(x)
         return x, y.to(self.device, non_blocking=True)
 
     def autocast(self):
@@ -166,8 +183,8 @@ class Engine(TrainHooks):
         self.pass_info = {"phase": phase, "epoch": number, "start": skip}
         if hasattr(sampler, "start"):            # ResumableDistributedSampler: starts the pass part-way
             sampler.set_epoch(number, skip * self.batch_size)
-            return iter(loader)
-        return super().batches(loader, phase, number, skip)
+            return prefetch(loader, self.device)
+        return prefetch(super().batches(loader, phase, number, skip), self.device)
 
     # ----------------------------------------------------------------- step
     def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
