@@ -14,7 +14,8 @@ own result as soon as it has one, so a cut run still returns the stages before t
    backend in float64, no host sync per step, ``apply_gradients()`` replayed from a CUDA graph against its floor;
 4. ``table``  — the ResNet50 2.31× timing table of every form (``benchmarks/run.py``: :mod:`forms`, :mod:`timing`,
    :mod:`roofline`), ``torch.compile``'s form in a run of its own so its compile time cannot cut the others;
-5. ``train``  — the ResNet50 bs-256 training-throughput benchmark (``bench_train_throughput.py``, shortened).
+5. ``train``  — the ResNet50 training-throughput benchmark at per-GPU bs 32 (the DDP case) and bs 256
+   (``bench_train_throughput.py``, shortened).
 
 Results: ``<results>/<device>-<date>-gpu-check.{json,md}`` (rewritten after every stage), beside the table's
 ``<device>-<date>.{json,md}`` and ``train-throughput-<device>-<date>.{json,md}``; all of them copied to ``$OUT``
@@ -477,7 +478,7 @@ def stage_train(args, save) -> None:
                  "--setting", DRY_SPEC]
         status = NO_CUDA
     else:
-        extra = ["--batch", "256", "--steps", "5", "--repeats", "3", "--warmup", "3",
+        extra = ["--batch", "32,256", "--steps", "5", "--repeats", "3", "--warmup", "3",
                  "--variants", "none,triton,cuda,torch,paper"]
         status = None
     cmd = [sys.executable, str(HERE / "bench_train_throughput.py"), *extra, "--out", str(results)]
