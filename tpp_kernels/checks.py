@@ -181,10 +181,11 @@ def index_values_once(layers: Sequence[Tuple[int, int, Tensor]]) -> None:
 
 def _extent(t: Tensor) -> Tuple[int, int]:
     """The bytes ``[start, end)`` that ``t``'s elements span (empty for no elements)."""
-    if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
+    start, numel = t.data_ptr(), t.numel()
+    if numel == 0 or t.is_contiguous():
+        return start, start + numel * t.element_size()
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+    return start, start + (last + 1) * t.element_size()
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:
@@ -197,15 +198,14 @@ def disjoint_outputs(inputs: Sequence[Tensor], outputs: Sequence[Tensor], input_
     every input while adding into the outputs, and add into each output from many programs. ``twins[i]``: output
     ``i`` may be the very tensor another twin output is when their inputs are the same tensor too (a vector listed
     twice with disjoint index sets). Byte ranges, sorted: no device work. A ``ValueError`` names the pair."""
-    items = []  # (start, end, is_output, position)
+    items = [(*_extent(t), False, i) for i, t in enumerate(inputs)]  # (start, end, is_output, position)
     seen = {}
-    for i, t in enumerate(inputs):
-        items.append((*_extent(t), False, i))
     for i, t in enumerate(outputs):
-        twin = seen.get((t.data_ptr(), tuple(t.shape), t.stride()))
-        if twin is not None and i < len(twins) and twins[i] and twins[twin] and _same_view(inputs[i], inputs[twin]):
-            continue
-        seen.setdefault((t.data_ptr(), tuple(t.shape), t.stride()), i)
+        if i < len(twins) and twins[i]:
+            key = (t.data_ptr(), tuple(t.shape), t.stride())
+            twin = seen.setdefault(key, i)
+            if twin != i and _same_view(inputs[i], inputs[twin]):
+                continue
         items.append((*_extent(t), True, i))
     items.sort(key=lambda item: (item[0], not item[2]))
     last_in = last_out = None
