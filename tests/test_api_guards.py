@@ -12,6 +12,7 @@ refuse or ignore instead of computing something silently wrong.
 """
 import pytest
 import torch
+from test_backend_contract import cuda_ops
 from test_regularizer import TINY, make_net
 from torch import nn
 
@@ -127,34 +128,31 @@ def test_moving_the_model_is_no_replacement(seed):
 # --- gradients sharing memory -------------------------------------------------------------------------------------
 
 
-def _kernel_ops(backend):
+# the backends that validate their arguments (the torch backend computes each gradient before adding it)
+KERNEL_BACKENDS = BACKENDS[1:] + [pytest.param(("cuda", "cpu"), id="cuda-cpu")]
+
+
+@pytest.mark.parametrize("variant", ["decorrelate", "diagonal"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradient_aliasing_a_weight_or_another_gradient_is_refused(backend, variant, seed):
+    import tpp_kernels
+
     name, device = backend
-    if name == "torch":
-        pytest.skip("the torch backend computes each gradient before adding it: aliasing gives a defined result")
-    if name == "cuda":
-        import tpp_kernels.cuda as ops
-    else:
-        import tpp_kernels as ops
-    return ops, device
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_aliasing_a_weight_or_another_gradient_is_refused(backend, seed):
-    ops, device = _kernel_ops(backend)
+    ops = cuda_ops() if name == "cuda" else tpp_kernels
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(9, 5, generator=gen).to(device)
     v = torch.randn(9, 5, generator=gen).to(device)
     idx = torch.tensor([1, 4, 6], device=device)
     before = w.clone()
     with pytest.raises(ValueError, match=r"grads\[0\] shares memory with weights\[0\]"):
-        ops.add_gram_penalty_grad_([w], [w], [idx], 1.0)
+        ops.add_gram_penalty_grad_([w], [w], [idx], 1.0, variant)
     flat = torch.zeros(2 * 45, device=device)
     with pytest.raises(ValueError, match=r"grads\[1\] shares memory with weights\[0\]"):
         ops.add_gram_penalty_grad_([flat[:45].view(9, 5), v], [torch.zeros_like(w), flat[40:85].view(9, 5)],
-                                   [idx, idx], 1.0)
+                                   [idx, idx], 1.0, variant)
     g = torch.zeros_like(w)
     with pytest.raises(ValueError, match=r"grads\[[01]\] shares memory with grads\[[01]\]"):
-        ops.add_gram_penalty_grad_([w, v], [g, g], [idx, idx], 1.0)
+        ops.add_gram_penalty_grad_([w, v], [g, g], [idx, idx], 1.0, variant)
     assert torch.equal(w, before) and torch.equal(g, torch.zeros_like(w))
     gamma, beta = torch.randn(9, generator=gen).to(device), torch.randn(9, generator=gen).to(device)
     shared = torch.zeros(9, device=device)
@@ -162,9 +160,9 @@ def test_gradient_aliasing_a_weight_or_another_gradient_is_refused(backend, seed
         ops.add_bn_penalty_grad_([gamma], [beta], [shared], [shared], [idx], 1.0)
     # disjoint parts of one buffer are fine, and give what separate buffers give
     flat.zero_()
-    ops.add_gram_penalty_grad_([w, v], [flat[:45].view(9, 5), flat[45:].view(9, 5)], [idx, idx], 1.0)
+    ops.add_gram_penalty_grad_([w, v], [flat[:45].view(9, 5), flat[45:].view(9, 5)], [idx, idx], 1.0, variant)
     g_w, g_v = torch.zeros_like(w), torch.zeros_like(v)
-    ops.add_gram_penalty_grad_([w, v], [g_w, g_v], [idx, idx], 1.0)
+    ops.add_gram_penalty_grad_([w, v], [g_w, g_v], [idx, idx], 1.0, variant)
     assert torch.equal(flat, torch.cat([g_w.flatten(), g_v.flatten()]))
 
 

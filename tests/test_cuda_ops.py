@@ -14,12 +14,18 @@ import sys
 
 import pytest
 import torch
-from test_backend_contract import bn_expected, check_gram, cuda_ops, random_bn, random_layer
+from test_backend_contract import (
+    bn_expected,
+    check_gram,
+    cuda_ops,
+    random_bn,
+    random_layer,
+)
 from test_regularizer import TINY, make_net
 from tolerances import TOLERANCES
 
-from tpp import TPPRegularizer
 import tpp_kernels
+from tpp import TPPRegularizer
 from tpp_kernels import cuda_build
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

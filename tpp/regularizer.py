@@ -137,6 +137,12 @@ class TPPRegularizer:
 
     Use either ``penalty()`` in the loss or ``apply_gradients()`` after ``backward()``, not both.
 
+    Guards: frozen parameters (``requires_grad=False``) have no term, so neither path gives them a gradient; the
+    zero-out still clears their pruned entries (``prune()`` removes them either way). A module or parameter of a
+    pruned unit replaced after construction (or one whose shape changed) is refused at the next call with a
+    ``RuntimeError`` naming it; ``prune()`` also refuses any replaced module its graph describes. ``self.pruned``
+    is a copy: editing it changes nothing here.
+
     AMP: ``penalty()`` is computed in float32 and may be added to the loss inside ``autocast``; with a
     ``GradScaler`` call ``apply_gradients()`` after ``scaler.unscale_(optimizer)`` (the gradients it adds are
     unscaled) and before ``scaler.step(optimizer)``.

@@ -8,7 +8,8 @@ Math (tpp-method.md §2). One layer: ``W ∈ R^{N×D}``, pruned rows ``P`` (|P| 
 
 The kernels are the plan's (one forward and one backward launch per weight dtype; see plan.py): each op builds a
 :class:`~tpp_kernels.plan.PenaltyPlan` over its layers — gram terms only — once per set of tensors and pruned sets
-(an LRU cache keyed on their addresses, layouts and the indices' versions) and runs it.
+(an LRU cache keyed on their addresses, layouts and the indices: their content on the CPU, their identity and
+version on a device — :func:`~tpp_kernels.tables.pruned_key`) and runs it.
 
 Ops and torch.compile. The ops are ``torch.library.custom_op`` s — opaque to the compiler — because a plan reads
 every layer through address offsets and cannot run on FakeTensors (``triton_op`` would re-run the implementation
@@ -206,6 +207,8 @@ def add_gram_penalty_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], p
     scale, scale_tensor = checks.scale(scale, weights[0].device)
     if variant == "diagonal":
         checks.index_values(weights, pruned_idxs)  # every layer, before the first update
+        checks.disjoint_outputs(weights, grads, [f"weights[{i}]" for i in range(len(weights))],
+                                [f"grads[{i}]" for i in range(len(grads))])  # (the plan checks the other variant)
         factor = scale if scale_tensor is None else scale * scale_tensor
         for w, g, idx in zip(weights, grads, pruned_idxs):
             g.add_((reference.gram_penalty_grad_fp32(w, idx, "diagonal", reduction) * factor).reshape(g.shape))

@@ -343,7 +343,8 @@ class PenaltyPlan:
     def _bind_grads(self, grads: Sequence[Optional[Tensor]]) -> None:
         """Check ``grads`` (a ``None`` becomes the tensor's new zero ``.grad``) and upload their offsets: once per
         set of gradient addresses. A gradient sharing memory with a tensor or another gradient is refused
-        (:func:`~tpp_kernels.checks.disjoint_outputs`); a squares tensor listed twice with disjoint index sets may share its one gradient."""
+        (:func:`~tpp_kernels.checks.disjoint_outputs`), but a squares tensor listed twice with disjoint index sets
+        has one gradient for both."""
         if len(grads) != len(self.tensors):
             raise ValueError(f"{len(grads)} gradients for {len(self.tensors)} tensors")
         grads = list(grads)
