@@ -197,7 +197,10 @@ def disjoint_outputs(inputs: Sequence[Tensor], outputs: Sequence[Tensor], input_
     """Refuse outputs (updated in place) that overlap in memory any input or another output: the kernels read
     every input while adding into the outputs, and add into each output from many programs. ``twins[i]``: output
     ``i`` may be the very tensor another twin output is when their inputs are the same tensor too (a vector listed
-    twice with disjoint index sets). Byte ranges, sorted: no device work. A ``ValueError`` names the pair."""
+    twice with disjoint index sets). Byte ranges, sorted: no device work. A ``ValueError`` names the pair. Skipped
+    while compiling (traced tensors have no addresses; the Triton ops check inside their plans, on real tensors)."""
+    if torch.compiler.is_compiling():
+        return
     items = [(*_extent(t), False, i) for i, t in enumerate(inputs)]  # (start, end, is_output, position)
     seen = {}
     for i, t in enumerate(outputs):
