@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
@@ -267,6 +268,7 @@ class TPPRegularizer:
         self._params = list({id(slot.param): slot.param for unit in units for slot in unit.slots}.values())
         self._shapes = [p.shape for p in self._params]
         self._guards = _parameter_paths(self.model, self._params)
+        self._guard_columns = tuple(zip(*self._guards)) or ((), (), (), ())
         self._plan_ptrs: list[int] | None = None
         if units:
             self.schedule = self.schedule.spaced_for(units[-1].index + 1)
@@ -331,6 +333,9 @@ class TPPRegularizer:
     def _check_model(self) -> None:
         """Refuse a model whose bound modules or parameters were replaced since the regularizer was built (the
         penalty, zero-out and removal would act on the old ones): identity checks, no device work."""
+        containers, keys, objects, _ = self._guard_columns
+        if all(map(operator.is_, map(dict.get, containers, keys), objects)):  # C-level loop: ~5 µs for 200 steps
+            return
         for container, key, obj, path in self._guards:
             if container.get(key) is not obj:
                 what = "parameter" if isinstance(obj, Tensor) else "module"
