@@ -425,9 +425,8 @@ class TPPRegularizer:
         outside CUDA-graph capture (a captured step must contain the launches: its replays read later states)."""
         if not self._units:
             return True
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return False
-        return self.strength == 0 or self._zeroed()
+        return (self.strength == 0 or self._zeroed()) \
+            and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
     def _zeroed(self) -> bool:
         """Whether every pruned entry of the plan is exactly 0: the zero-out of every unit ran at the last
