@@ -1,6 +1,8 @@
 """Test-wide setup.
 
-* Without a GPU, Triton kernels run in the interpreter (set before they are imported).
+* Without a GPU, Triton kernels run in the interpreter (set before they are imported); tests that run kernels pick
+  CPU tensors whenever ``tpp_kernels.config.INTERPRET`` is on, GPU or not.
+* ``$TPP_BACKEND`` is cleared; tests that assume a prebuilt or missing CUDA extension set that up themselves.
 * Random inputs use fresh seeds on every run; the header prints the base seed and ``TPP_TEST_SEED`` replays it.
 """
 import os
@@ -12,6 +14,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests name their backend; $TPP_BACKEND would override every one of them (tests of it set it with monkeypatch).
+os.environ.pop("TPP_BACKEND", None)
 
 BASE_SEED = int(os.environ.get("TPP_TEST_SEED", random.SystemRandom().randrange(2**31)))
 

@@ -2,19 +2,29 @@
 (test_backend_contract.py): the build, the ops' registration and own checks, launch splitting, missing BN biases,
 and the regularizer on this backend.
 
-The session fixture ``ops`` builds the extension just in time (CUDA kernels for sm_90 included when a CUDA toolkit is
-found; cached by source hash) and loads it; without a CUDA toolkit every test here is skipped.
+The session fixture ``ops`` loads the extension: the checkout's ``tpp_kernels/_C`` if built, else the just-in-time build
+(CUDA kernels for sm_90 included when a CUDA toolkit is found; cached by source hash); without either, the tests that
+need it are skipped. The loader's own tests set up the checkout state they assume (fixture ``checkout``).
 """
 import importlib
+import importlib.machinery
+import importlib.util
 import shutil
 import sys
 
 import pytest
 import torch
-from test_backend_contract import bn_expected, check_gram, random_bn, random_layer
+from test_backend_contract import (
+    bn_expected,
+    check_gram,
+    cuda_ops,
+    random_bn,
+    random_layer,
+)
 from test_regularizer import TINY, make_net
 from tolerances import TOLERANCES
 
+import tpp_kernels
 from tpp import TPPRegularizer
 from tpp_kernels import cuda_build
 
@@ -23,11 +33,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.fixture(scope="session")
 def ops():
-    if cuda_build.cuda_home() is None:
-        pytest.skip("no CUDA toolkit found (nvcc, CUDA_HOME): the tpp_cuda extension is not built here")
-    import tpp_kernels.cuda  # builds the extension on first use (a minute), then loads it from the cache
-
-    return tpp_kernels.cuda
+    return cuda_ops()
 
 
 @pytest.fixture(params=DEVICES)
@@ -70,16 +76,45 @@ def test_a_finished_build_is_reused_without_compiling(tmp_path, monkeypatch):
     assert cuda_build.build(with_cuda=False) == directory / "tpp_cuda.so"
 
 
-def test_import_error_when_neither_built_nor_buildable(ops, monkeypatch):
+@pytest.fixture(params=["clean", "prebuilt"])
+def checkout(request, tmp_path, monkeypatch):
+    """The checkout as the loader finds it: without a built library, or with one where ``TPP_BUILD_CUDA=1 pip
+    install -e .`` leaves it (here a file that is no library, in a directory added to ``tpp_kernels.__path__``)."""
+    if request.param == "prebuilt":
+        (tmp_path / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a library")
+        monkeypatch.setattr(tpp_kernels, "__path__", [*tpp_kernels.__path__, str(tmp_path)])
+    return request.param
+
+
+def _reimport_cuda(monkeypatch, prebuilt: bool):
+    """Import ``tpp_kernels.cuda`` afresh (the loaded module is restored afterwards) with the JIT build failing and,
+    unless ``prebuilt``, no ``tpp_kernels/_C`` library whatever the checkout holds."""
     def cannot_build(**kwargs):
         raise cuda_build.BuildError("ninja is not installed (pip install ninja)")
 
+    find_spec = importlib.util.find_spec
+    if not prebuilt:
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, package=None: None if name == "tpp_kernels._C" else find_spec(name, package))
     monkeypatch.setattr(cuda_build, "build", cannot_build)
-    monkeypatch.delitem(sys.modules, "tpp_kernels.cuda")  # restored afterwards
+    monkeypatch.delitem(sys.modules, "tpp_kernels.cuda", raising=False)
+    return importlib.import_module("tpp_kernels.cuda")
+
+
+def test_import_error_when_neither_built_nor_buildable(checkout, monkeypatch):
     with pytest.raises(ImportError, match="neither built nor buildable here: ninja is not installed"):
-        importlib.import_module("tpp_kernels.cuda")
+        _reimport_cuda(monkeypatch, prebuilt=False)
     with pytest.raises(ValueError, match="backend 'cuda' is unavailable: .*ninja"):
         TPPRegularizer(make_net(0, torch.float32), 0.5, schedule=TINY, backend="cuda")
+
+
+def test_import_error_when_the_prebuilt_library_cannot_be_loaded(checkout, monkeypatch):
+    if checkout != "prebuilt":
+        pytest.skip("needs a prebuilt library")
+    if importlib.util.find_spec("tpp_kernels._C").origin.startswith(str(cuda_build.SOURCE_DIR.parent)):
+        pytest.skip("needs the dummy library (the checkout's own tpp_kernels/_C is found first)")
+    with pytest.raises(ImportError, match="_C.*cannot be loaded.*rebuild it .* or delete it"):
+        _reimport_cuda(monkeypatch, prebuilt=True)
 
 
 def test_many_layers_in_one_call(case, seed):

@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 import tpp_kernels  # noqa: E402
 from tpp_kernels import config, gram, kernels, plan  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter runs on CPU tensors, also on a GPU host where TRITON_INTERPRET=1 was set
+DEVICE = "cuda" if torch.cuda.is_available() and not config.INTERPRET else "cpu"
 # On CPU without the interpreter, the ops run tpp_kernels.reference: the kernel-specific tests are skipped.
 needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not config.INTERPRET, reason="CPU ops run the reference")
 

@@ -13,7 +13,8 @@ from tpp import reference
 from tpp_kernels import config
 from tpp_kernels.plan import PenaltyPlan, Rows
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter runs on CPU tensors, also on a GPU host where TRITON_INTERPRET=1 was set
+DEVICE = "cuda" if torch.cuda.is_available() and not config.INTERPRET else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not config.INTERPRET, reason="Triton needs CUDA or the interpreter")
 
 

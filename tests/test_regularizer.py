@@ -10,10 +10,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from tpp import GrowingSchedule, TPPRegularizer, reference
+from tpp_kernels import config
 
 TINY = GrowingSchedule(delta=0.25, interval=2, ceiling=1.0, stabilize_iters=12, zero_out_interval=3)
-# Where the triton backend runs: CUDA tensors on a GPU host, else CPU tensors in the interpreter (conftest.py).
-KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Where the triton backend runs: CUDA tensors on a GPU host, else (or with TRITON_INTERPRET=1) CPU tensors in the
+# interpreter (conftest.py sets it without a GPU).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and not config.INTERPRET else "cpu"
 
 
 class SmallNet(nn.Module):

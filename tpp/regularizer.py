@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
@@ -104,6 +105,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _parameter_paths(model: nn.Module, params: list[Tensor]) -> list[tuple[dict, str, object, str]]:
+    """``(container, key, object, path)`` for every step from ``model`` down to each of ``params``: the child
+    modules (``parent._modules[key]``) and the parameters (``module._parameters[key]``), each step once. While
+    ``container.get(key) is object`` holds for all of them, no module or parameter the regularizer binds was
+    replaced. A parameter not registered in ``model`` (e.g. behind a parametrization) gets no steps."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    steps: dict[tuple[int, str], tuple[dict, str, object, str]] = {}
+    for param in params:
+        name = names.get(id(param))
+        if name is None:
+            continue
+        *path, leaf = name.split(".")
+        module = model
+        for i, part in enumerate(path):
+            child = module._modules[part]
+            steps.setdefault((id(module._modules), part), (module._modules, part, child, ".".join(path[:i + 1])))
+            module = child
+        steps.setdefault((id(module._parameters), leaf), (module._parameters, leaf, param, name))
+    return list(steps.values())
+
+
 class TPPRegularizer:
     """Trainability Preserving Pruning regularizer for ``model``.
 
@@ -115,6 +137,12 @@ class TPPRegularizer:
         optimizer.step(); reg.step()                         # schedule + layer-wise zero-out
 
     Use either ``penalty()`` in the loss or ``apply_gradients()`` after ``backward()``, not both.
+
+    Guards: frozen parameters (``requires_grad=False``) have no term, so neither path gives them a gradient; the
+    zero-out still clears their pruned entries (``prune()`` removes them either way). A module or parameter of a
+    pruned unit replaced after construction (or one whose shape changed) is refused at the next call with a
+    ``RuntimeError`` naming it; ``prune()`` also refuses any replaced module its graph describes. ``self.pruned``
+    is a copy: editing it changes nothing here.
 
     AMP: ``penalty()`` is computed in float32 and may be added to the loss inside ``autocast``; with a
     ``GradScaler`` call ``apply_gradients()`` after ``scaler.unscale_(optimizer)`` (the gradients it adds are
@@ -182,6 +210,7 @@ class TPPRegularizer:
         self.iteration = 0
         self._strength_override: float | None = None
         self._strength_t: Tensor | None = None  # r on the device, read by the plan's kernels
+        self._modules_at_build = dict(self.model.named_modules())  # what self.graph describes
         self.speedup_search: SpeedupSearch | None = None
         if target_speedup is not None:
             self.speedup_search = search_speedup(self.model, target_speedup, example_input, mode=speedup_mode,
@@ -218,7 +247,7 @@ class TPPRegularizer:
                 raise ValueError(f"layer {name!r} cannot be pruned on its own: "
                                  f"{self.graph.refusals.get(name, info.coupling)}")
             given[name] = idx.to("cpu", torch.int64).sort().values
-        units, self.pruned = [], {}
+        units, pruned_sets = [], {}
         for unit in self.graph.units.values():
             present = [m for m in unit.members if m in given]
             if not present:
@@ -232,10 +261,14 @@ class TPPRegularizer:
             if indices is None:
                 raise ValueError(f"layer {present[0]!r}: its channels form {unit.segments} groups of {unit.size} "
                                  "(grouped convs); prune the same channels in every group")
-            self.pruned.update({m: idx.clone() for m in unit.members})
+            pruned_sets.update({m: idx for m in unit.members})
             units += self._bound(unit, indices, idx, modules)
+        self._pruned = pruned_sets
         self._units = units
-        self._params = [slot.param for unit in units for slot in unit.slots]
+        self._params = list({id(slot.param): slot.param for unit in units for slot in unit.slots}.values())
+        self._shapes = [p.shape for p in self._params]
+        self._guards = _parameter_paths(self.model, self._params)
+        self._guard_columns = tuple(zip(*self._guards)) or ((), (), (), ())
         self._plan_ptrs: list[int] | None = None
         if units:
             self.schedule = self.schedule.spaced_for(units[-1].index + 1)
@@ -289,15 +322,37 @@ class TPPRegularizer:
         for unit in self._units:
             if name in unit.names:
                 return list(unit.slots)
-        raise KeyError(f"{name!r} has no pruned units; pruned layers: {sorted(self.pruned)}")
+        raise KeyError(f"{name!r} has no pruned units; pruned layers: {sorted(self._pruned)}")
+
+    @property
+    def pruned(self) -> dict[str, Tensor]:
+        """``{layer: sorted int64 pruned filter indices}`` (CPU): a copy — editing it changes nothing here."""
+        return {name: idx.clone() for name, idx in self._pruned.items()}
+
+    # ------------------------------------------------------------------ guards
+    def _check_model(self) -> None:
+        """Refuse a model whose bound modules or parameters were replaced since the regularizer was built (the
+        penalty, zero-out and removal would act on the old ones): identity checks, no device work."""
+        containers, keys, objects, _ = self._guard_columns
+        if all(map(operator.is_, map(dict.get, containers, keys), objects)):  # C-level loop: ~5 µs for 200 steps
+            return
+        for container, key, obj, path in self._guards:
+            if container.get(key) is not obj:
+                what = "parameter" if isinstance(obj, Tensor) else "module"
+                raise RuntimeError(f"{what} model.{path} was replaced after the TPPRegularizer was built; the "
+                                   "regularizer would penalize, zero and remove the old one: build a new "
+                                   "TPPRegularizer for the changed model")
 
     def _plan(self):
-        """The backend's penalty plan for the bound units (``None`` if no term is on), rebuilt when a parameter
-        moved (device, dtype or storage): one comparison of data pointers per call."""
+        """The backend's penalty plan for the bound units (``None`` if no term is on), after :meth:`_check_model`;
+        rebuilt when a parameter moved (device, dtype or storage) or was frozen or unfrozen: one comparison of data
+        pointers and one of ``requires_grad`` flags per call."""
+        self._check_model()
         ptrs = [p.data_ptr() for p in self._params]
-        if ptrs != self._plan_ptrs:
+        trainable = [p.requires_grad for p in self._params]
+        if ptrs != self._plan_ptrs or trainable != self._plan_trainable:
             self._build_plan()
-            self._plan_ptrs = ptrs
+            self._plan_ptrs, self._plan_trainable = ptrs, trainable
         return self._penalty_plan
 
     def _compiled_plan(self):
@@ -305,23 +360,35 @@ class TPPRegularizer:
         param, plan = self._params[0], self._penalty_plan
         if plan is None:
             return _ZeroPenalty(param.device, reference.accumulation_dtype(param.dtype))
-        if self._strength_t.device != param.device or self._plan_dtypes != [p.dtype for p in self._params]:
-            raise RuntimeError("the model's parameters moved since the TPPRegularizer last ran: call "
-                               "reg.penalty() once outside torch.compile to rebuild its plan")
+        if self._strength_t.device != param.device or self._plan_dtypes != [p.dtype for p in self._params] \
+                or self._plan_trainable != [p.requires_grad for p in self._params]:
+            raise RuntimeError("the model's parameters moved or were frozen since the TPPRegularizer last ran: "
+                               "call reg.penalty() once outside torch.compile to rebuild its plan")
         return plan
 
     def _build_plan(self) -> None:
+        """The plan over the trainable parameters: a frozen one (``requires_grad=False``) has no term, so neither
+        path gives it a gradient (its terms are constants); the zero-out still clears it."""
+        for param, shape in zip(self._params, self._shapes):
+            if param.shape != shape:
+                path = next((g[3] for g in self._guards if g[2] is param), "of a pruned layer")
+                raise RuntimeError(f"parameter model.{path} changed shape from {tuple(shape)} to "
+                                   f"{tuple(param.shape)} after the TPPRegularizer was built: build a new "
+                                   "TPPRegularizer for the changed model")
         device = self._params[0].device
         self.backend = resolve_backend(self.backend.name, device)
         self._units = [replace(unit, pruned=unit.pruned.to(device)) for unit in self._units]
         terms = {role: [(s.param, u.pruned, s.segments, s.segment_length) for u in self._units
-                        for s in u.of_role(role)] for role in ROLES}
+                        for s in u.of_role(role) if s.param.requires_grad] for role in ROLES}
         grams = terms["gram"] if self.gram_weight else []
         squares = terms["gram"] * (self.weight_l2 and not self.gram_weight) + terms["l2"] * self.weight_l2 \
             + terms["bn"] * self.bn
         self._strength_t = torch.tensor(self.strength, dtype=torch.float64, device=device)
         self._strength_written = self.strength
         self._plan_dtypes = [p.dtype for p in self._params]
+        self._plan_trainable = [p.requires_grad for p in self._params]
+        self._zeroed_versions: list[int] | None = None
+        self._plan_params = list({id(t[0]): t[0] for t in grams + squares}.values())
         self._penalty_plan = self.backend.plan(
             grams, squares, gram_weight=self.gram_weight, l2_weight=float(self.weight_l2),
             mean=self.reduction == "mean", variant=self.variant) if grams or squares else None
@@ -337,9 +404,7 @@ class TPPRegularizer:
     @strength.setter
     def strength(self, value: float | None) -> None:
         """Pin r to ``value`` from now on (kept in ``state_dict``); ``None`` returns to the schedule."""
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0):
-            raise ValueError(f"strength must be a finite number >= 0 or None, got {value!r}")
+        _check_strength(value)
         self._strength_override = None if value is None else float(value)
         self._sync_strength()
 
@@ -356,14 +421,28 @@ class TPPRegularizer:
 
     # ------------------------------------------------------------------- terms
     def _skip(self) -> bool:
-        """Whether this call adds nothing: no units, or r = 0 outside CUDA-graph capture (a captured step must
-        contain the launches: its replays read later strengths)."""
+        """Whether this call adds nothing: no units, r = 0 or every pruned entry provably 0 (:meth:`_zeroed`),
+        outside CUDA-graph capture (a captured step must contain the launches: its replays read later states)."""
         if not self._units:
             return True
-        return self.strength == 0 and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        return (self.strength == 0 or self._zeroed()) \
+            and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+    def _zeroed(self) -> bool:
+        """Whether every pruned entry of the plan is exactly 0: the zero-out of every unit ran at the last
+        ``step()`` (or ``zero_pruned()``) and no parameter was written since (same storage — else the plan was
+        rebuilt — and same autograd version counters). Then ``R = W_P Wᵀ = 0`` and every term and gradient is
+        exactly 0, for finite weights. Writes that bypass the version counter (``.data``, NumPy,
+        ``inference_mode``) between ``step()`` and the next call are not seen."""
+        versions = self._zeroed_versions
+        return versions is not None and versions == [p._version for p in self._params]
+
+    def _mark_zeroed(self) -> None:
+        self._zeroed_versions = [p._version for p in self._params]
 
     def penalty(self) -> Tensor:
-        """``E − L_cls`` (module docstring) at the current strength: a differentiable scalar.
+        """``E − L_cls`` (module docstring) at the current strength: a differentiable scalar. Frozen parameters
+        (``requires_grad=False``) have no term.
 
         Under ``torch.compile`` the plan built by the last eager call (or at construction) is used as it is and
         the strength is read from its device scalar, so the compiled code depends on neither (no recompilation as
@@ -378,14 +457,22 @@ class TPPRegularizer:
 
     @torch.no_grad()
     def apply_gradients(self) -> None:
-        """Add ∂penalty()/∂θ into ``.grad`` in place (creating zero grads where missing), without autograd.
+        """Add ∂penalty()/∂θ into ``.grad`` in place (creating zero grads where missing), without autograd; frozen
+        parameters (``requires_grad=False``) get none.
 
-        With the Triton backend, two launches per weight dtype; capturable in a CUDA graph after one eager call
-        (keep ``.grad`` allocated: ``zero_grad(set_to_none=False)``; the strength is read on the device, so the
-        replays follow ``step()``)."""
+        With the Triton backend, two launches per weight dtype; none once every pruned entry is provably 0 (all
+        units zeroed by the last ``step()``, no parameter written since). Capturable in a CUDA graph after one eager
+        call (keep ``.grad`` allocated: ``zero_grad(set_to_none=False)``; the strength is read on the device, so
+        the replays follow ``step()``)."""
         plan = self._plan() if self._units else None
-        if plan is not None and not self._skip():
+        if plan is None:
+            return
+        if not self._skip():
             plan.add_grads_(self._strength_t)
+        elif self.strength != 0:  # provably zero: the grads it would have created, and nothing else
+            for p in self._plan_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
     @torch.no_grad()
     def _zero(self, unit: _Unit) -> None:
@@ -395,11 +482,13 @@ class TPPRegularizer:
 
     @torch.no_grad()
     def zero_pruned(self) -> float:
-        """Set every pruned W, b, γ, β (and carrier rows) to 0 now, as the zero-out does; returns the largest
-        magnitude that was cleared (0.0 when the schedule's zero-out had already done it)."""
+        """Set every pruned W, b, γ, β (and carrier rows) to 0 now, as the zero-out does — frozen parameters too:
+        their pruned entries are removed by :meth:`prune` either way; returns the largest magnitude that was cleared
+        (0.0 when the schedule's zero-out had already done it)."""
         cleared = 0.0
-        if self._units:
-            self._plan()  # indices on the parameters' device
+        if not self._units:
+            return cleared
+        self._plan()  # indices on the parameters' device
         for unit in self._units:
             for slot in unit.slots:
                 view, dim = slot.indexed(slot.param)
@@ -407,18 +496,24 @@ class TPPRegularizer:
                 if rows.numel():
                     cleared = max(cleared, float(rows.abs().max()))
             self._zero(unit)
+        self._mark_zeroed()
         return cleared
 
     @torch.no_grad()
     def step(self) -> None:
         """Mark one training iteration done: zero the pruned W, b, γ, β of every unit whose zero-out is due
-        (see :class:`GrowingSchedule`), then advance the schedule."""
+        (see :class:`GrowingSchedule`; frozen parameters too), then advance the schedule."""
         t = self.iteration
-        if self._units and t >= self.schedule.stabilize_start:
-            self._plan()  # indices on the parameters' device
-            for unit in self._units:
-                if self.schedule.zero_out_due(t, unit.index):
+        if self._units and t < self.schedule.stabilize_start:
+            self._check_model()
+        elif self._units:
+            self._plan()  # checks the model; indices on the parameters' device
+            due = [self.schedule.zero_out_due(t, unit.index) for unit in self._units]
+            for unit, zero in zip(self._units, due):
+                if zero:
                     self._zero(unit)
+            if all(due):
+                self._mark_zeroed()
         self.iteration = t + 1
         self._sync_strength()
 
@@ -426,10 +521,18 @@ class TPPRegularizer:
         """The model with the pruned filters physically removed: a new module, ``self.model`` is not modified.
 
         Same as ``prune_model(self.model, self.pruned, graph=self.graph)`` (:mod:`tpp.surgery`). Zeroing the pruned
-        W, b, γ, β first would change nothing: every one of those entries is removed.
+        W, b, γ, β first would change nothing: every one of those entries is removed. Refused when a module of the
+        model was replaced since the regularizer was built (its graph would describe another model).
         """
         from .surgery import prune_model
 
+        self._check_model()
+        now = dict(self.model.named_modules())
+        for name, module in self._modules_at_build.items():
+            if now.get(name) is not module:
+                raise RuntimeError(f"module model.{name} was replaced or removed after the TPPRegularizer was "
+                                   "built: its graph describes the old model; build a new TPPRegularizer for the "
+                                   "changed model")
         return prune_model(self.model, self.pruned, graph=self.graph)
 
     # ------------------------------------------------------------------- state
@@ -440,23 +543,44 @@ class TPPRegularizer:
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: iteration, pruned sets, hand-set strength, schedule and config."""
         return {"version": STATE_VERSION, "iteration": self.iteration, "strength_override": self._strength_override,
-                "pruned": {n: i.clone() for n, i in self.pruned.items()},
-                "schedule": self.schedule.state_dict(), "config": self._config()}
+                "pruned": self.pruned, "schedule": self.schedule.state_dict(), "config": self._config()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore a ``state_dict()``; the schedule and configuration must match this regularizer's."""
+        """Restore a ``state_dict()``; the schedule and configuration must match this regularizer's. All or
+        nothing: on any error the regularizer is left as it was."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a TPPRegularizer state_dict (a mapping), got {type(state).__name__}")
         missing = {"version", "iteration", "strength_override", "pruned", "schedule", "config"} - set(state)
         if missing:
             raise ValueError(f"not a TPPRegularizer state_dict: missing {sorted(missing)}")
         if state["version"] != STATE_VERSION:
             raise ValueError(f"unsupported TPPRegularizer state version {state['version']} (expected {STATE_VERSION})")
         for what, mine in (("schedule", self.schedule.state_dict()), ("config", self._config())):
-            diff = {k: (state[what].get(k), v) for k, v in mine.items() if state[what].get(k) != v}
+            saved = state[what]
+            if not isinstance(saved, Mapping):
+                raise ValueError(f"state_dict {what} must be a mapping, got {type(saved).__name__}")
+            diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
             if diff:
                 raise ValueError(f"state_dict {what} differs from this regularizer's (saved, current): {diff}")
         iteration = state["iteration"]
         if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
             raise ValueError(f"state_dict iteration must be an integer >= 0, got {iteration!r}")
-        self._bind(state["pruned"])
-        self.iteration = iteration
-        self.strength = state["strength_override"]
+        _check_strength(state["strength_override"], "state_dict strength_override")
+        pruned = state["pruned"]
+        if not isinstance(pruned, Mapping) or not all(isinstance(i, Tensor) for i in pruned.values()):
+            raise ValueError("state_dict pruned must map layer names to index tensors")
+        before = dict(vars(self))
+        try:
+            self._bind(pruned)
+            self.iteration = iteration
+            self.strength = state["strength_override"]
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(before)
+            raise
+
+
+def _check_strength(value, what: str = "strength") -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{what} must be a finite number >= 0 or None, got {value!r}")

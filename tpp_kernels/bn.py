@@ -35,8 +35,10 @@ def _plan(gammas: Sequence[Tensor], betas: Sequence[Tensor], pruned: Sequence[Te
 
     def build() -> PenaltyPlan:
         checks.index_values(gammas, pruned)  # errors name pruned_idxs[i]
+        n = range(len(gammas))
         return PenaltyPlan([], [Rows(x, idx) for x, idx in zip(xs, idxs)], gram_weight=0.0, l2_weight=0.0,
-                           mean=False)
+                           mean=False, names=_interleave([f"gammas[{i}]" for i in n], [f"betas[{i}]" for i in n]),
+                           grad_names=_interleave([f"gamma_grads[{i}]" for i in n], [f"beta_grads[{i}]" for i in n]))
     return _plans.get(tensors_key(xs, idxs), build)
 
 
@@ -113,6 +115,10 @@ def _bwd_reference(grad, gammas, betas, pruned):
 
 def _add_grad_reference(gammas, betas, gamma_grads, beta_grads, pruned, scale, scale_tensor):
     checks.index_values(gammas, pruned)
+    n = range(len(gammas))
+    checks.disjoint_outputs(_interleave(gammas, betas), _interleave(gamma_grads, beta_grads),
+                            _interleave([f"gammas[{i}]" for i in n], [f"betas[{i}]" for i in n]),
+                            _interleave([f"gamma_grads[{i}]" for i in n], [f"beta_grads[{i}]" for i in n]))
     factor = scale if scale_tensor is None else scale * scale_tensor
     for g, x, idx in zip(_interleave(gamma_grads, beta_grads), _interleave(gammas, betas),
                          _interleave(pruned, pruned)):
@@ -177,7 +183,8 @@ def add_bn_penalty_grad_(gammas: Sequence[Tensor], betas: Sequence[Tensor], gamm
     ``beta_grads[i][j] += 2·scale·β_ij`` for pruned ``j``; kept channels are not touched. The gradient of
     ``scale · bn_penalty(...)``; the reference run's ``grad += r·γ`` is ``scale = r/2``. ``scale``: python float
     or 0-d floating tensor on the device (no host sync). One launch per dtype, none if nothing is pruned; every
-    input is validated before it: on error no gradient has changed.
+    input is validated before it: on error no gradient has changed; a gradient sharing memory with a γ, β or another
+    gradient is refused (``ValueError``).
     """
     gammas, betas, pruned_idxs = _check(gammas, betas, pruned_idxs)
     gamma_grads = checks.dense_like(gamma_grads, gammas, "gamma_grads", "gammas")

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .config import INPUT_PRECISIONS
 from .reference import REDUCTIONS, VARIANTS, check_pruned_indices
+from .tables import pruned_key
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -162,12 +163,13 @@ _checked: "OrderedDict[tuple, Tensor]" = OrderedDict()
 
 
 def index_values_once(layers: Sequence[Tuple[int, int, Tensor]]) -> None:
-    """:func:`index_values` for ``(position, N, indices)`` triples, once per index tensor and version (a sync on
-    CUDA the first time). Skipped while compiling: the ops then check on their own."""
+    """:func:`index_values` for ``(position, N, indices)`` triples, once per :func:`~tpp_kernels.tables.pruned_key`
+    (content on the CPU; identity and version on a device, a sync there the first time). Skipped while compiling:
+    the ops then check on their own."""
     if torch.compiler.is_compiling():
         return
     for i, n, idx in layers:
-        key = (idx.data_ptr(), None if idx.is_inference() else idx._version, idx.dtype, idx.shape, idx.device, n)
+        key = (pruned_key(idx), idx.device, n)
         if key in _checked:
             _checked.move_to_end(key)
             continue
@@ -175,3 +177,55 @@ def index_values_once(layers: Sequence[Tuple[int, int, Tensor]]) -> None:
         _checked[key] = idx  # holding the tensor keeps its memory from being reused under the same data_ptr
         if len(_checked) > 1024:
             _checked.popitem(last=False)
+
+
+def _extent(t: Tensor) -> Tuple[int, int]:
+    """The bytes ``[start, end)`` that ``t``'s elements span (empty for no elements)."""
+    start, numel = t.data_ptr(), t.numel()
+    if numel == 0 or t.is_contiguous():
+        return start, start + numel * t.element_size()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def disjoint_outputs(inputs: Sequence[Tensor], outputs: Sequence[Tensor], input_names: Sequence[str],
+                     output_names: Sequence[str], twins: Sequence[bool] = ()) -> None:
+    """Refuse outputs (updated in place) that overlap in memory any input or another output: the kernels read
+    every input while adding into the outputs, and add into each output from many programs. ``twins[i]``: output
+    ``i`` may be the very tensor another twin output is when their inputs are the same tensor too (a vector listed
+    twice with disjoint index sets). Byte ranges, sorted: no device work. A ``ValueError`` names the pair. Skipped
+    while compiling (traced tensors have no addresses; the Triton ops check inside their plans, on real tensors)."""
+    if torch.compiler.is_compiling():
+        return
+    items = [(*_extent(t), False, i) for i, t in enumerate(inputs)]  # (start, end, is_output, position)
+    seen = {}
+    for i, t in enumerate(outputs):
+        if i < len(twins) and twins[i]:
+            key = (t.data_ptr(), tuple(t.shape), t.stride())
+            twin = seen.setdefault(key, i)
+            if twin != i and _same_view(inputs[i], inputs[twin]):
+                continue
+        items.append((*_extent(t), True, i))
+    items.sort(key=lambda item: (item[0], not item[2]))
+    last_in = last_out = None
+    for start, end, is_output, i in items:
+        if start == end:
+            continue
+        for last in (last_out, last_in if is_output else None):
+            if last is not None and start < last[1]:
+                if is_output:  # the output named first: this one, else the earlier one (inputs meet outputs only)
+                    out_name = output_names[i]
+                    other_name = output_names[last[3]] if last[2] else input_names[last[3]]
+                else:
+                    out_name, other_name = output_names[last[3]], input_names[i]
+                raise ValueError(f"{out_name} shares memory with {other_name}: gradients are added in place while "
+                                 "every input is read, so each gradient needs memory of its own (not a weight, not "
+                                 "another gradient)")
+        if is_output and (last_out is None or end > last_out[1]):
+            last_out = (start, end, is_output, i)
+        if not is_output and (last_in is None or end > last_in[1]):
+            last_in = (start, end, is_output, i)

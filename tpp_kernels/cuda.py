@@ -36,7 +36,11 @@ def _load() -> str:
     """Load ``tpp_kernels._C`` (refusing one built from other sources than csrc/), else the just-in-time build."""
     spec = importlib.util.find_spec("tpp_kernels._C")
     if spec is not None and spec.origin:
-        torch.ops.load_library(spec.origin)
+        try:
+            torch.ops.load_library(spec.origin)
+        except OSError as e:
+            raise ImportError(f"{spec.origin} cannot be loaded ({e}): rebuild it (TPP_BUILD_CUDA=1 pip install "
+                              "--no-build-isolation -e .) or delete it to use the just-in-time build") from e
         built, current = torch.ops.tpp_cuda.source_hash(), None
         if cuda_build.SOURCE_DIR.is_dir():
             current = cuda_build.source_hash()
@@ -199,12 +203,15 @@ def add_gram_penalty_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], p
 
     ``grads[l]``: shape, dtype and device of ``weights[l]``, dense (contiguous or channels-last; e.g. its
     ``.grad``). ``scale``: python float or 0-d floating tensor on the device (read there: no host sync). Every input
-    is checked before anything is written: on error no gradient has changed.
+    is checked before anything is written: on error no gradient has changed. A gradient sharing memory with a
+    weight or another gradient is refused (``ValueError``).
     """
     weights, pruned_idxs = _gram_layers(weights, pruned_idxs, variant, reduction)
     grads = checks.dense_like(grads, weights, "grads", "weights")
     if not weights:
         return
+    checks.disjoint_outputs(weights, grads, [f"weights[{i}]" for i in range(len(weights))],
+                            [f"grads[{i}]" for i in range(len(grads))])
     scale, scale_tensor = checks.scale(scale, weights[0].device)
     if variant == "diagonal":
         factor = scale if scale_tensor is None else scale_tensor * scale
@@ -271,5 +278,8 @@ def add_bn_penalty_grad_(gammas: Sequence[Optional[Tensor]], betas: Sequence[Opt
         checks.dense(g, f"{names[k]}[{i}]")
         grads.append(g)
     if values:
+        kinds = (("gammas", "gamma_grads"), ("betas", "beta_grads"))
+        checks.disjoint_outputs(values, grads, [f"{kinds[k][0]}[{i}]" for i, k in where],
+                                [f"{kinds[k][1]}[{i}]" for i, k in where])
         scale, scale_tensor = checks.scale(scale, values[0].device)
         _ops.bn_penalty_add_grad(values, grads, pruned, scale, scale_tensor)

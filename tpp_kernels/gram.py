@@ -8,7 +8,8 @@ Math (tpp-method.md §2). One layer: ``W ∈ R^{N×D}``, pruned rows ``P`` (|P| 
 
 The kernels are the plan's (one forward and one backward launch per weight dtype; see plan.py): each op builds a
 :class:`~tpp_kernels.plan.PenaltyPlan` over its layers — gram terms only — once per set of tensors and pruned sets
-(an LRU cache keyed on their addresses, layouts and the indices' versions) and runs it.
+(an LRU cache keyed on their addresses, layouts and the indices: their content on the CPU, their identity and
+version on a device — :func:`~tpp_kernels.tables.pruned_key`) and runs it.
 
 Ops and torch.compile. The ops are ``torch.library.custom_op`` s — opaque to the compiler — because a plan reads
 every layer through address offsets and cannot run on FakeTensors (``triton_op`` would re-run the implementation
@@ -41,7 +42,8 @@ def _plan(weights: Sequence[Tensor], pruned: Sequence[Tensor], mean: bool, preci
     def build() -> PenaltyPlan:
         checks.index_values(weights, pruned)  # errors name pruned_idxs[i]
         return PenaltyPlan([Rows(w, idx) for w, idx in zip(weights, pruned)], [], gram_weight=1.0, l2_weight=0.0,
-                           mean=mean, input_precision=precision)
+                           mean=mean, input_precision=precision, names=[f"weights[{i}]" for i in range(len(weights))],
+                           grad_names=[f"grads[{i}]" for i in range(len(weights))])
     return _plans.get((tensors_key(weights, pruned), mean, precision), build)
 
 
@@ -119,6 +121,8 @@ def _bwd_reference(grad, weights, pruned, r, mean, input_precision):
 
 def _add_grad_reference(weights, grads, pruned, scale, scale_tensor, mean, input_precision):
     checks.index_values(weights, pruned)
+    n = range(len(weights))
+    checks.disjoint_outputs(weights, grads, [f"weights[{i}]" for i in n], [f"grads[{i}]" for i in n])
     factor = scale if scale_tensor is None else scale * scale_tensor
     for w, g, idx in zip(weights, grads, pruned):
         g.add_((reference.gram_penalty_grad_fp32(w, idx, "decorrelate", _reduction(mean)) * factor).reshape(g.shape))
@@ -192,7 +196,8 @@ def add_gram_penalty_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], p
     ``grads[i]``: same shape, dtype and device as ``weights[i]``, dense (contiguous or channels-last; e.g. the
     ``.grad`` of the weight). ``scale``: python float or 0-d floating tensor on the weights' device (read on the
     device: no host sync). Two launches per weight dtype (R, then gradients), none if no layer is pruned. Every
-    input is validated before the first launch: on error no gradient has changed.
+    input is validated before the first launch: on error no gradient has changed. A gradient sharing memory with a
+    weight or another gradient is refused (``ValueError``).
     """
     checks.options(variant, reduction, input_precision)
     weights, pruned_idxs = checks.layers(weights, pruned_idxs, "weights", "pruned_idxs", min_dim=2)
@@ -202,6 +207,8 @@ def add_gram_penalty_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], p
     scale, scale_tensor = checks.scale(scale, weights[0].device)
     if variant == "diagonal":
         checks.index_values(weights, pruned_idxs)  # every layer, before the first update
+        checks.disjoint_outputs(weights, grads, [f"weights[{i}]" for i in range(len(weights))],
+                                [f"grads[{i}]" for i in range(len(grads))])  # (the plan checks the other variant)
         factor = scale if scale_tensor is None else scale * scale_tensor
         for w, g, idx in zip(weights, grads, pruned_idxs):
             g.add_((reference.gram_penalty_grad_fp32(w, idx, "diagonal", reduction) * factor).reshape(g.shape))

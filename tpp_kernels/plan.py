@@ -31,7 +31,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import config, kernels
+from . import checks, config, kernels
 from .checks import rows_dense
 from .reference import check_pruned_indices
 from .tables import dtype_groups
@@ -240,12 +240,17 @@ class PenaltyPlan:
     term by N². Tensors must be float32/float16/bfloat16 on one device (CUDA, or CPU under ``TRITON_INTERPRET=1``),
     rows dense; empty pruned sets are dropped. Indices are validated here (a device sync), never per call.
     ``configs`` ({"fwd": …, "bwd": …}) overrides the launch configurations (the traffic model builds GPU tile tables
-    on a CPU with it).
+    on a CPU with it). ``names`` and ``grad_names`` (of ``grams + squares``, as given) name the tensors and their
+    gradients in errors.
     """
 
     def __init__(self, grams: Sequence[Rows], squares: Sequence[Rows], *, gram_weight: float, l2_weight: float,
                  mean: bool, input_precision: Optional[str] = None,
-                 configs: Optional[Dict[str, config.Config]] = None):
+                 configs: Optional[Dict[str, config.Config]] = None, names: Optional[Sequence[str]] = None,
+                 grad_names: Optional[Sequence[str]] = None):
+        names = list(names) if names is not None else [f"tensor {i}" for i in range(len(grams) + len(squares))]
+        grad_names = list(grad_names) if grad_names is not None else [f"the gradient of {n}" for n in names]
+        n_grams = len(grams)
         positions = [i for i, r in enumerate((*grams, *squares)) if r.pruned.numel()]
         grams = [r for r in grams if r.pruned.numel()]
         squares = [r for r in squares if r.pruned.numel()]
@@ -279,6 +284,10 @@ class PenaltyPlan:
         # self.tensors[k] is grams + squares (as given) [self.positions[k]]
         self.positions = [positions[i] for g, s in itertools.zip_longest(gram_order, square_order, fillvalue=[])
                           for i in (*g, *s)]
+        self.names = [names[i] for i in self.positions]
+        self.grad_names = [grad_names[i] for i in self.positions]
+        self._twins = _twins([r for launch in self.launches for r in (*launch.grams, *launch.squares)],
+                             [i >= n_grams for i in self.positions])
         self._r = torch.empty(self.r_numel, dtype=torch.float32, device=device)  # scratch of add_grads_
         self.id = next(_plan_ids)
         _plans[self.id] = self
@@ -332,7 +341,10 @@ class PenaltyPlan:
     _grad_ptrs: Optional[List[Optional[int]]] = None
 
     def _bind_grads(self, grads: Sequence[Optional[Tensor]]) -> None:
-        """Check ``grads`` (a ``None`` becomes the tensor's new zero ``.grad``) and upload their offsets."""
+        """Check ``grads`` (a ``None`` becomes the tensor's new zero ``.grad``) and upload their offsets: once per
+        set of gradient addresses. A gradient sharing memory with a tensor or another gradient is refused
+        (:func:`~tpp_kernels.checks.disjoint_outputs`), but a squares tensor listed twice with disjoint index sets
+        has one gradient for both."""
         if len(grads) != len(self.tensors):
             raise ValueError(f"{len(grads)} gradients for {len(self.tensors)} tensors")
         grads = list(grads)
@@ -346,6 +358,7 @@ class PenaltyPlan:
                                  f"has another layout, dtype or device than its tensor (shape {tuple(t.shape)}, "
                                  f"strides {t.stride()}, {t.dtype}, {t.device}): gradients are added in the "
                                  "tensor's memory order")
+        checks.disjoint_outputs(self.tensors, grads, self.names, self.grad_names, self._twins)
         start = 0
         for launch in self.launches:
             count = len(launch.grams) + len(launch.squares)
@@ -397,6 +410,23 @@ def strength_tensor(value: float, device: torch.device, tensor: Optional[Tensor]
     host)."""
     out = torch.full((), value, dtype=torch.float64, device=device)
     return out if tensor is None else out * tensor
+
+
+def _twins(rows: Sequence[Rows], squares: Sequence[bool]) -> List[bool]:
+    """Per tensor: whether it is a squares tensor listed more than once, each time with other pruned units — its
+    one gradient is then written at disjoint places by each listing (a BatchNorm carrying two concatenated units)."""
+    groups: Dict[Tuple, List[int]] = {}
+    for i, (r, square) in enumerate(zip(rows, squares)):
+        if square:
+            groups.setdefault((r.tensor.data_ptr(), tuple(r.tensor.shape), r.tensor.stride()), []).append(i)
+    twins = [False] * len(rows)
+    for members in groups.values():
+        if len(members) > 1:
+            units = torch.cat([rows[i].pruned.cpu().long() for i in members])
+            if units.unique().numel() == units.numel():
+                for i in members:
+                    twins[i] = True
+    return twins
 
 
 def _check_rows(rows: Rows, device: torch.device, what: str) -> None:

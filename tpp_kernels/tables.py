@@ -2,7 +2,7 @@
 
 * :class:`LRU`: a small least-recently-used map (the functional ops keep their plans in one);
 * :func:`pruned_key` / :func:`tensors_key`: what a cached plan depends on — the tensors' addresses, layouts and
-  dtypes, and the index tensors' identity and content version;
+  dtypes, and the index tensors' content (CPU) or identity and content version (device);
 * :func:`dtype_groups`: layers grouped by dtype (a kernel is compiled for one element type: one launch per group).
 """
 from collections import OrderedDict
@@ -33,9 +33,13 @@ class LRU:
 
 
 def pruned_key(pruned: Tensor) -> Tuple:
-    """Identity and content version of an index tensor. The plan that uses it keeps a reference to it, so its
-    memory cannot be reused while the key is cached; in-place writes bump ``_version`` (writes through ``.data``
-    do not, and are not detected)."""
+    """What a plan built from an index tensor depends on. CPU indices (a few bytes): their content, so no write
+    can leave a cached plan stale. Device indices (reading them would sync): their identity and content version —
+    the plan that uses them keeps a reference, so their memory cannot be reused while the key is cached; in-place
+    writes bump ``_version``, writes that bypass it (``.data``, DLPack, ``inference_mode``) are not seen: pass
+    a new index tensor after such a write."""
+    if pruned.device.type == "cpu":
+        return pruned.dtype, tuple(pruned.shape), pruned.numpy().tobytes()
     version = None if pruned.is_inference() else pruned._version
     return pruned.data_ptr(), pruned.dtype, tuple(pruned.shape), pruned.stride(), version
 
