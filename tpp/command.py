@@ -4,8 +4,11 @@
     → run folder, resume checkpoint and its RunIdentity checked → [prune: pretraining] → tpp.pipeline.run_pruning
     with tpp.train.engine.Engine → metrics.json (latency included), summary.csv, regularize.csv, pruned.pt
 
-Everything a user can get wrong is checked before the run folder is touched, and reported as one line
-(``tpp <cmd>: error: ...``, exit status 2). The two commands differ only in their :class:`Layout`:
+Everything a user can get wrong — every flag, ``$TPP_BACKEND``, a dataset download, the run folder, a resume
+checkpoint and its settings (:class:`~tpp.identity.RunIdentity`: a resume that would change the result is refused)
+— is checked before the run folder is touched or anything trains, and reported as one line
+(``tpp <cmd>: error: ...``, exit status 2). ``--overwrite`` starts from an empty run folder
+(:mod:`tpp.run_folder`). The two commands differ only in their :class:`Layout`:
 
 * ``tpp prune`` — settings in ``config.json``; one ``checkpoint.pt`` (removed at the end unless
   ``--keep-checkpoint``); without ``--weights`` the model is trained here first (``pretrained.pt``); ``report.md``
@@ -146,8 +149,9 @@ def _check_recipe(recipe, world: int) -> None:
         raise UsageError(f"--label-smoothing must lie in [0, 1), got {recipe.label_smoothing}")
 
 
-def _run_config(args, recipe, num_classes: int, eval_batch: int):
-    """The typed settings of the run; a ``--reg-iters`` the method ignores is refused with the flags to use."""
+def _run_config(args, recipe, num_classes: int, eval_batch: int, caller_settings: dict):
+    """The typed settings of the run (``caller_settings``: the command's settings outside RunConfig that change the
+    result); a ``--reg-iters`` the method ignores is refused with the flags to use."""
     from .baselines import METHODS
     from .pipeline import RunConfig
 
@@ -162,13 +166,14 @@ def _run_config(args, recipe, num_classes: int, eval_batch: int):
             log_every=args.log_every, seed=args.seed, backend=args.backend,
             checkpoint_every=args.checkpoint_every or max(1, min(1000, iters // 10 or 1)),
             finetune_checkpoint_every=args.finetune_checkpoint_every or None, num_classes=num_classes,
-            latency_batch=max(1, min(64, eval_batch)))
+            caller_settings=caller_settings, latency_batch=max(1, min(64, eval_batch)))
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
 
 
 def resolve_out(args, layout: Layout, default_name: str, env) -> tuple[Path, Optional[Path]]:
     """The run folder and the checkpoint to resume (rank 0 decides; every rank gets its answer)."""
+    from .run_folder import foreign_entries
     from .train import distributed as D
     from .train.checkpoint import list_checkpoints
 
@@ -184,6 +189,7 @@ def resolve_out(args, layout: Layout, default_name: str, env) -> tuple[Path, Opt
                 out = Path("runs") / f"{default_name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
             if out.exists() and not out.is_dir():
                 raise UsageError(f"--out {out} exists and is not a folder")
+            _check_writable(out)
             existing = list_checkpoints(out / "checkpoints") if series else \
                 [p for p in (out / "checkpoint.pt",) if p.is_file()]
             resume = None
@@ -200,9 +206,14 @@ def resolve_out(args, layout: Layout, default_name: str, env) -> tuple[Path, Opt
                                      "--resume auto)")
             elif non_empty and not args.overwrite:
                 hint = ("it holds checkpoints of a run: pass --resume auto to continue it, or --overwrite to start "
-                        "over" if existing else "choose another folder, or pass --overwrite to write into it (files "
-                                                "of the same name are replaced)")
+                        "over" if existing else "choose another folder, or pass --overwrite to replace the tpp run "
+                                                "in it")
                 raise UsageError(f"--out {out} exists and is not empty; {hint}")
+            foreign = foreign_entries(out) if resume is None and non_empty else []
+            if foreign:
+                raise UsageError(f"--overwrite --out {out}: it holds files a tpp run does not write "
+                                 f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); --overwrite removes "
+                                 "only an earlier run's files: move these, or choose another folder")
             answer = {"out": str(out), "resume": str(resume) if resume else None}
         except UsageError as err:
             answer = {"error": str(err)}
@@ -210,6 +221,19 @@ def resolve_out(args, layout: Layout, default_name: str, env) -> tuple[Path, Opt
     if "error" in answer:
         raise UsageError(answer["error"])
     return Path(answer["out"]), Path(answer["resume"]) if answer["resume"] else None
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` (or the folder it will be created in) is a folder this process may write in."""
+    import os
+
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to write in {parent}")
 
 
 def _image_size(recipe) -> Optional[int]:
@@ -228,6 +252,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     from .graph import analyze_model
     from .identity import CheckpointMismatch, RunIdentity
     from .recipes import RECIPES
+    from .run_folder import clear_run_folder
     from .selection import layer_ratios, search_speedup
     from .train.data import build_datasets, build_loaders, default_workers, model_input, normalizer_of
     from .train.decode import PIXELS_OF, resolve_decode
@@ -235,6 +260,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
 
     recipe = resolve_recipe(args, layout.command)
     _check_recipe(recipe, env.world_size)
+    _check_backend(args.backend, recipe.method, env.device)
     from .train.engine import fp32_arithmetic, resolve_amp
 
     amp = resolve_amp(args.amp, env.device)
@@ -261,11 +287,20 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
                                             seed=args.seed, pixels=pixels)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise UsageError(f"--data {recipe.data} --data-root {args.data_root}: {err}") from None
+    except (OSError, RuntimeError) as err:          # a failed download, an unreadable file
+        what = "--download failed" if args.download else "cannot be read"
+        raise UsageError(f"--data {recipe.data} --data-root {args.data_root}: {what} ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())})"
+                         + ("; check the network, or put the dataset files there yourself" if args.download
+                            else "")) from None
     from .data import num_classes_of
 
     num_classes = num_classes_of(recipe.data, train_set)
     sample = model_input(val_set)           # float, as the model takes it (uint8 images normalized)
     kwargs = model_kwargs(recipe.model, sample)
+    caller_settings = {"batch_size": recipe.batch_size, "eval_batch_size": recipe.eval_batch_size,
+                       "data": recipe.data, "image_size": _image_size(recipe), "amp": _amp_name(amp),
+                       "label_smoothing": recipe.label_smoothing}
     named = recipe.name in RECIPES and RECIPES[recipe.name].complete
     out, resume = resolve_out(args, layout, recipe.name if named else f"{recipe.model}-{recipe.data}-{recipe.method}",
                               env)
@@ -277,6 +312,8 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         if weights is None and pretrain_epochs == 0:
             raise UsageError("no model to prune: pass --weights <state_dict> (or --weights torchvision), or "
                              "--pretrain-epochs N to train one here first")
+        if pretrain_epochs and not recipe.pretrain_lr > 0:
+            raise UsageError(f"--pretrain-lr must be > 0, got {recipe.pretrain_lr}")
     elif weights is None and resume is None:
         raise UsageError(f"recipe {recipe.name!r} has no pretrained weights: pass --weights <state_dict file> "
                          "(the model to prune), or --weights none for a smoke test from random initialization")
@@ -301,7 +338,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     if not chosen:
         raise UsageError(f"--ratio {recipe.ratio!r} prunes no layer of --model {recipe.model} (every ratio is 0 or "
                          "skipped)")
-    config = _run_config(args, recipe, num_classes, recipe.eval_batch_size // env.world_size)
+    config = _run_config(args, recipe, num_classes, recipe.eval_batch_size // env.world_size, caller_settings)
     per_rank, eval_per_rank = recipe.batch_size // env.world_size, recipe.eval_batch_size // env.world_size
     train_loader, val_loader = build_loaders(
         train_set, val_set, per_rank, eval_per_rank, rank=env.rank, world_size=env.world_size, seed=args.seed,
@@ -311,8 +348,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
                          f"(--batch-size {recipe.batch_size} over {env.world_size} processes)")
 
     # ---- checkpoints, resume state and its identity
-    identity = RunIdentity.of(model, recipe.method, recipe.ratio, recipe.skip, arch=recipe.model,
-                              num_classes=num_classes)
+    identity = RunIdentity.of_config(model, config)      # what the pipeline stores in and checks against checkpoints
     engine, checkpoints, images_per_epoch = _engine(args, layout, out, env, amp, channels_last, recipe, per_rank,
                                                     len(train_loader))
     engine.normalize = normalizer_of(val_set)       # uint8 batches are normalized on the device
@@ -332,7 +368,12 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
 
     # ---- from here on the run folder is written
     if resume is None:
-        checkpoints.reset()          # --overwrite: checkpoints of an earlier run must not be resumed or kept as best
+        if env.is_main:
+            try:
+                clear_run_folder(out)    # --overwrite: a new run starts from an empty folder (checked in resolve_out)
+            except FileExistsError as err:
+                raise UsageError(f"--overwrite: {err}") from None
+        checkpoints.reset()          # forget what the store saw of an earlier run
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if layout.ranks:
@@ -353,7 +394,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         "speedup": None if speedup is None else {"target": speedup.target, "mode": speedup.mode,
                                                  "reached": speedup.speedup, "ratios": speedup.ratios},
         "batch_size_per_process": per_rank, "pretrain_epochs": pretrain_epochs,
-        "amp": str(amp or "none").replace("torch.", ""), "channels_last": channels_last, "backend": args.backend,
+        "amp": _amp_name(amp), "channels_last": channels_last, "backend": args.backend,
         "workers": workers, "deterministic": args.deterministic, "checkpoint_every": config.checkpoint_every,
         "finetune_checkpoint_every": config.finetune_checkpoint_every,
         "keep_last": getattr(args, "keep_last", None), "jsv_samples": args.jsv_samples,
@@ -389,8 +430,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
                              checkpoint=checkpoints.path if layout.checkpoints == "file" else out / "checkpoints",
                              resume=resume_state, hooks=engine, graph=graph)
     except StopRequested as stop:
-        hint = command_line if args.out else f"{command_line} --out {shlex.quote(str(out))}"
-        log.warning("%s; continue with: %s --resume auto", stop, hint.replace(" --resume auto", ""))
+        log.warning("%s; continue with: %s", stop, resume_command(command_line, None if args.out else out))
         return 0
     finally:
         if tb is not None:
@@ -441,8 +481,7 @@ def _write_settings(out: Path, layout: Layout, settings: dict, env) -> None:
 
 def _pretrain(model, recipe, epochs: int, train_loader, val_loader, engine, env, progress, out: Path, log) -> dict:
     """``tpp prune`` without ``--weights``: train the model here first; ``pretrained.pt`` holds it."""
-    import torch
-
+    from .files import atomic_save
     from .loop import train
 
     log.info("pretraining %s on %s for %d epochs", recipe.model, recipe.data, epochs)
@@ -452,7 +491,7 @@ def _pretrain(model, recipe, epochs: int, train_loader, val_loader, engine, env,
                     progress=progress, phase="pretrain", hooks=engine, net=engine.wrap(model))
     acc = engine.evaluate(model, val_loader, env.device)["acc"]
     if env.is_main:
-        torch.save(model.state_dict(), out / "pretrained.pt")
+        atomic_save(model.state_dict(), out / "pretrained.pt")
     log.info("pretrained: test accuracy %.2f%%", acc)
     return {"epochs": epochs, "lr": recipe.pretrain_lr, "test_acc": acc,
             "train_loss": history[-1]["train_loss"] if history else None}
@@ -519,6 +558,49 @@ def _write_results(out: Path, layout: Layout, result, recipe, settings: dict, im
               f", top-5 {result.metrics['top5'].get('final', float('nan')):.2f}%); paper: "
               f"{recipe.expected['top1']:.2f}% (base {recipe.expected.get('base_top1')})")
     print(f"run folder: {out}")
+
+
+def _amp_name(amp) -> str:
+    """``"none"``, ``"bfloat16"`` or ``"float16"``: the autocast dtype as the settings record it."""
+    return str(amp or "none").replace("torch.", "")
+
+
+def _check_backend(requested: str, method: str, device) -> None:
+    """``--backend`` (and ``$TPP_BACKEND``, which overrides it) names a backend; for a method with the TPP
+    regularizer, one that runs on ``device`` here."""
+    import os
+
+    from .backends import BACKENDS, resolve_backend
+    from .baselines import METHODS
+
+    env = os.environ.get("TPP_BACKEND")
+    source = f"$TPP_BACKEND={env!r}" if env is not None else f"--backend {requested}"
+    name = env or requested or "auto"
+    if name not in BACKENDS:
+        raise UsageError(f"{source}: unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    if METHODS[method].regularizer == "tpp":
+        try:
+            resolve_backend(requested, device)
+        except ValueError as err:
+            raise UsageError(f"{source}: {err}") from None
+
+
+def resume_command(command_line: str, out: Optional[Path]) -> str:
+    """The command that continues a stopped run: ``command_line`` with ``--resume auto`` (and ``--out out`` when
+    given), without ``--resume``/``--stop-after-iters``/``--overwrite`` of its own."""
+    words, kept, drop = shlex.split(command_line), [], 0
+    for word in words:
+        if drop:
+            drop -= 1
+        elif word in ("--resume", "--stop-after-iters"):
+            drop = 1
+        elif word.startswith(("--resume=", "--stop-after-iters=")) or word == "--overwrite":
+            continue
+        else:
+            kept.append(word)
+    if out is not None:
+        kept += ["--out", str(out)]
+    return " ".join(shlex.quote(w) for w in kept + ["--resume", "auto"])
 
 
 def command_line(prog: str, argv: Sequence[str]) -> str:

@@ -86,8 +86,11 @@ class RunConfig:
 
     ``reg_iters`` is resolved here: ``schedule.total_iters`` for the growing-schedule methods (any other value is
     refused), the same by default for KernOrth/OrthConv + L1, 0 for the methods without a regularizer.
-    ``arch``/``num_classes`` name the model in the run's identity (checked on resume); ``latency`` measures the
-    forward time of the unpruned and the pruned model (batch of ``latency_batch`` test samples).
+    ``arch``/``num_classes`` name the model in the run's identity (checked on resume), ``caller_settings`` the
+    caller's settings outside this config that change the result (the command's global batch, dataset, image size,
+    AMP, label smoothing), compared on resume with the result-changing fields here
+    (:func:`tpp.identity.run_settings`); ``latency`` measures the forward time of the unpruned and the pruned model
+    (batch of ``latency_batch`` test samples).
     """
 
     method: str
@@ -113,6 +116,7 @@ class RunConfig:
     finetune_checkpoint_every: Optional[int] = None
     arch: Optional[str] = None
     num_classes: Optional[int] = None
+    caller_settings: Mapping[str, Any] = field(default_factory=dict)
     latency: bool = True
     latency_batch: int = 1
 
@@ -263,8 +267,7 @@ class _Run:
         # traced once per run: the regularizer, the selection and the removal all use this graph
         self.graph = graph if graph is not None else analyze_model(model, bn_map=cfg.bn_map)
         self.ratios = layer_ratios(self.graph, cfg.ratio, cfg.skip)      # the spec, parsed once
-        self.identity = RunIdentity.of(model, cfg.method, cfg.ratio, cfg.skip, arch=cfg.arch,
-                                       num_classes=cfg.num_classes)
+        self.identity = RunIdentity.of_config(model, cfg)
         self.model = model if inplace else copy.deepcopy(model)
         self.device = torch.device(device) if device is not None else device_of(self.model)
         self.model = self.hooks.place(self.model, self.device)
