@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
 __all__ = ["EXIT_USAGE", "UsageError", "count", "number", "epoch_list", "parse_ratio", "add_run_arguments",
-           "resolve_recipe", "HelpFormatter", "SCHEDULE_FLAGS", "RECIPE_FLAGS"]
+           "resolve_recipe", "HelpFormatter", "SCHEDULE_FLAGS", "RECIPE_FLAGS", "RESUME_RULES"]
 
 EXIT_USAGE = 2
 
@@ -117,6 +118,19 @@ RECIPE_FLAGS = ("model", "data", "method", "image_size", "reg_lr", "momentum", "
                 "label_smoothing", "weights", "pretrain_epochs", "pretrain_lr")
 
 
+#: the "run" group's description in --help: what a resume may change and what it refuses
+RESUME_RULES = textwrap.fill(
+    "--resume continues a run where its checkpoint left it; with the same --threads, --device and number of "
+    "processes (and any --workers) the result equals the uninterrupted run's bit for bit. Settings that change the "
+    "result (--seed, the schedule and optimization flags, --batch-size, --eval-batch-size, --data, --image-size, "
+    "--amp, --label-smoothing, --jsv-samples, --model, --method, --ratio, --skip) must be as before: a resume that "
+    "changes one is refused, naming it. These may change: --workers, --threads, --device, --backend, "
+    "--channels-last, --deterministic, the number of processes (the same global batches; equal up to rounding), "
+    "--checkpoint-every, --finetune-checkpoint-every, --keep-last, --keep-checkpoint, --log-every, --log-interval, "
+    "--tensorboard, --quiet, --stop-after-iters, --data-root; --weights and --pretrain-* are unused (the checkpoint "
+    "holds the model).", width=100, break_on_hyphens=False, break_long_words=False)
+
+
 def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
     """Every flag of a run, for ``command`` (``"prune"`` or ``"train"``): the shared ones and the command's own."""
     prune, train = command == "prune", command == "train"
@@ -205,9 +219,11 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--static-graph", action="store_true",
                    help="DistributedDataParallel(static_graph=True): the graph is the same every step")
 
-    g = p.add_argument_group("run")
+    g = p.add_argument_group("run", RESUME_RULES)
     g.add_argument("--out", help="run folder (default: runs/<recipe or model-data-method>-<time>)")
-    g.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in --out from an empty folder: the earlier run's files are removed "
+                        "(refused if --out holds files a tpp run does not write)")
     g.add_argument("--resume", help="'auto' (the newest checkpoint in --out, if any) or a checkpoint file of a "
                                     "run folder")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available); under torchrun each "
