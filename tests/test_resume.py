@@ -1,0 +1,111 @@
+"""Reproducible runs and what a resume refuses, through the real ``tpp prune`` command on the embedded digits.
+
+A run stopped (``--stop-after-iters``, as if killed) in the regularize or the finetune phase and continued with
+``--resume auto`` writes the same ``pruned.pt`` (every tensor, ``torch.equal``) and the same measurements as the
+uninterrupted run, whatever the ``--workers`` of either part. A resume that changes a setting that changes the
+result exits 2 naming the flag and both values, before anything in the run folder is written.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+
+from tpp.cli import main
+
+# digits_cnn from random weights (nothing to pretrain); 18 regularization iterations (growth 2, stabilize 16) over
+# 11 batches per pass, so the regularization crosses a pass boundary; 2 finetuning epochs; checkpoints every 2
+# regularization and every 3 finetuning iterations
+RUN = ["prune", "--model", "digits_cnn", "--data", "digits", "--ratio", "features.3:0.5,features.7:0.5",
+       "--method", "tpp", "--weights", "none", "--delta", "0.5", "--stabilize-iters", "16", "--zero-out-interval", "1",
+       "--finetune-epochs", "2", "--lr-milestones", "1", "--batch-size", "128", "--jsv-samples", "8", "--quiet",
+       "--checkpoint-every", "2", "--finetune-checkpoint-every", "3", "--keep-checkpoint"]
+REG_ITERS, EPOCH_ITERS = 18, 11
+# what a resumed run cannot reproduce: wall times (also those inside the finetuning history)
+UNTIMED = ("time_s", "latency_s")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _results(out):
+    """(pruned.pt tensors, metrics.json without wall times) of a finished run folder."""
+    saved = torch.load(out / "pruned.pt", weights_only=True)
+    data = json.loads((out / "metrics.json").read_text())
+    metrics = {k: v for k, v in data["metrics"].items() if k not in UNTIMED}
+    history = {"regularize": data["history"]["regularize"],
+               "finetune": [{k: v for k, v in r.items() if k != "time_s"} for r in data["history"]["finetune"]]}
+    return saved, {"metrics": metrics, "history": history, "pruned": data["pruned"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "whole"
+    assert main([*RUN, "--workers", "0", "--out", str(out)]) == 0
+    return _results(out)
+
+
+@pytest.mark.parametrize("stop,stage,workers,resume_workers", [
+    (15, "regularize", "0", "0"),                                     # resumes in the 2nd pass over the data
+    (15, "regularize", "2", "2"),
+    (REG_ITERS + EPOCH_ITERS + 5, "finetune", "0", "0"),              # resumes inside the 2nd finetuning epoch
+    (REG_ITERS + EPOCH_ITERS + 5, "finetune", "2", "0"),
+], ids=["regularize-w0", "regularize-w2", "finetune-w0", "finetune-w2-then-w0"])
+def test_stopped_and_resumed_run_equals_the_uninterrupted_one(stop, stage, workers, resume_workers, uninterrupted,
+                                                              tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*RUN, "--workers", workers, "--out", str(out), "--stop-after-iters", str(stop)]) == 0
+    assert "continue with: " in capsys.readouterr().err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["stage"] == stage and not (out / "pruned.pt").exists()
+    # cadence and logging may change on resume
+    assert main([*RUN, "--workers", resume_workers, "--out", str(out), "--resume", "auto", "--checkpoint-every", "5",
+                 "--log-interval", "1"]) == 0
+    saved, measured = _results(out)
+    expected_saved, expected = uninterrupted
+    assert saved["pruned"] == expected_saved["pruned"]
+    assert saved["state_dict"].keys() == expected_saved["state_dict"].keys()
+    differ = [k for k, v in saved["state_dict"].items() if not torch.equal(v, expected_saved["state_dict"][k])]
+    assert differ == []
+    assert measured == expected
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A run folder stopped in the regularize phase."""
+    out = tmp_path_factory.mktemp("resume") / "stopped"
+    assert main([*RUN, "--out", str(out), "--stop-after-iters", "3"]) == 0
+    return out
+
+
+def _snapshot(folder):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("flag,value,old", [
+    ("--seed", "1", "0"), ("--reg-lr", "0.5", "0.01"), ("--momentum", "0.5", "0.9"),
+    ("--weight-decay", "0", "0.0005"), ("--batch-size", "64", "128"), ("--eval-batch-size", "100", "256"),
+    ("--delta", "0.25", "0.5"), ("--stabilize-iters", "8", "16"), ("--finetune-lr", "0.5", "0.01"),
+    ("--finetune-epochs", "3", "2"), ("--lr-milestones", "2", "[1]"), ("--lr-schedule", "cosine", "'step'"),
+    ("--label-smoothing", "0.1", "0.0"), ("--amp", "bf16", "'none'"), ("--jsv-samples", "4", "8"),
+])
+def test_resume_refuses_a_changed_setting_before_writing(flag, value, old, stopped, capsys):
+    before = _snapshot(stopped)
+    code = main([*RUN, "--out", str(stopped), "--resume", "auto", flag, value])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("tpp prune: error: ") and len(err.strip().splitlines()) == 1
+    assert "other settings, which change the result" in err
+    assert f"{flag}: checkpoint {old}, this run " in err, err
+    assert _snapshot(stopped) == before                      # config.json, checkpoint.pt: not even touched
+
+
+def test_checkpoint_without_recorded_settings_still_resumes(stopped, tmp_path):
+    """A checkpoint of an earlier tpp (identity without settings) resumes; what it does not record is not
+    compared."""
+    out = tmp_path / "older"
+    shutil.copytree(stopped, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["identity"]["settings"]
+    torch.save(state, out / "checkpoint.pt")
+    assert main([*RUN, "--out", str(out), "--resume", "auto", "--seed", "3", "--stop-after-iters", "2"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["identity"]["settings"]["seed"] == 3
