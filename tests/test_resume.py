@@ -107,5 +107,5 @@ def test_checkpoint_without_recorded_settings_still_resumes(stopped, tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     del state["identity"]["settings"]
     torch.save(state, out / "checkpoint.pt")
-    assert main([*RUN, "--out", str(out), "--resume", "auto", "--seed", "3", "--stop-after-iters", "2"]) == 0
+    assert main([*RUN, "--out", str(out), "--resume", "auto", "--seed", "3", "--stop-after-iters", "3"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["identity"]["settings"]["seed"] == 3
