@@ -1,8 +1,10 @@
 """The ``tpp`` command: a whole run on the digits writes every artifact (and the pruned model reloads), resume and
---weights reuse, and every bad input exits 2 with a message naming the value and the allowed ones, creating and
-overwriting nothing."""
+--weights reuse, --overwrite starts from an empty run folder, and every bad input (flags, $TPP_BACKEND, a failed
+download, the output folder) exits 2 with one line naming the value and the allowed ones, creating and overwriting
+nothing. (Resume's reproducibility and refusals: tests/test_resume.py.)"""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +31,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tpp_run(tmp_path_factory):
-    """One whole `tpp prune` run (pretraining 1 epoch here) into a folder already holding a foreign file."""
+    """One whole `tpp prune` run (pretraining 1 epoch here) with --overwrite into the folder of an earlier run."""
     out = tmp_path_factory.mktemp("runs") / "cnn-tpp"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    (out / "ranks").mkdir(parents=True)
+    for stale in ("args.json", "ranks/rank0.json", ".metrics.json.tmp-99", "pruned.onnx"):
+        (out / stale).write_text("of an earlier run")
     code = main(["prune", *CNN, "--method", "tpp", "--pretrain-epochs", "1", "--out", str(out), "--overwrite",
                  "--keep-checkpoint", *TINY])
     assert code == 0
@@ -41,8 +44,7 @@ def tpp_run(tmp_path_factory):
 
 def test_prune_writes_every_artifact(tpp_run, capsys):
     files = {p.name for p in tpp_run.iterdir()}
-    assert ARTIFACTS | {"notes.txt", "checkpoint.pt"} == files
-    assert (tpp_run / "notes.txt").read_text() == "mine"
+    assert ARTIFACTS | {"checkpoint.pt"} == files              # nothing of the earlier run is left
     config = json.loads((tpp_run / "config.json").read_text())
     assert config["model"] == "digits_cnn" and config["method"] == "tpp" and config["pretrain_epochs"] == 1
     assert config["recipe"]["name"] == "demo" and config["recipe"]["schedule"]["delta"] == 0.5
@@ -93,8 +95,6 @@ def test_weights_and_resume_reuse_a_run(tpp_run, tmp_path, capsys):
     assert code == 0
     assert json.loads((tpp_run / "metrics.json").read_text())["metrics"]["accuracy"] == before
     # a run folder of tpp 0.1: its checkpoint.pt (identity in top-level keys, plain hooks) still resumes
-    import shutil
-
     old = tmp_path / "old-run"
     shutil.copytree(tpp_run, old)
     state = torch.load(old / "checkpoint.pt", weights_only=True)
@@ -194,6 +194,69 @@ def test_weights_or_checkpoint_for_another_architecture_exit_2(tmp_path, capsys,
            "not a tpp run checkpoint", out=out)
     _fails(["prune", *CNN, "--weights", str(tpp_run / "checkpoint.pt"), "--out", str(out), *TINY], capsys,
            "--resume", out=out)
+
+
+def test_overwrite_removes_only_what_a_run_wrote(tpp_run, tmp_path, capsys):
+    """--overwrite refuses a folder holding anything a tpp run does not write (naming it), and removes nothing."""
+    for foreign in ("notes.txt", "checkpoints/mine.txt"):
+        out = tmp_path / foreign.replace("/", "-")
+        shutil.copytree(tpp_run, out)
+        (out / foreign).parent.mkdir(exist_ok=True)
+        (out / foreign).write_text("mine")
+        before = {str(p.relative_to(out)): p.is_file() and p.read_bytes() for p in out.rglob("*")}
+        _fails(["prune", *CNN, "--method", "l1", "--weights", str(tpp_run / "pretrained.pt"), "--out", str(out),
+                "--overwrite", *TINY], capsys, "--overwrite", "a tpp run does not write", foreign.split("/")[0])
+        assert {str(p.relative_to(out)): p.is_file() and p.read_bytes() for p in out.rglob("*")} == before
+
+
+def _one_line_exit_2(argv, capsys, *needles, out=None):
+    err = _fails(argv, capsys, *needles, out=out)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_backend_and_environment_are_checked_first(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    run = ["prune", *CNN, "--method", "tpp", "--weights", "none", "--out", str(out), *TINY]
+    _one_line_exit_2([*run, "--backend", "bogus"], capsys, "--backend bogus", "unknown backend 'bogus'",
+                     "auto, torch, triton, cuda", out=out)
+    monkeypatch.setenv("TPP_BACKEND", "bogus")
+    _one_line_exit_2(run, capsys, "$TPP_BACKEND='bogus'", "unknown backend", out=out)
+    _one_line_exit_2([*run[:-len(TINY)], "--method", "l1", *TINY], capsys, "$TPP_BACKEND='bogus'", out=out)
+
+
+def test_failed_download_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    out = tmp_path / "o"
+    _one_line_exit_2(["prune", "--model", "resnet20", "--data", "cifar10", "--data-root", str(tmp_path / "data"),
+                      "--download", "--ratio", "0.5", "--weights", "none", "--out", str(out)], capsys,
+                     "--data cifar10", "--download failed", "no network", out=out)
+
+
+def test_out_and_pretraining_flags_are_checked_first(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    _one_line_exit_2(["prune", *CNN, "--weights", "none", "--out", str(a_file / "run"), *TINY], capsys,
+                     f"--out {a_file / 'run'}", "is not a folder")
+    out = tmp_path / "o"
+    _one_line_exit_2(["prune", *CNN, "--pretrain-epochs", "1", "--pretrain-lr", "0", "--out", str(out), *TINY],
+                     capsys, "--pretrain-lr must be > 0", out=out)
+
+
+def test_zero_out_interval_longer_than_the_stabilize_phase_runs(tmp_path, capsys):
+    """The zero-out of every layer is fitted into the stabilize phase (GrowingSchedule.spaced_for): removal stays
+    exact."""
+    out = tmp_path / "o"
+    assert main(["prune", *CNN, "--method", "tpp", "--weights", "none", "--out", str(out), *TINY,
+                 "--zero-out-interval", "1000", "--finetune-epochs", "0"]) == 0
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert m["max_abs_pruned_before_zero"] == 0 and m["accuracy"]["after_removal"] == m["accuracy"]["before_removal"]
 
 
 def test_other_usage_errors_exit_2(tmp_path, capsys):
