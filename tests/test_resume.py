@@ -109,3 +109,45 @@ def test_checkpoint_without_recorded_settings_still_resumes(stopped, tmp_path):
     torch.save(state, out / "checkpoint.pt")
     assert main([*RUN, "--out", str(out), "--resume", "auto", "--seed", "3", "--stop-after-iters", "3"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["identity"]["settings"]["seed"] == 3
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop", [15, REG_ITERS + EPOCH_ITERS + 5], ids=["regularize", "finetune"])
+def test_library_run_with_build_loader_resumes_exactly(stop, tmp_path):
+    """run_pruning on tpp.data.build_loader loaders (as the demo and the README build them): the training order of
+    a pass is a function of (seed, pass), so a resumed call continues exactly too."""
+    import copy
+
+    from tpp import run_pruning
+    from tpp.data import build_loader, load_digits_split
+    from tpp.models import build_model
+    from tpp.schedule import GrowingSchedule
+
+    train, test = load_digits_split(seed=0)
+    torch.manual_seed(0)
+    model = build_model("digits_cnn")
+    settings = dict(schedule=GrowingSchedule(delta=0.5, interval=1, stabilize_iters=16, zero_out_interval=1),
+                    reg_lr=0.01, finetune_lr=0.01, finetune_epochs=2, lr_milestones=(1,), jsv_samples=0, seed=0,
+                    latency=False, checkpoint_every=2, finetune_checkpoint_every=3)
+
+    def run(checkpoint, **kwargs):
+        return run_pruning(copy.deepcopy(model), build_loader(train, 128, train=True, seed=0),
+                           build_loader(test, 512, train=False), "tpp", "features.3:0.5,features.7:0.5",
+                           checkpoint=checkpoint, **settings, **kwargs)
+
+    def stop_at(phase, done, total, info):
+        counted["n"] += 1
+        if counted["n"] == stop:
+            raise _Stop
+
+    whole = run(tmp_path / "whole.pt")
+    counted = {"n": 0}
+    with pytest.raises(_Stop):
+        run(tmp_path / "part.pt", progress=stop_at)
+    resumed = run(tmp_path / "part.pt", resume=tmp_path / "part.pt")
+    expected = whole.model.state_dict()
+    assert [k for k, v in resumed.model.state_dict().items() if not torch.equal(v, expected[k])] == []
+    assert resumed.metrics["accuracy"] == whole.metrics["accuracy"]

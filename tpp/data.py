@@ -177,12 +177,20 @@ def build_loader(
     seed: Optional[int] = None,
     drop_last: bool = False,
 ) -> DataLoader:
-    """DataLoader that shuffles when ``train`` (reproducibly when ``seed`` is given) and pins memory on CUDA."""
+    """DataLoader that shuffles when ``train`` and pins memory on CUDA. With ``seed``, the order of pass ``e`` is a
+    function of ``(seed, e)`` (``loader.sampler.set_epoch(e)``, which the training loops call), so a resumed run
+    sees the batches the uninterrupted one saw."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    sampler = None
+    if train and seed is not None:
+        from .train.data import ResumableDistributedSampler
+
+        sampler = ResumableDistributedSampler(dataset, shuffle=True, seed=seed, seeded=False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         num_workers=num_workers,
         generator=generator,
         drop_last=drop_last,
