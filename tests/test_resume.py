@@ -111,6 +111,42 @@ def test_checkpoint_without_recorded_settings_still_resumes(stopped, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["identity"]["settings"]["seed"] == 3
 
 
+class _Augmented(torch.utils.data.Dataset):
+    """A stand-in for random crops and flips: each sample draws from torch's and Python's RNGs."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        import random
+
+        return torch.rand(3) + random.random() + 10 * i, i
+
+
+def test_batches_are_a_function_of_seed_and_pass_for_any_workers():
+    """The command's training loader: pass e's batches (order and augmentation) depend on (seed, e) only — not on
+    the workers, the passes before, or where a resumed pass starts."""
+    from tpp.train.data import build_loaders
+    from tpp.train.distributed import DistEnv
+    from tpp.train.engine import Engine
+
+    def loader(workers):
+        return build_loaders(_Augmented(), _Augmented(), 4, 8, rank=0, world_size=1, seed=5, workers=workers,
+                             pin_memory=False)[0]
+
+    def pass_of(train_loader, epoch, skip=0):
+        return torch.cat([x for x, _ in Engine(DistEnv(), batch_size=4).batches(train_loader, "regularize", epoch,
+                                                                                skip)])
+
+    fresh = pass_of(loader(0), 3)
+    with_workers = loader(2)
+    for epoch in range(3):                          # passes 0-2 first: pass 3 is the same all the same
+        pass_of(with_workers, epoch)
+    assert torch.equal(pass_of(with_workers, 3), fresh)
+    assert torch.equal(pass_of(loader(0), 3, skip=4), fresh[16:])                  # a resumed pass
+    assert not torch.equal(pass_of(loader(0), 4), fresh)                           # a new order per pass
+
+
 class _Stop(Exception):
     pass
 
