@@ -247,6 +247,22 @@ def test_out_and_pretraining_flags_are_checked_first(tmp_path, capsys):
     out = tmp_path / "o"
     _one_line_exit_2(["prune", *CNN, "--pretrain-epochs", "1", "--pretrain-lr", "0", "--out", str(out), *TINY],
                      capsys, "--pretrain-lr must be > 0", out=out)
+    _one_line_exit_2(["prune", *CNN, "--weights", "none", "--image-size", "16", "--out", str(out), *TINY], capsys,
+                     "--image-size 16", "8×8", out=out)
+
+
+def test_pretrained_model_is_written_atomically(tmp_path, monkeypatch):
+    """A disk that fills up while pretrained.pt is written leaves no truncated pretrained.pt (nor a temporary
+    file)."""
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 truncated")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "o"
+    with pytest.raises(OSError, match="No space"):
+        main(["prune", *CNN, "--pretrain-epochs", "1", "--out", str(out), *TINY])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
 def test_zero_out_interval_longer_than_the_stabilize_phase_runs(tmp_path, capsys):
@@ -320,6 +336,9 @@ def test_help_shows_real_defaults_and_loads_no_torch(tmp_path):
     assert "--amp {auto,none,bf16,fp16} autocast dtype; fp16 adds a GradScaler; auto: bf16 on GPUs, none on CPU " \
            "(default: none)" in text                                            # tpp prune: fp32 as before
     assert "auto: bf16 on GPUs, none on CPU (default: auto)" in text                # tpp train
+    # what a resume may change and what it refuses
+    assert "a resume that changes one is refused, naming it. These may change: --workers, --threads" in text
+    assert "--checkpoint-every, --finetune-checkpoint-every, --keep-last" in text
 
 
 # ------------------------------------------------------------------------------------------------- export

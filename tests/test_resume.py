@@ -54,7 +54,8 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(stop, stage, worke
                                                               tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*RUN, "--workers", workers, "--out", str(out), "--stop-after-iters", str(stop)]) == 0
-    assert "continue with: " in capsys.readouterr().err
+    hint = capsys.readouterr().err.split("continue with: ")[1]
+    assert "--resume auto" in hint and "--stop-after-iters" not in hint
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["stage"] == stage and not (out / "pruned.pt").exists()
     # cadence and logging may change on resume

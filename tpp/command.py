@@ -281,6 +281,9 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     if recipe.data not in ("digits",) and args.data_root is None:
         raise UsageError(f"--data {recipe.data} is read from a local folder: pass --data-root <folder>"
                          + (" (with --download to fetch it there)" if recipe.data != "imagefolder" else ""))
+    if recipe.image_size and recipe.data == "digits":
+        raise UsageError(f"--image-size {recipe.image_size}: the digits are 8×8 images (the size applies to mnist and "
+                         "imagefolder)")
     try:
         pixels = PIXELS_OF[resolve_decode(args.decode, env.device)] if recipe.data == "imagefolder" else "float"
         train_set, val_set = build_datasets(recipe.data, args.data_root, _image_size(recipe), args.download,
