@@ -10,7 +10,8 @@
     tpp inspect resnet50 --speedup 2.3                             # units, refusals, ratios for a speedup
 
 ``tpp prune`` and ``tpp train`` are one flow (:mod:`tpp.command`) with the flags of :mod:`tpp.arguments`; a
-``tpp prune`` run folder (never overwriting a non-empty one unless ``--overwrite``):
+``tpp prune`` run folder (a non-empty one is refused; ``--overwrite`` empties an earlier run's folder first, and
+refuses one holding files a run does not write):
 
     config.json            every setting, resolved (recipe + flags), the command line, versions
     metrics.json           accuracies, mean JSVs, params/FLOPs, latency, strength/penalty/loss, finetuning curve

@@ -231,7 +231,8 @@ def run_pruning(
             ``checkpoint_every`` regularization iterations (default: 10 per run), after removal and after every
             finetuning epoch (atomically, replacing the previous one).
         resume: such a checkpoint (path or loaded dict) to continue from; ``model`` must be the same architecture
-            (unpruned), and method/ratio/skip the same (:class:`tpp.identity.RunIdentity`). The data position is
+            (unpruned), and method/ratio/skip and the settings that change the result the same
+            (:class:`tpp.identity.RunIdentity`). The data position is
             restored: the interrupted pass continues without the batches it had already used.
         hooks: a :class:`TrainHooks` doing the device/process-specific steps (default: single process, as is).
         graph: :func:`tpp.analyze_model` of ``model``, when the caller has it (traced here otherwise, once).
