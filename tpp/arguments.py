@@ -120,12 +120,14 @@ RECIPE_FLAGS = ("model", "data", "method", "image_size", "reg_lr", "momentum", "
 
 #: the "run" group's description in --help: what a resume may change and what it refuses
 RESUME_RULES = textwrap.fill(
-    "--resume continues a run where its checkpoint left it; with the same --threads, --device and number of "
-    "processes (and any --workers) the result equals the uninterrupted run's bit for bit. Settings that change the "
+    "--resume continues a run where its checkpoint left it: with any --workers, and the same --threads, --device, "
+    "--backend, --channels-last and number of processes (on GPUs with --deterministic), the result equals the "
+    "uninterrupted run's bit for bit. Settings that change the "
     "result (--seed, the schedule and optimization flags, --batch-size, --eval-batch-size, --data, --image-size, "
     "--amp, --label-smoothing, --jsv-samples, --model, --method, --ratio, --skip) must be as before: a resume that "
     "changes one is refused, naming it. These may change: --workers, --threads, --device, --backend, "
-    "--channels-last, --deterministic, the number of processes (the same global batches; equal up to rounding), "
+    "--channels-last, --deterministic (floating-point rounding may then differ), the number of processes (the "
+    "same global batches; rounding and per-process BatchNorm statistics differ: a warning says so), "
     "--checkpoint-every, --finetune-checkpoint-every, --keep-last, --keep-checkpoint, --log-every, --log-interval, "
     "--tensorboard, --quiet, --stop-after-iters, --data-root; --weights and --pretrain-* are unused (the checkpoint "
     "holds the model).", width=100, break_on_hyphens=False, break_long_words=False)
