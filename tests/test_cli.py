@@ -265,6 +265,20 @@ def test_pretrained_model_is_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
+@pytest.mark.parametrize("config,needle", [
+    ('[1]', "expected a JSON object of recipe fields"), ('{"batch_size": "x"}', "batch_size: expected an integer"),
+    ('{"reg_lr": "a"}', "reg_lr: expected a finite number"), ('{"momentum": -1}', "momentum: expected a finite"),
+    ('{"lr_milestones": "x"}', "lr_milestones: expected comma-separated epochs"),
+    ('{"weight_decay": true}', "weight_decay must be a number"), ('{"model": 5}', "model must be text"),
+    ('{"schedule": "x"}', "schedule must be a JSON object"), ('{"bogus": 1}', "unknown recipe keys ['bogus']"),
+])
+def test_config_values_are_checked_as_the_flags_are(config, needle, tmp_path, capsys):
+    path, out = tmp_path / "recipe.json", tmp_path / "o"
+    path.write_text(config)
+    _one_line_exit_2(["prune", *CNN, "--weights", "none", "--config", str(path), "--out", str(out), *TINY], capsys,
+                     needle, out=out)
+
+
 def test_zero_out_interval_longer_than_the_stabilize_phase_runs(tmp_path, capsys):
     """The zero-out of every layer is fitted into the stabilize phase (GrowingSchedule.spaced_for): removal stays
     exact."""
@@ -284,9 +298,10 @@ def test_other_usage_errors_exit_2(tmp_path, capsys):
     _fails(["prune", *CNN, "--interval", "0", "--out", str(out), *TINY], capsys, "--interval", out=out)
     _fails(["prune", "--model", "resnet20", "--data", "digits", "--ratio", "0.5", "--pretrain-epochs", "1",
             "--out", str(out), *TINY], capsys, "cannot take --data digits inputs of shape (1, 8, 8)", out=out)
-    with pytest.raises(SystemExit) as exc:     # malformed flags: argparse's own exit 2
-        main(["prune", *CNN, "--finetune-epochs", "-3"])
-    assert exc.value.code == 2
+    for bad in (["--finetune-epochs", "-3"], ["--seed=-1"], ["--seed", str(2**32)]):
+        with pytest.raises(SystemExit) as exc:     # malformed flags: argparse's own exit 2
+            main(["prune", *CNN, *bad])
+        assert exc.value.code == 2
 
 
 def test_python_dash_m_tpp(tmp_path):

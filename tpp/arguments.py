@@ -15,8 +15,9 @@ import textwrap
 from dataclasses import replace
 from pathlib import Path
 
-__all__ = ["EXIT_USAGE", "UsageError", "count", "number", "epoch_list", "parse_ratio", "add_run_arguments",
-           "resolve_recipe", "HelpFormatter", "SCHEDULE_FLAGS", "RECIPE_FLAGS", "RESUME_RULES"]
+__all__ = ["EXIT_USAGE", "UsageError", "count", "seed", "number", "epoch_list", "parse_ratio", "add_run_arguments",
+           "resolve_recipe", "HelpFormatter", "SCHEDULE_FLAGS", "RECIPE_FLAGS", "RESUME_RULES",
+           "FIELD_TYPES", "TEXT_FIELDS", "OBJECT_FIELDS"]
 
 EXIT_USAGE = 2
 
@@ -40,6 +41,11 @@ def count(text: str) -> int:
     return _typed(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
+def seed(text: str) -> int:
+    """An integer in [0, 2³²): what every RNG the run seeds (Python, NumPy, torch) takes."""
+    return _typed(text, int, lambda v: 0 <= v < 2**32, "an integer in [0, 4294967295]")
+
+
 def number(text: str) -> float:
     """A finite number >= 0."""
     return _typed(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
@@ -51,6 +57,32 @@ def epoch_list(text: str) -> tuple[int, ...]:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 30,60,75, got {text!r}") from None
+
+
+#: the kind of each numeric recipe field: the type of its flag, and the check of its value in a --config file
+FIELD_TYPES = {"image_size": count, "reg_lr": number, "momentum": number, "weight_decay": number,
+               "batch_size": count, "eval_batch_size": count, "finetune_epochs": count, "finetune_lr": number,
+               "lr_milestones": epoch_list, "lr_gamma": number, "label_smoothing": number, "pretrain_epochs": count,
+               "pretrain_lr": number, "pretrain_milestones": epoch_list}
+#: recipe fields that are text, and those that are JSON objects
+TEXT_FIELDS = ("name", "model", "data", "method", "weights", "lr_schedule", "description")
+OBJECT_FIELDS = ("schedule", "expected")
+
+
+def _config_value(path: str, key: str, value):
+    """``value`` of recipe field ``key`` read from the --config file ``path``, checked as its flag checks it."""
+    kind = FIELD_TYPES.get(key)
+    expected = "text" if key in TEXT_FIELDS else "a JSON object" if key in OBJECT_FIELDS else None
+    if key in TEXT_FIELDS and not isinstance(value, str) or key in OBJECT_FIELDS and not isinstance(value, dict):
+        raise UsageError(f"--config {path}: {key} must be {expected}, got {json.dumps(value)}")
+    if kind is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, list)):
+        raise UsageError(f"--config {path}: {key} must be a number, got {json.dumps(value)}")
+    try:
+        return kind(",".join(map(str, value)) if isinstance(value, list) else str(value))
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"--config {path}: {key}: {err}") from None
 
 
 def parse_ratio(text):
@@ -152,8 +184,9 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--data-root", help="folder holding the dataset (not needed for digits; imagefolder: with train/ "
                                        "and val/)")
     g.add_argument("--download", action="store_true", help="download mnist/cifar into --data-root if missing")
-    g.add_argument("--image-size", type=count, help="training crop / evaluation size (imagefolder, mnist; default: "
-                                                    "the dataset's, 32 for mnist with mlp7)")
+    g.add_argument("--image-size", type=FIELD_TYPES["image_size"],
+                   help="training crop / evaluation size (imagefolder, mnist; default: the dataset's, 32 for mnist "
+                        "with mlp7)")
     g.add_argument("--ratio", help="pruning ratio: a number in [0, 1) for every prunable layer but the classifier, "
                                    "or 'pattern:ratio,...' (shell wildcards on layer names, last match wins)")
     g.add_argument("--speedup", type=number,
@@ -170,9 +203,9 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
                                      + (" (default: train one here, see --pretrain-epochs)" if prune
                                         else " (default: the recipe's, IMAGENET1K_V1 for ImageNet)"))
     if prune:
-        g.add_argument("--pretrain-epochs", type=count,
+        g.add_argument("--pretrain-epochs", type=FIELD_TYPES["pretrain_epochs"],
                        help=f"without --weights, train the model here first ({_from_recipe('pretrain_epochs')})")
-        g.add_argument("--pretrain-lr", type=number,
+        g.add_argument("--pretrain-lr", type=FIELD_TYPES["pretrain_lr"],
                        help=f"pretraining learning rate ({_from_recipe('pretrain_lr')})")
 
     g = p.add_argument_group("schedule and optimization")
@@ -183,18 +216,19 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
                                                    "schedule's total)")
     g.add_argument("--orth-weight", type=number, help="λ of KernOrth/OrthConv (default: 1e-3 kernorth, 1e-2 "
                                                       "orthconv)")
-    for flag, kind, text in (("reg-lr", number, "pruning-phase SGD learning rate"),
-                             ("momentum", number, "SGD momentum"),
-                             ("weight-decay", number, "weight decay"),
-                             ("batch-size", count, "global training batch (split over the processes)"),
-                             ("eval-batch-size", count, "global evaluation batch"),
-                             ("finetune-epochs", count, "finetuning epochs"),
-                             ("finetune-lr", number, "finetuning learning rate"),
-                             ("lr-milestones", epoch_list, "epochs where the step schedule multiplies the finetuning "
-                                                           "lr by --lr-gamma, e.g. 60,90"),
-                             ("lr-gamma", number, "lr decay factor"),
-                             ("label-smoothing", number, "of the training cross-entropy")):
-        g.add_argument("--" + flag, type=kind, help=f"{text} ({_from_recipe(flag.replace('-', '_'))})")
+    for flag, text in (("reg-lr", "pruning-phase SGD learning rate"),
+                       ("momentum", "SGD momentum"),
+                       ("weight-decay", "weight decay"),
+                       ("batch-size", "global training batch (split over the processes)"),
+                       ("eval-batch-size", "global evaluation batch"),
+                       ("finetune-epochs", "finetuning epochs"),
+                       ("finetune-lr", "finetuning learning rate"),
+                       ("lr-milestones", "epochs where the step schedule multiplies the finetuning lr by --lr-gamma, "
+                                         "e.g. 60,90"),
+                       ("lr-gamma", "lr decay factor"),
+                       ("label-smoothing", "of the training cross-entropy")):
+        field = flag.replace("-", "_")
+        g.add_argument("--" + flag, type=FIELD_TYPES[field], help=f"{text} ({_from_recipe(field)})")
     g.add_argument("--lr-schedule", choices=("step", "cosine"), help="finetuning lr per epoch ("
                                                                     + _from_recipe("lr_schedule") + ")")
 
@@ -232,7 +266,7 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
                                     "process uses cuda:LOCAL_RANK")
     if train:
         g.add_argument("--dist-backend", choices=("nccl", "gloo"), help="default: nccl on cuda, gloo on cpu")
-    g.add_argument("--seed", type=int, default=0, help="random seed (data split, order, initialization)")
+    g.add_argument("--seed", type=seed, default=0, help="random seed (data split, order, initialization)")
     g.add_argument("--checkpoint-every", type=count, help="checkpoint every this many regularization iterations "
                                                           "(default: 1000, at most a tenth of them)")
     g.add_argument("--finetune-checkpoint-every", type=count,
@@ -265,11 +299,12 @@ def resolve_recipe(args, command: str):
     values: dict = {}
     if args.config:
         try:
-            values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
+            loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise UsageError(f"--config {args.config}: {err}") from None
-        if not isinstance(values, dict):
+        if not isinstance(loaded, dict):
             raise UsageError(f"--config {args.config}: expected a JSON object of recipe fields")
+        values.update((k, _config_value(args.config, k, v)) for k, v in loaded.items())
     for key in RECIPE_FLAGS:
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
