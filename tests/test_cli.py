@@ -279,6 +279,15 @@ def test_config_values_are_checked_as_the_flags_are(config, needle, tmp_path, ca
                      needle, out=out)
 
 
+def test_shown_recipe_is_a_config(tmp_path, capsys):
+    """What --show prints reads back through --config unchanged."""
+    assert main(["prune", *CNN, "--show"]) == 0
+    shown = capsys.readouterr().out
+    (tmp_path / "recipe.json").write_text(shown)
+    assert main(["prune", "--config", str(tmp_path / "recipe.json"), "--show"]) == 0
+    assert capsys.readouterr().out == shown
+
+
 def test_zero_out_interval_longer_than_the_stabilize_phase_runs(tmp_path, capsys):
     """The zero-out of every layer is fitted into the stabilize phase (GrowingSchedule.spaced_for): removal stays
     exact."""

@@ -72,6 +72,8 @@ OBJECT_FIELDS = ("schedule", "expected")
 def _config_value(path: str, key: str, value):
     """``value`` of recipe field ``key`` read from the --config file ``path``, checked as its flag checks it."""
     kind = FIELD_TYPES.get(key)
+    if value is None and key == "image_size":       # the dataset's own size, as --show prints it
+        return None
     expected = "text" if key in TEXT_FIELDS else "a JSON object" if key in OBJECT_FIELDS else None
     if key in TEXT_FIELDS and not isinstance(value, str) or key in OBJECT_FIELDS and not isinstance(value, dict):
         raise UsageError(f"--config {path}: {key} must be {expected}, got {json.dumps(value)}")
