@@ -19,7 +19,7 @@ RUN_FILES = frozenset({"config.json", "args.yaml", "args.json", "metrics.json", 
                        "accuracy.png", "jsv.png", "summary.csv", "regularize.csv", "pruned.pt", "pretrained.pt",
                        "checkpoint.pt", "pruned.torchscript.pt", "pruned.onnx"})
 #: sub-folders a run writes, and the names of the files it puts in each
-RUN_FOLDERS = {"checkpoints": re.compile(r"ckpt-\d{6,}-[A-Za-z0-9_.-]+\.pt|best\.pt"),
+RUN_FOLDERS = {"checkpoints": re.compile(r"ckpt-\d{6,}-[A-Za-z0-9_.-]+\.pt|best\.pt|best\.json"),
                "ranks": re.compile(r"rank\d+\.json"),
                "tb": re.compile(r"events\.out\.tfevents\..+")}
 _TMP = re.compile(r"\.(.+)\.tmp-\d+")
