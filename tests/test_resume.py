@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tpp.cli import main
+from tpp.files import save_verified
 
 # digits_cnn from random weights (nothing to pretrain); 18 regularization iterations (growth 2, stabilize 16) over
 # 11 batches per pass, so the regularization crosses a pass boundary; 2 finetuning epochs; checkpoints every 2
@@ -106,8 +107,8 @@ def test_checkpoint_without_recorded_settings_still_resumes(stopped, tmp_path):
     out = tmp_path / "older"
     shutil.copytree(stopped, out)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    del state["identity"]["settings"]
-    torch.save(state, out / "checkpoint.pt")
+    del state["identity"]["settings"], state["tpp_checksum"]
+    save_verified(state, out / "checkpoint.pt")
     assert main([*RUN, "--out", str(out), "--resume", "auto", "--seed", "3", "--stop-after-iters", "3"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["identity"]["settings"]["seed"] == 3
 
