@@ -189,3 +189,29 @@ def test_library_run_with_build_loader_resumes_exactly(stop, tmp_path):
     expected = whole.model.state_dict()
     assert [k for k, v in resumed.model.state_dict().items() if not torch.equal(v, expected[k])] == []
     assert resumed.metrics["accuracy"] == whole.metrics["accuracy"]
+
+
+def test_tpp_train_refuses_other_decoded_pixels_before_writing(tmp_path, capsys):
+    """tpp train (args.json, checkpoints/): --decode cpu (PIL) and cpu-tensor decode different pixels; a resume
+    switching between them is refused, naming --decode, with the run folder untouched."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c in range(2):
+            (tmp_path / "data" / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / f"c{c}" / f"{i}.jpg")
+    out = tmp_path / "run"
+    run = ["train", "smoke", "--data-root", str(tmp_path / "data"), "--weights", "none", "--out", str(out),
+           "--image-size", "16", "--batch-size", "4", "--eval-batch-size", "4", "--device", "cpu", "--workers", "0",
+           "--checkpoint-every", "1", "--quiet"]
+    assert main([*run, "--stop-after-iters", "2"]) == 0
+    capsys.readouterr()
+    before = {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    assert main([*run, "--resume", "auto", "--decode", "cpu-tensor"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]     # (after torchvision's decode_jpeg deprecation note)
+    assert err.startswith("tpp train: error: ") and "--decode: checkpoint 'cpu', this run 'cpu-tensor|gpu'" in err
+    assert {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before

@@ -156,15 +156,16 @@ RECIPE_FLAGS = ("model", "data", "method", "image_size", "reg_lr", "momentum", "
 RESUME_RULES = textwrap.fill(
     "--resume continues a run where its checkpoint left it: with any --workers, and the same --threads, --device, "
     "--backend, --channels-last and number of processes (on GPUs with --deterministic), the result equals the "
-    "uninterrupted run's bit for bit. Settings that change the "
-    "result (--seed, the schedule and optimization flags, --batch-size, --eval-batch-size, --data, --image-size, "
-    "--amp, --label-smoothing, --jsv-samples, --model, --method, --ratio, --skip) must be as before: a resume that "
-    "changes one is refused, naming it. These may change: --workers, --threads, --device, --backend, "
-    "--channels-last, --deterministic (floating-point rounding may then differ), the number of processes (the "
-    "same global batches; rounding and per-process BatchNorm statistics differ: a warning says so), "
-    "--checkpoint-every, --finetune-checkpoint-every, --keep-last, --keep-checkpoint, --log-every, --log-interval, "
-    "--tensorboard, --quiet, --stop-after-iters, --data-root; --weights and --pretrain-* are unused (the checkpoint "
-    "holds the model).", width=100, break_on_hyphens=False, break_long_words=False)
+    "uninterrupted run's bit for bit. Settings that change the result (--seed, the schedule and optimization flags, "
+    "--batch-size, --eval-batch-size, --data, --image-size, --amp, --label-smoothing, --jsv-samples, --decode (cpu, "
+    "or cpu-tensor/gpu), --model, --method, --ratio, --skip) must be as before: a resume that changes one is "
+    "refused, naming it. These may change: --workers, --threads, --device, --backend, --channels-last, "
+    "--deterministic, --compile, --static-graph (floating-point rounding may then differ), the number of processes "
+    "(the same global batches; rounding and per-process BatchNorm statistics differ: a warning says so), "
+    "--checkpoint-every, --finetune-checkpoint-every, --checkpoint-minutes, --keep-last, --keep-checkpoint, "
+    "--log-every, --log-interval, --tensorboard, --quiet, --stop-after-iters, --data-root; --weights and "
+    "--pretrain-* are unused (the checkpoint holds the model).", width=100, break_on_hyphens=False,
+    break_long_words=False)
 
 
 def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:

@@ -284,8 +284,9 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     if recipe.image_size and recipe.data == "digits":
         raise UsageError(f"--image-size {recipe.image_size}: the digits are 8×8 images (the size applies to mnist and "
                          "imagefolder)")
+    decoder = resolve_decode(args.decode, env.device) if recipe.data == "imagefolder" else None
     try:
-        pixels = PIXELS_OF[resolve_decode(args.decode, env.device)] if recipe.data == "imagefolder" else "float"
+        pixels = PIXELS_OF[decoder] if decoder else "float"
         train_set, val_set = build_datasets(recipe.data, args.data_root, _image_size(recipe), args.download,
                                             seed=args.seed, pixels=pixels)
     except (FileNotFoundError, ValueError, ImportError) as err:
@@ -304,6 +305,8 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     caller_settings = {"batch_size": recipe.batch_size, "eval_batch_size": recipe.eval_batch_size,
                        "data": recipe.data, "image_size": _image_size(recipe), "amp": _amp_name(amp),
                        "label_smoothing": recipe.label_smoothing}
+    if decoder:                         # the training pixels: PIL's, or decode_jpeg's (cpu-tensor and gpu: the same)
+        caller_settings["decode"] = "cpu" if decoder == "cpu" else "cpu-tensor|gpu"
     named = recipe.name in RECIPES and RECIPES[recipe.name].complete
     out, resume = resolve_out(args, layout, recipe.name if named else f"{recipe.model}-{recipe.data}-{recipe.method}",
                               env)
