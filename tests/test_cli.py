@@ -362,7 +362,7 @@ def test_help_shows_real_defaults_and_loads_no_torch(tmp_path):
     assert "auto: bf16 on GPUs, none on CPU (default: auto)" in text                # tpp train
     # what a resume may change and what it refuses
     assert "a resume that changes one is refused, naming it. These may change: --workers, --threads" in text
-    assert "--checkpoint-every, --finetune-checkpoint-every, --keep-last" in text
+    assert "--checkpoint-every, --finetune-checkpoint-every, --checkpoint-minutes, --keep-last" in text
 
 
 # ------------------------------------------------------------------------------------------------- export
