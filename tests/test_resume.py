@@ -208,7 +208,7 @@ def test_tpp_train_refuses_other_decoded_pixels_before_writing(tmp_path, capsys)
     run = ["train", "smoke", "--data-root", str(tmp_path / "data"), "--weights", "none", "--out", str(out),
            "--image-size", "16", "--batch-size", "4", "--eval-batch-size", "4", "--device", "cpu", "--workers", "0",
            "--checkpoint-every", "1", "--quiet"]
-    assert main([*run, "--stop-after-iters", "2"]) == 0
+    assert main([*run, "--decode", "cpu", "--stop-after-iters", "2"]) == 0
     capsys.readouterr()
     before = {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     assert main([*run, "--resume", "auto", "--decode", "cpu-tensor"]) == 2
