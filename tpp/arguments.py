@@ -244,10 +244,11 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--workers", type=count, help="DataLoader workers per process (default on GPUs: the CPUs this "
                                                  "process may use / processes per node − 1; 0 on CPU)")
     g.add_argument("--decode", choices=("cpu", "cpu-tensor", "gpu"), default="cpu-tensor",
-                   help="how imagefolder training JPEGs are decoded and cropped: cpu-tensor (torchvision.io.decode_jpeg "
-                        "and uint8 tensor resize in the loader workers: 1.5x PIL's images/s, pixels within 2 levels "
-                        "of PIL's), cpu (PIL in the workers: the reference pixels) or gpu (decode and crop on the "
-                        "device); the same crops per sample seed; falls back to cpu, logged, where unavailable")
+                   help="how imagefolder training JPEGs are decoded and cropped: cpu-tensor "
+                        "(torchvision.io.decode_jpeg and uint8 tensor resize in the loader workers: 1.5x PIL's "
+                        "images/s, pixels within 2 levels of PIL's), cpu (PIL in the workers: the reference pixels) "
+                        "or gpu (decode and crop on the device); the same crops per sample seed; falls back to cpu, "
+                        "logged, where unavailable")
     g.add_argument("--threads", type=count, default=0,
                    help="torch CPU threads per process (0: torch's default; 1 is often fastest for small models)")
     g.add_argument("--deterministic", action="store_true",
