@@ -215,3 +215,30 @@ def test_tpp_train_refuses_other_decoded_pixels_before_writing(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()[-1]     # (after torchvision's decode_jpeg deprecation note)
     assert err.startswith("tpp train: error: ") and "--decode: checkpoint 'cpu', this run 'cpu-tensor|gpu'" in err
     assert {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_run_stopped_before_its_first_checkpoint_starts_again(uninterrupted, tmp_path, monkeypatch, capsys):
+    """A run killed before its first checkpoint (during the base measurements) left its settings and nothing to
+    resume from: ``--resume auto`` runs it again, to the uninterrupted run's result; a finished run is still
+    refused."""
+    import tpp.pipeline
+
+    out = tmp_path / "early"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tpp.pipeline, "run_pruning", killed)
+        with pytest.raises(KeyboardInterrupt):
+            main([*RUN, "--workers", "0", "--out", str(out)])
+    assert (out / "config.json").is_file() and not (out / "checkpoint.pt").exists()
+    assert main([*RUN, "--workers", "0", "--out", str(out), "--resume", "auto"]) == 0
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    saved, measured = _results(out)
+    expected_saved, expected = uninterrupted
+    assert saved["pruned"] == expected_saved["pruned"] and measured == expected
+    assert all(torch.equal(v, expected_saved["state_dict"][k]) for k, v in saved["state_dict"].items())
+    (out / "checkpoint.pt").unlink()
+    assert main([*RUN, "--workers", "0", "--out", str(out), "--resume", "auto"]) == 2
+    assert "holds no checkpoint to resume" in capsys.readouterr().err

@@ -173,7 +173,7 @@ def _run_config(args, recipe, num_classes: int, eval_batch: int, caller_settings
 
 def resolve_out(args, layout: Layout, default_name: str, env) -> tuple[Path, Optional[Path]]:
     """The run folder and the checkpoint to resume (rank 0 decides; every rank gets its answer)."""
-    from .run_folder import foreign_entries
+    from .run_folder import foreign_entries, interrupted_before_checkpoint
     from .train import distributed as D
     from .train.checkpoint import list_checkpoints
 
@@ -196,7 +196,8 @@ def resolve_out(args, layout: Layout, default_name: str, env) -> tuple[Path, Opt
             non_empty = out.is_dir() and any(out.iterdir())
             if args.resume == "auto":
                 resume = existing[-1] if existing else None
-                if resume is None and non_empty and not args.overwrite:   # e.g. a finished run: keep its files
+                if resume is None and non_empty and not args.overwrite \
+                        and not interrupted_before_checkpoint(out, layout.settings_files):   # a finished run
                     raise UsageError(f"--out {out} holds no checkpoint to resume and is not empty; choose another "
                                      "folder, or pass --overwrite to start a new run there")
             elif args.resume:
@@ -310,6 +311,8 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     named = recipe.name in RECIPES and RECIPES[recipe.name].complete
     out, resume = resolve_out(args, layout, recipe.name if named else f"{recipe.model}-{recipe.data}-{recipe.method}",
                               env)
+    if args.resume == "auto" and resume is None and out.is_dir() and any(out.iterdir()):
+        log.warning("--resume auto: %s holds a run stopped before its first checkpoint; it starts again", out)
     weights = recipe.weights or None
     pretrain_epochs = 0                  # a resumed run restores its weights from the checkpoint
     if layout.pretrain and resume is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["RUN_FILES", "RUN_FOLDERS", "foreign_entries", "clear_run_folder"]
+__all__ = ["RUN_FILES", "RUN_FOLDERS", "foreign_entries", "clear_run_folder", "interrupted_before_checkpoint"]
 
 #: files a ``tpp prune``/``tpp train`` run (and ``tpp export``'s default output) writes at the top of its folder
 RUN_FILES = frozenset({"config.json", "args.yaml", "args.json", "metrics.json", "report.md", "strength_penalty.png",
@@ -66,3 +66,12 @@ def clear_run_folder(out: Path) -> None:
             entry.rmdir()
         else:
             entry.unlink()
+
+
+def interrupted_before_checkpoint(out: Path, settings_files) -> bool:
+    """Whether ``out`` holds a run that was stopped before its first checkpoint: its settings were written (one of
+    ``settings_files``), it holds only what a run writes, and no ``metrics.json`` (a finished run). Such a run has
+    nothing to resume from: ``--resume auto`` starts it again (same settings, same result)."""
+    out = Path(out)
+    return (any((out / name).is_file() for name in settings_files) and not (out / "metrics.json").exists()
+            and not foreign_entries(out))
