@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -83,13 +84,16 @@ def test_writer_error_is_raised_at_the_next_save_and_at_close(tmp_path, monkeypa
     first = manager.save({"x": torch.arange(3)}, "iteration", "a")
     manager.wait()
     real_save = torch.save
+    attempted = threading.Event()
 
     def partial_save(obj, f):
         f.write(b"PK\x03\x04 truncated")
+        attempted.set()
         raise RuntimeError("disk gone (simulated)")
 
     monkeypatch.setattr(C.torch, "save", partial_save)
     manager.save({"x": torch.arange(5)}, "iteration", "b")                 # fails in the writer thread
+    assert attempted.wait(60)                                              # (the writer has tried, and failed)
     monkeypatch.setattr(C.torch, "save", real_save)
     with pytest.raises(RuntimeError, match="simulated"):
         manager.save({"x": torch.arange(7)}, "iteration", "c")              # ...and is raised here
