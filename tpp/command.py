@@ -26,7 +26,6 @@ from __future__ import annotations
 import platform
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,7 +33,7 @@ from typing import Optional, Sequence
 from .arguments import EXIT_USAGE, UsageError, resolve_recipe
 from .guard import EXIT_NON_FINITE, NonFiniteError
 
-__all__ = ["Layout", "LAYOUTS", "run_command", "resolve_out", "versions", "list_recipes"]
+__all__ = ["Layout", "LAYOUTS", "run_command", "versions", "list_recipes", "resume_command", "command_line"]
 
 
 @dataclass(frozen=True)
@@ -171,72 +170,6 @@ def _run_config(args, recipe, num_classes: int, eval_batch: int, caller_settings
         raise UsageError(str(err)) from None
 
 
-def resolve_out(args, layout: Layout, default_name: str, env) -> tuple[Path, Optional[Path]]:
-    """The run folder and the checkpoint to resume (rank 0 decides; every rank gets its answer)."""
-    from .run_folder import foreign_entries, interrupted_before_checkpoint
-    from .train import distributed as D
-    from .train.checkpoint import list_checkpoints
-
-    answer: dict = {}
-    if env.is_main:
-        try:
-            series = layout.checkpoints == "series"
-            if args.out:
-                out = Path(args.out)
-            elif args.resume and args.resume != "auto":
-                out = Path(args.resume).resolve().parent.parent if series else Path(args.resume).parent
-            else:
-                out = Path("runs") / f"{default_name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-            if out.exists() and not out.is_dir():
-                raise UsageError(f"--out {out} exists and is not a folder")
-            _check_writable(out)
-            existing = list_checkpoints(out / "checkpoints") if series else \
-                [p for p in (out / "checkpoint.pt",) if p.is_file()]
-            resume = None
-            non_empty = out.is_dir() and any(out.iterdir())
-            if args.resume == "auto":
-                resume = existing[-1] if existing else None
-                if resume is None and non_empty and not args.overwrite \
-                        and not interrupted_before_checkpoint(out, layout.settings_files):   # a finished run
-                    raise UsageError(f"--out {out} holds no checkpoint to resume and is not empty; choose another "
-                                     "folder, or pass --overwrite to start a new run there")
-            elif args.resume:
-                resume = Path(args.resume)
-                if not resume.is_file():
-                    raise UsageError(f"--resume {resume}: no such file (the checkpoint of a run folder, or "
-                                     "--resume auto)")
-            elif non_empty and not args.overwrite:
-                hint = ("it holds checkpoints of a run: pass --resume auto to continue it, or --overwrite to start "
-                        "over" if existing else "choose another folder, or pass --overwrite to replace the tpp run "
-                                                "in it")
-                raise UsageError(f"--out {out} exists and is not empty; {hint}")
-            foreign = foreign_entries(out) if resume is None and non_empty else []
-            if foreign:
-                raise UsageError(f"--overwrite --out {out}: it holds files a tpp run does not write "
-                                 f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); --overwrite removes "
-                                 "only an earlier run's files: move these, or choose another folder")
-            answer = {"out": str(out), "resume": str(resume) if resume else None}
-        except UsageError as err:
-            answer = {"error": str(err)}
-    answer = D.broadcast_object(answer, env)
-    if "error" in answer:
-        raise UsageError(answer["error"])
-    return Path(answer["out"]), Path(answer["resume"]) if answer["resume"] else None
-
-
-def _check_writable(out: Path) -> None:
-    """``out`` (or the folder it will be created in) is a folder this process may write in."""
-    import os
-
-    parent = out
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: no permission to write in {parent}")
-
-
 def _image_size(recipe) -> Optional[int]:
     if recipe.image_size is None and recipe.data == "mnist" and recipe.model == "mlp7":
         return 32                        # MLP-7-Linear takes 32×32 MNIST (1024 inputs), as in the paper
@@ -253,7 +186,8 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     from .graph import analyze_model
     from .identity import CheckpointMismatch, RunIdentity
     from .recipes import RECIPES
-    from .run_folder import clear_run_folder
+    from .run_folder import clear_run_folder, resolve_out
+    from .run_outputs import write_results, write_settings
     from .selection import layer_ratios, search_speedup
     from .train.data import build_datasets, build_loaders, default_workers, model_input, normalizer_of
     from .train.decode import PIXELS_OF, resolve_decode
@@ -410,7 +344,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         "regularization_iterations": config.reg_iters, "iterations_per_epoch": len(train_loader),
         "train_samples": len(train_set), "val_samples": len(val_set), "versions": versions(env),
     }
-    _write_settings(out, layout, settings, env)
+    write_settings(out, layout, settings, env)
     from .progress import Progress
     from .train.engine import StopRequested, stop_after
     from .train.logs import TensorBoard
@@ -431,7 +365,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
         if pretrain_epochs:
             settings["pretrain"] = _pretrain(model, recipe, pretrain_epochs, train_loader, val_loader, engine, env,
                                              progress, out, log)
-            _write_settings(out, layout, settings, env)
+            write_settings(out, layout, settings, env)
         from .pipeline import run_pruning
 
         result = run_pruning(model, train_loader, val_loader, config=config, device=env.device,
@@ -446,8 +380,8 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
             tb.close()
         engine.close()                   # the checkpoint being written is on disk (or its error raised)
     settings["run"] = result.config
-    _write_settings(out, layout, settings, env)
-    _write_results(out, layout, result, recipe, settings, images_per_epoch, env)
+    write_settings(out, layout, settings, env)
+    write_results(out, layout, result, recipe, settings, images_per_epoch, env)
     if layout.checkpoints == "file" and not getattr(args, "keep_checkpoint", False):
         checkpoints.reset()
     return 0
@@ -462,10 +396,10 @@ def _engine(args, layout, out, env, amp, channels_last, recipe, per_rank: int, b
     if layout.checkpoints == "file":
         checkpoints = CheckpointFile(out / "checkpoint.pt", is_main=env.is_main, background=True)
     else:
-        from .train.logs import write_csv
+        from .run_outputs import write_tables
 
         def on_saved(path: Path, state, event: str) -> None:      # rank 0, after each checkpoint
-            _write_tables(out, state.get("history") or {}, images_per_epoch, write_csv)
+            write_tables(out, state.get("history") or {}, images_per_epoch)
 
         checkpoints = CheckpointManager(out / "checkpoints", keep_last=max(1, args.keep_last), is_main=env.is_main,
                                         on_saved=on_saved, background=True)
@@ -473,19 +407,6 @@ def _engine(args, layout, out, env, amp, channels_last, recipe, per_rank: int, b
                     checkpoints=checkpoints, batch_size=per_rank, seed=args.seed, static_graph=args.static_graph,
                     compile=args.compile, checkpoint_minutes=args.checkpoint_minutes)
     return engine, checkpoints, images_per_epoch
-
-
-def _write_settings(out: Path, layout: Layout, settings: dict, env) -> None:
-    if not env.is_main:
-        return
-    from .files import write_json, write_text_atomic
-    from .train.logs import to_yaml
-
-    for name in layout.settings_files:
-        if name.endswith(".yaml"):
-            write_text_atomic(out / name, to_yaml(settings))
-        else:
-            write_json(out / name, settings)
 
 
 def _pretrain(model, recipe, epochs: int, train_loader, val_loader, engine, env, progress, out: Path, log) -> dict:
@@ -504,69 +425,6 @@ def _pretrain(model, recipe, epochs: int, train_loader, val_loader, engine, env,
     log.info("pretrained: test accuracy %.2f%%", acc)
     return {"epochs": epochs, "lr": recipe.pretrain_lr, "test_acc": acc,
             "train_loss": history[-1]["train_loss"] if history else None}
-
-
-SUMMARY_COLUMNS = ("epoch", "lr", "train_loss", "val_top1", "val_top5", "val_loss", "time_s", "images_per_s")
-REGULARIZE_COLUMNS = ("iteration", "phase", "strength", "penalty", "loss")
-
-
-def _write_tables(out: Path, history: dict, images_per_epoch: int, write_csv) -> None:
-    rows = []
-    for r in history.get("finetune") or []:
-        t = r.get("time_s")
-        rows.append({"epoch": r["epoch"], "lr": r["lr"], "train_loss": r["train_loss"], "val_top1": r.get("test_acc"),
-                     "val_top5": r.get("test_top5"), "val_loss": r.get("test_loss"), "time_s": t,
-                     "images_per_s": images_per_epoch / t if t else None})
-    write_csv(out / "summary.csv", rows, SUMMARY_COLUMNS)
-    write_csv(out / "regularize.csv", history.get("regularize") or [], REGULARIZE_COLUMNS)
-
-
-def _comparison(metrics: dict, expected) -> dict:
-    acc = metrics["accuracy"]
-    out = {"top1": acc.get("final"), "best_top1": acc.get("best"), "base_top1": acc.get("base"),
-           "flops_speedup": metrics.get("flops", {}).get("speedup")}
-    if expected.get("top1") is not None and acc.get("final") is not None:
-        out["top1_minus_paper"] = acc["final"] - expected["top1"]
-    if expected.get("base_top1") is not None and acc.get("base") is not None:
-        out["base_minus_paper"] = acc["base"] - expected["base_top1"]
-    return out
-
-
-def _write_results(out: Path, layout: Layout, result, recipe, settings: dict, images_per_epoch: int, env) -> None:
-    """metrics.json, the tables, pruned.pt, report.md and plots (rank 0); ranks/ digests (every rank)."""
-    from .files import write_json
-    from .report import format_table, plot_run, summary_row, write_run_report
-    from .surgery import save_pruned
-    from .train import distributed as D
-    from .train.logs import write_csv
-
-    mine = {"rank": env.rank, "world_size": env.world_size, "pruned_sha256": D.digest(result.pruned),
-            "model_sha256": D.digest(result.model.state_dict()),
-            "final_top1": result.metrics["accuracy"].get("final")}
-    if layout.ranks:
-        write_json(out / "ranks" / f"rank{env.rank}.json", mine)
-    D.agree("the final weights", mine["model_sha256"], env)
-    if not env.is_main:
-        return
-    data = result.to_dict()
-    data.update({"recipe": recipe.name, "model": recipe.model, "data": recipe.data,
-                 "expected": dict(recipe.expected), "comparison": _comparison(result.metrics, recipe.expected)})
-    write_json(out / "metrics.json", data)
-    _write_tables(out, result.history, images_per_epoch, write_csv)
-    save_pruned(result.model, result.pruned, out / "pruned.pt", arch=recipe.model,
-                model_args={"num_classes": settings["num_classes"], **settings["model_kwargs"]},
-                extra={"num_classes": settings["num_classes"], "model_kwargs": settings["model_kwargs"],
-                       "input_shape": settings["input_shape"], "data": recipe.data, "recipe": recipe.name,
-                       "method": recipe.method, "ratio": recipe.ratio})
-    if layout.report:
-        write_run_report(out, settings, data, plot_run(data, out))
-    print(format_table([summary_row(data, model=recipe.model)]))
-    if recipe.expected.get("top1") is not None:
-        acc = result.metrics["accuracy"]
-        print(f"{recipe.name}: top-1 {acc.get('final', float('nan')):.2f}% (best {acc.get('best', float('nan')):.2f}%"
-              f", top-5 {result.metrics['top5'].get('final', float('nan')):.2f}%); paper: "
-              f"{recipe.expected['top1']:.2f}% (base {recipe.expected.get('base_top1')})")
-    print(f"run folder: {out}")
 
 
 def _amp_name(amp) -> str:

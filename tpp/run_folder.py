@@ -1,4 +1,5 @@
-"""What a tpp run folder holds, and how ``--overwrite`` empties one without touching anything else.
+"""What a tpp run folder holds: which folder and checkpoint a command uses (:func:`resolve_out`), and how
+``--overwrite`` empties one without touching anything else.
 
 ``--overwrite`` starts a new run from an empty folder: the files of the earlier run are removed first, so nothing
 of it (a stale ``pretrained.pt``, plot, checkpoint or rank digest) can be mistaken for the new run's. For the user's
@@ -9,10 +10,16 @@ holding anything else is refused before anything is removed (:func:`foreign_entr
 """
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
+from typing import Optional
 
-__all__ = ["RUN_FILES", "RUN_FOLDERS", "foreign_entries", "clear_run_folder", "interrupted_before_checkpoint"]
+from .arguments import UsageError
+
+__all__ = ["RUN_FILES", "RUN_FOLDERS", "foreign_entries", "clear_run_folder", "interrupted_before_checkpoint",
+           "resolve_out"]
 
 #: files a ``tpp prune``/``tpp train`` run (and ``tpp export``'s default output) writes at the top of its folder
 RUN_FILES = frozenset({"config.json", "args.yaml", "args.json", "metrics.json", "report.md", "strength_penalty.png",
@@ -75,3 +82,68 @@ def interrupted_before_checkpoint(out: Path, settings_files) -> bool:
     out = Path(out)
     return (any((out / name).is_file() for name in settings_files) and not (out / "metrics.json").exists()
             and not foreign_entries(out))
+
+
+def resolve_out(args, layout, default_name: str, env) -> tuple[Path, Optional[Path]]:
+    """The run folder and the checkpoint to resume of a command (``args``: its flags, ``layout``: its
+    :class:`tpp.command.Layout`): rank 0 decides, every rank gets its answer; a folder the command may not use is a
+    :class:`~tpp.arguments.UsageError` naming why."""
+    from .train import distributed as D
+    from .train.checkpoint import list_checkpoints
+
+    answer: dict = {}
+    if env.is_main:
+        try:
+            series = layout.checkpoints == "series"
+            if args.out:
+                out = Path(args.out)
+            elif args.resume and args.resume != "auto":
+                out = Path(args.resume).resolve().parent.parent if series else Path(args.resume).parent
+            else:
+                out = Path("runs") / f"{default_name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"--out {out} exists and is not a folder")
+            _check_writable(out)
+            existing = list_checkpoints(out / "checkpoints") if series else \
+                [p for p in (out / "checkpoint.pt",) if p.is_file()]
+            resume = None
+            non_empty = out.is_dir() and any(out.iterdir())
+            if args.resume == "auto":
+                resume = existing[-1] if existing else None
+                if resume is None and non_empty and not args.overwrite \
+                        and not interrupted_before_checkpoint(out, layout.settings_files):   # a finished run
+                    raise UsageError(f"--out {out} holds no checkpoint to resume and is not empty; choose another "
+                                     "folder, or pass --overwrite to start a new run there")
+            elif args.resume:
+                resume = Path(args.resume)
+                if not resume.is_file():
+                    raise UsageError(f"--resume {resume}: no such file (the checkpoint of a run folder, or "
+                                     "--resume auto)")
+            elif non_empty and not args.overwrite:
+                hint = ("it holds checkpoints of a run: pass --resume auto to continue it, or --overwrite to start "
+                        "over" if existing else "choose another folder, or pass --overwrite to replace the tpp run "
+                                                "in it")
+                raise UsageError(f"--out {out} exists and is not empty; {hint}")
+            foreign = foreign_entries(out) if resume is None and non_empty else []
+            if foreign:
+                raise UsageError(f"--overwrite --out {out}: it holds files a tpp run does not write "
+                                 f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); --overwrite removes "
+                                 "only an earlier run's files: move these, or choose another folder")
+            answer = {"out": str(out), "resume": str(resume) if resume else None}
+        except UsageError as err:
+            answer = {"error": str(err)}
+    answer = D.broadcast_object(answer, env)
+    if "error" in answer:
+        raise UsageError(answer["error"])
+    return Path(answer["out"]), Path(answer["resume"]) if answer["resume"] else None
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` (or the folder it will be created in) is a folder this process may write in."""
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to write in {parent}")
