@@ -3,10 +3,12 @@
 * Without a GPU, Triton kernels run in the interpreter (set before they are imported); tests that run kernels pick
   CPU tensors whenever ``tpp_kernels.config.INTERPRET`` is on, GPU or not.
 * ``$TPP_BACKEND`` is cleared; tests that assume a prebuilt or missing CUDA extension set that up themselves.
+* ``$TPP_CACHE_DIR`` (ImageFolder file lists) points into a temporary folder: tests write nothing to ``~/.cache``.
 * Random inputs use fresh seeds on every run; the header prints the base seed and ``TPP_TEST_SEED`` replays it.
 """
 import os
 import random
+import tempfile
 import zlib
 
 import pytest
@@ -16,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests name their backend; $TPP_BACKEND would override every one of them (tests of it set it with monkeypatch).
 os.environ.pop("TPP_BACKEND", None)
+os.environ["TPP_CACHE_DIR"] = tempfile.mkdtemp(prefix="tpp-test-cache-")
 
 BASE_SEED = int(os.environ.get("TPP_TEST_SEED", random.SystemRandom().randrange(2**31)))
 

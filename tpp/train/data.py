@@ -158,7 +158,7 @@ PIXELS = ("float", "uint8", "tensor", "jpeg")
 
 
 def _imagefolder(root: Path, train: bool, image_size: int, pixels: str) -> Dataset:
-    from torchvision import datasets
+    from .file_list import ListedImageFolder
 
     layout = "expected root/train/<class>/<image> and root/val/<class>/<image> (the ImageNet layout)"
     split = root / ("train" if train else "val")
@@ -168,13 +168,13 @@ def _imagefolder(root: Path, train: bool, image_size: int, pixels: str) -> Datas
         from . import decode
 
         transform = decode.TensorCrops(image_size) if pixels == "tensor" else decode.EncodedCrops(image_size)
-        dataset = datasets.ImageFolder(str(split), transform=transform, loader=read_bytes)
+        dataset = ListedImageFolder(str(split), transform=transform, loader=read_bytes)
         if pixels == "jpeg":
             dataset.collate = decode.collate
     elif pixels == "float":
-        return datasets.ImageFolder(str(split), transform=image_transform(train, image_size, "float"))
+        return ListedImageFolder(str(split), transform=image_transform(train, image_size, "float"))
     else:
-        dataset = datasets.ImageFolder(str(split), transform=image_transform(train, image_size), loader=load_rgb)
+        dataset = ListedImageFolder(str(split), transform=image_transform(train, image_size), loader=load_rgb)
     dataset.normalize = Normalize(*IMAGENET_STATS)
     return dataset
 
