@@ -356,7 +356,7 @@ def test_a_diverging_run_exits_3_and_writes_no_model(command, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == EXIT_NON_FINITE == 3
     assert err.startswith(f"tpp {command}: error: ") and "\n" not in err and "non-finite" in err
-    last = out / "checkpoint.pt" if command == "prune" else out / "checkpoints"
+    last = out / "checkpoint.pt" if command == "prune" else sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
     assert f"Last good checkpoint: {last} (stage regularize, iteration " in err
     assert not (out / "pruned.pt").exists() and not (out / "metrics.json").exists()
     checkpoints = [out / "checkpoint.pt"] if command == "prune" else sorted((out / "checkpoints").glob("*.pt"))

@@ -266,14 +266,14 @@ class Engine(TrainHooks):
         """The end of a run (done, stopped or failed): wait for the pending checkpoint write (raising its error)."""
         self.wait()
 
-    def save(self, state: dict, path: Path, event: str) -> None:
+    def save(self, state: dict, path: Path, event: str) -> Optional[Path]:
         self.last_save = time.monotonic()
         if self.checkpoints is None:
-            return
+            return None
         tag = {"iteration": f"{state['stage']}-it{state['iteration']:07d}" if state["stage"] == "regularize"
                else f"{state['stage']}-ep{state['epoch']:03d}-b{state['finetune_position']['batch']:06d}",
                "epoch": f"{state['stage']}-ep{state['epoch']:03d}"}.get(event, f"{state['stage']}-{event}")
-        self.checkpoints.save(state, event, tag)
+        return self.checkpoints.save(state, event, tag)          # the file (rank 0; written in the background)
 
     def load(self, path: Path):
         return load_checkpoint(path)
