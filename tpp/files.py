@@ -32,8 +32,8 @@ __all__ = ["fsync_dir", "write_atomic", "atomic_save", "write_text_atomic", "wri
 
 PathLike = Union[str, os.PathLike]
 
-#: the name of a temporary file of :func:`write_atomic` (``.<name>.tmp-<pid>``)
-TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+#: the name of a temporary file of :func:`write_atomic` (``.<name>.tmp-<pid>``; group 1: the target's name)
+TEMPORARY = re.compile(r"^\.(.+)\.tmp-\d+$")
 #: the key of a verified file's checksum: ``{"sha256": hex, "scheme": DIGEST_SCHEME}``
 DIGEST_KEY = "tpp_checksum"
 DIGEST_SCHEME = "tpp-content-1"

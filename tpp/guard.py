@@ -52,8 +52,7 @@ class FiniteGuard:
             what = torch.where(torch.isfinite(loss.detach()).all(), 0, 1)
             grads = [g for g in grads if g is not None] if grads is not None else []
             if grads:
-                largest = torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))]).max()
-                what = torch.where((what == 0) & ~torch.isfinite(largest), 2, what)
+                what = torch.where((what == 0) & ~torch.isfinite(_largest(grads)), 2, what)
             first = (self.state[0] < 0) & (what > 0)
             self.state[0] = torch.where(first, iteration, self.state[0])
             self.state[1] = torch.where(first, what, self.state[1])
@@ -69,8 +68,7 @@ class FiniteGuard:
         if model is not None:
             tensors = [t.detach() for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
             if tensors:
-                largest = torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).max()
-                bad_now = (state[0] < 0) & ~torch.isfinite(largest)
+                bad_now = (state[0] < 0) & ~torch.isfinite(_largest(tensors))
                 state = torch.stack([torch.where(bad_now, -2, state[0]), torch.where(bad_now, 3, state[1])])
         flags = torch.stack([(state[0] != -1).double(), state[0].double(), state[1].double()])
         if hooks is not None:
@@ -93,3 +91,11 @@ class FiniteGuard:
         return NonFiniteError(f"{what} became non-finite (NaN or inf) {where} ({phase} phase); the run stopped and "
                               f"wrote no model from it. Last good checkpoint: {self.last_good}. Lower the learning "
                               "rate or momentum and start again", phase, iteration)
+
+
+def _largest(tensors: list[Tensor]) -> Tensor:
+    """The largest magnitude over ``tensors`` (one fused ``_foreach_norm(inf)``), a float32 scalar on their device:
+    NaN or inf when any element is."""
+    import torch
+
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).max()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from .arguments import UsageError
+from .files import TEMPORARY
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "foreign_entries", "clear_run_folder", "interrupted_before_checkpoint",
            "resolve_out"]
@@ -29,14 +30,13 @@ RUN_FILES = frozenset({"config.json", "args.yaml", "args.json", "metrics.json", 
 RUN_FOLDERS = {"checkpoints": re.compile(r"ckpt-\d{6,}-[A-Za-z0-9_.-]+\.pt|best\.pt|best\.json"),
                "ranks": re.compile(r"rank\d+\.json"),
                "tb": re.compile(r"events\.out\.tfevents\..+")}
-_TMP = re.compile(r"\.(.+)\.tmp-\d+")
 
 
 def _is_file_named(path: Path, allowed) -> bool:
     """A regular file (not a link) whose name, or the target name of its temporary file, is ``allowed``."""
     if path.is_symlink() or not path.is_file():
         return False
-    tmp = _TMP.fullmatch(path.name)
+    tmp = TEMPORARY.match(path.name)
     return allowed(tmp.group(1) if tmp else path.name)
 
 

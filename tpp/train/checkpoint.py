@@ -42,7 +42,7 @@ from typing import Callable, Mapping, Optional, Union
 
 import torch
 
-from ..files import TEMPORARY, atomic_save, fsync_dir, load_verified, save_verified, write_json
+from ..files import atomic_save, fsync_dir, load_verified, remove_stale_temporaries, save_verified, write_json
 from ..identity import CheckpointMismatch
 
 __all__ = ["atomic_save", "CheckpointManager", "CheckpointFile", "CheckpointMismatch", "rng_state", "set_rng_state",
@@ -208,10 +208,8 @@ class CheckpointManager:
         self.on_saved = on_saved
         self.writer = BackgroundWriter() if background else None
         self.previous: Optional[dict] = None        # the last snapshot: its host memory is reused by the next one
-        if is_main and self.folder.is_dir():         # created by the first save, not before
-            for p in self.folder.iterdir():          # left by a writer killed mid-save
-                if TEMPORARY.match(p.name):
-                    p.unlink(missing_ok=True)
+        if is_main:
+            remove_stale_temporaries(self.folder)    # left by a writer killed mid-save
         existing = list_checkpoints(self.folder)
         self.sequence = int(_NAME.match(existing[-1].name).group(1)) if existing else 0
         self.best: Optional[float] = read_best_score(self.folder)
