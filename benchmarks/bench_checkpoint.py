@@ -149,13 +149,9 @@ def main() -> int:
               "settings": {"model": args.model, "saves": args.saves, "gap": args.gap, "device": str(device),
                            "folder_fs": " ".join(fs.stdout.splitlines()[-1].split()[:2]) if fs.stdout else "?"},
               "modes": modes}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"checkpoint-{args.model}-{machine.slug(device)}-{result['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
+    path = machine.write_result(Path(args.out), f"checkpoint-{args.model}", device, result, markdown(result))
     print(markdown(result))
-    print(stem.with_suffix(".md"))
+    print(path)
     return 0
 
 

@@ -193,9 +193,6 @@ def main(argv=None) -> dict:
 
 
 def write(result: dict, out: Path, device: torch.device) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"input-pipeline-{machine.slug(device)}-{dt.date.today().isoformat()}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     m, a = result["machine"], result["args"]
     lines = [f"# Input pipeline — {m['device']} — {dt.date.today().isoformat()}", "",
              f"`python benchmarks/bench_input_pipeline.py` ({a['images']} JPEGs per split, mean "
@@ -224,8 +221,8 @@ def write(result: dict, out: Path, device: torch.device) -> None:
             if key in r:
                 lines.append(f"* {label} ({r['path']} path) on {m['device']}: {r[key]['us_per_image']:.1f} µs per "
                              "image")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / stem}.md and .json")
+    path = machine.write_result(out, "input-pipeline", device, result, "\n".join(lines) + "\n")
+    print(f"wrote {path} and its .json")
 
 
 if __name__ == "__main__":

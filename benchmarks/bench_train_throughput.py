@@ -324,13 +324,9 @@ def main() -> int:
                                    "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
                                    "threads": torch.get_num_threads()},
                       "variants": results}
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            stem = out / f"train-throughput-{machine.slug(env.device)}-{result['date']}"
-            stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-            stem.with_suffix(".md").write_text(markdown(result))
+            path = machine.write_result(Path(args.out), "train-throughput", env.device, result, markdown(result))
             print(markdown(result))
-            print(stem.with_suffix(".md"))
+            print(path)
     finally:
         D.shutdown(env)
     return 0

@@ -1,6 +1,8 @@
 """The machine a run measured: device name, driver, library versions — recorded in every result file."""
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import platform
 import re
@@ -74,3 +76,13 @@ def describe(device: torch.device) -> dict:
         info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["compute_capability"] = f"{props.major}.{props.minor}"
     return info
+
+
+def write_result(out: Path, name: str, device: torch.device, result: dict, markdown: str) -> Path:
+    """``result`` and its ``markdown`` as ``<out>/<name>-<slug(device)>-<date>.{json,md}``; returns the ``.md``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{slug(device)}-{dt.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+    return stem.with_suffix(".md")
