@@ -378,8 +378,8 @@ class Unusual(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        if self.op == "permute":
-            y = y.permute(0, 1, 3, 2)
+        if self.op == "permute":  # channels into dim 2: no longer channels to a conv
+            y = y.permute(0, 2, 1, 3)
         elif self.op == "grouped":
             y = self.grouped(y)
         elif self.op == "layernorm":
@@ -397,7 +397,7 @@ class Unusual(nn.Module):
     "op, reason",
     [
         ("permute", "Tensor.permute"),
-        ("layernorm", "Tensor.transpose"),
+        ("layernorm", "normalized by ln (LayerNorm)"),
         ("linear_on_4d", "fc (Linear)"),
         ("weight", "conv.weight"),
         ("input", "added to the model input 'x'"),

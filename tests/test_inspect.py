@@ -23,4 +23,5 @@ def test_report_on_a_vit_names_heads_and_the_layernorm_refusal():
     model = torchvision.models.VisionTransformer(32, 8, 2, 4, 32, 64, num_classes=10)
     text = inspect_model(model)
     assert "encoder.layers.encoder_layer_0.self_attention    heads       4" in text
-    assert "normalized by encoder.layers.encoder_layer_1.ln_1 (LayerNorm)" in text and "FLOPs" not in text
+    assert "normalized by encoder.layers.encoder_layer_0.ln_1 (LayerNorm)" in text and "FLOPs" not in text
+    assert "pass allow_inexact=True" in text

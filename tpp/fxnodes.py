@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .attention import head_parameters
 from .zeros import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES
 
-__all__ = ["Tracer", "classify", "arg", "listing", "out_channels", "LAYERS", "BNS", "NORMALIZED", "NCHW", "FLAT",
-           "LAST", "UNARY"]
+__all__ = ["Tracer", "classify", "arg", "listing", "out_channels", "LAYERS", "BNS", "NORMALIZED", "NCHW", "NCL",
+           "FLAT", "LAST", "UNARY", "MOVES"]
 
 
 class Tracer(fx.Tracer):
@@ -54,7 +55,8 @@ LAYERS = (nn.Conv2d, nn.Linear)
 BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 NORMALIZED = "normalized by"
-NCHW, FLAT, LAST = "nchw", "flat", "last"  # channels in dim 1 of a 4-D tensor / flattened blocks / last dim
+# channels in dim 1 of a 4-D tensor / in dim 1 of a 3-D one / flattened blocks / in the last dim
+NCHW, NCL, FLAT, LAST = "nchw", "ncl", "flat", "last"
 
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
 _SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
@@ -108,12 +110,18 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
 
     kinds: layer/depthwise/grouped/bn (detail: the module), carry (elementwise, stochastic depth), spatial (NCHW
     only), flatten, mean (detail: keepdim), softmax (mixes channels: followed only to find the model output), join
-    (detail: verb), cat, layernorm (LayerNorm/GroupNorm: normalizes channels together), meta (shape queries),
-    unknown.
+    (detail: verb), cat, layernorm (LayerNorm/GroupNorm: normalizes channels together; detail: the module owning
+    its γ/β, None if none), attention (a module with heads or an ``nn.MultiheadAttention``; detail: the module),
+    attention-output (``attn(...)[i]``; detail: ``i``), and the steps that move dims: permute (detail:
+    ``("dims", order)``, or ``("swap", (a, b))`` for a transpose), merge (``x.flatten(2)``, ``x.reshape(n, C,
+    -1)``: NCHW's spatial dims into one; detail: C or None), index (``x[...]`` with ints and slices; detail: the
+    index tuple), expand (``x.expand(...)``; detail: the sizes); meta (shape queries), unknown.
     """
     op, target = node.op, node.target
     if op == "call_module":
         m = modules[target]
+        if head_parameters(m) is not None or isinstance(m, nn.MultiheadAttention):
+            return "attention", m
         if isinstance(m, nn.Conv2d) and m.groups > 1:
             return ("depthwise" if m.groups == m.in_channels == m.out_channels else "grouped"), m
         if isinstance(m, LAYERS):
@@ -129,12 +137,26 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
         if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1):
             return "flatten", None
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-            return "layernorm", None
+            return "layernorm", target
     elif op == "call_function":
         if target in ELEMENTWISE_FUNCTIONS or _is_stochastic_depth(target):
             return "carry", None
         if target in (F.layer_norm, F.group_norm):
-            return "layernorm", None
+            weight = arg(node, 2, "weight")
+            owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" \
+                else None
+            return "layernorm", owner if isinstance(modules.get(owner), (nn.LayerNorm, nn.GroupNorm)) else None
+        if target is torch.permute:
+            return "permute", ("dims", tuple(arg(node, 1, "dims", ())))
+        if target is torch.transpose:
+            return "permute", ("swap", (arg(node, 1, "dim0"), arg(node, 2, "dim1")))
+        if target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module" \
+                and classify(node.args[0], modules)[0] == "attention":
+            return "attention-output", node.args[1]
+        if target is torch.flatten and arg(node, 1, "start_dim", 0) == 2 and arg(node, 2, "end_dim", -1) == -1:
+            return "merge", None
+        if target is operator.getitem and _is_index(node.args[1]):
+            return "index", node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if target in _SPATIAL_FUNCTIONS:
             return "spatial", None
         if target in _SOFTMAX_FUNCTIONS:
@@ -158,10 +180,22 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
             return "meta", None
         if target == "flatten" and arg(node, 1, "start_dim", 0) == 1 and arg(node, 2, "end_dim", -1) == -1:
             return "flatten", None
+        if target == "flatten" and arg(node, 1, "start_dim", 0) == 2 and arg(node, 2, "end_dim", -1) == -1:
+            return "merge", None
         if target in ("view", "reshape"):
             shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
             if len(shape) == 2 and _is_batch_size(shape[0]) and shape[1] == -1:
                 return "flatten", None
+            if len(shape) == 3 and _is_batch_size(shape[0]) and isinstance(shape[1], int) and shape[1] > 0:
+                return "merge", shape[1]
+        if target == "permute":
+            dims = node.args[1:]
+            return "permute", ("dims", tuple(dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list))
+                                             else dims))
+        if target == "transpose":
+            return "permute", ("swap", (arg(node, 1, "dim0"), arg(node, 2, "dim1")))
+        if target == "expand":
+            return "expand", tuple(node.args[1:])
         if target == "mean":
             dims = arg(node, 1, "dim")
             spatial = isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims)
@@ -171,6 +205,17 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
 
 
 UNARY = frozenset({"layer", "depthwise", "grouped", "bn", "carry", "spatial", "flatten", "mean"})
+MOVES = frozenset({"permute", "merge", "index", "expand"})  # steps that move dims but keep the channels
+
+
+def _is_index(index) -> bool:
+    """An index of ints and full-or-strided slices (no tensors, ``None`` or ``...``), as ``x[:, 0]`` or
+    ``x[:, :, ::2]``."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return bool(parts) and all(
+        (isinstance(p, int) and not isinstance(p, bool))
+        or (isinstance(p, slice) and all(v is None or isinstance(v, int) for v in (p.start, p.stop, p.step)))
+        for p in parts)
 
 
 def listing(names: tuple[str, ...]) -> str:

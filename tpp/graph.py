@@ -51,7 +51,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from .attention import head_parameters
-from .fxnodes import BNS, FLAT, LAST, LAYERS, NCHW, NORMALIZED, UNARY, Tracer, arg, classify, listing, out_channels
+from .fxnodes import BNS, FLAT, LAST, LAYERS, MOVES, NCHW, NCL, NORMALIZED, UNARY, Tracer, arg, classify, listing, \
+    out_channels
 from .zeros import ZERO, Carried, refusal, through
 
 __all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "Unit", "analyze_model"]
@@ -121,6 +122,8 @@ class Unit:
     channels: int
     segments: int
     index: int
+    parameters: tuple[tuple[str, int], ...] = ()  # (qualified name, channel dim) of parameters producing channels
+    inexact: str | None = None  # why removal changes the output (allow_inexact), None: removal is exact
 
     @property
     def size(self) -> int:
@@ -172,7 +175,7 @@ class ModelGraph:
 
 
 def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = None,
-                  leaf_modules: Iterable[str] = ()) -> ModelGraph:
+                  leaf_modules: Iterable[str] = (), allow_inexact: bool = False) -> ModelGraph:
     """Analyse ``model`` with torch.fx (``traced=True``), or describe it from ``bn_map`` (``traced=False``).
 
     ``leaf_modules``: qualified names of submodules fx should not trace into (e.g. one with data-dependent control
@@ -180,11 +183,16 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
     rest of the model is analysed as usual. ``bn_map`` maps Conv2d/Linear names to the BatchNorm normalizing their
     output (or None). When given, fx is not used: the listed layers are independent with that BN and no other known
     use (consumers unknown), the others are coupled with reason ``"not in bn_map"``, and ``index`` is the
-    registration order. Raises ``TypeError`` for a non-module, ``ValueError`` for a bad ``bn_map`` or
-    ``leaf_modules`` entry or a model fx cannot trace (naming the submodule and these two ways out).
+    registration order. ``allow_inexact=True`` accepts channels normalized by a LayerNorm together with kept ones
+    (a ViT's embedding dimension, ConvNeXt's residual stream): the LayerNorm is then a carrier whose γ, β are
+    pruned with them, and the unit's ``inexact`` says why removal changes the output (tpp-method.md §12; measure it
+    with :func:`tpp.metrics.output_deviation`). Raises ``TypeError`` for a non-module, ``ValueError`` for a bad
+    ``bn_map`` or ``leaf_modules`` entry or a model fx cannot trace (naming the submodule and these two ways out).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"analyze_model expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(allow_inexact, bool):
+        raise TypeError(f"allow_inexact must be a bool, got {allow_inexact!r}")
     if bn_map is not None:
         return _from_bn_map(model, bn_map)
     leaves = [leaf_modules] if isinstance(leaf_modules, str) else list(leaf_modules)
@@ -211,17 +219,30 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
             "pass the layer -> BatchNorm mapping explicitly, e.g. analyze_model(model, bn_map={'conv1': 'bn1', "
             "'fc': None}); the layers listed there are then treated as independently prunable."
         ) from err
-    return _Analysis(model, graph).model_graph()
+    return _Analysis(model, graph, allow_inexact).model_graph()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Analysis of a traced graph
 
 
+_OWNERS = LAYERS + BNS + (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)  # whose parameters are not producers
+
+
+def _projections(name: str, module: nn.Module) -> tuple[str, str]:
+    """The attention module's in-projection (the consumer of its input's channels) and out-projection (the producer
+    of its output's channels): ``nn.MultiheadAttention`` itself (``in_proj_weight``) and ``out_proj``, else the
+    packed-qkv layout's ``qkv`` and ``proj`` Linears."""
+    if isinstance(module, nn.MultiheadAttention):
+        return name, f"{name}.out_proj"
+    return f"{name}.qkv", f"{name}.proj"
+
+
 class _Analysis:
     """Per-node classification, value origins and join groups of one traced graph."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+    def __init__(self, model: nn.Module, graph: fx.Graph, allow_inexact: bool = False) -> None:
+        self.allow_inexact = allow_inexact
         self.modules = dict(model.named_modules())
         self.nodes = list(graph.nodes)
         self.pos = {node: i for i, node in enumerate(self.nodes)}
@@ -233,29 +254,91 @@ class _Analysis:
         registered = [name for name, m in self.modules.items() if isinstance(m, LAYERS)]
         called = [name for name in self.calls if isinstance(self.modules[name], LAYERS)]
         self.order = called + [name for name in registered if name not in self.calls]
-        self.index = {name: i for i, name in enumerate(self.order)}
-        self.origins = self._origins()
+        self.produced = self._produced(model)
+        self.index = {name: i for i, name in enumerate(self.order + [p for p in self.produced if p not in
+                                                                      self.modules])}
+        self.ranks = self._ranks()
+        self.internal: set[fx.Node] = set()  # concatenations along a non-channel dim (tokens): joins of a group
         self.counts = self._channel_counts()
         self.blocking: dict[str, str | None] = {}  # per layer: a reason its group cannot share one index set
-        self.walks: dict[str, tuple] = {}  # per layer: what _walk found
         self.carried: dict[str, tuple] = {}  # per join group (by root): what _carried found
-        self.parent = {name: name for name in self.order}  # union-find over joined layers
+        self._walk_all()
+        if self.internal:  # what the concatenations along tokens carry is known now: walk again with it
+            self._walk_all()
+
+    def _walk_all(self) -> None:
+        """Value origins, the groups joined by add/mul (union-find) and every producer's walk."""
+        self.origins = self._origins()
+        self.walks: dict[str, tuple] = {}  # per producer: what _walk found
+        self.parent = {name: name for name in self.index}  # union-find over joined producers
         for node in self.nodes:
             if self.kinds[node][0] == "join":
-                joined = sorted(set().union(*(self.origins[a][0] for a in node.all_input_nodes)), key=self.index.get)
-                for name in joined[1:]:
-                    self.parent[self._root(name)] = self._root(joined[0])
+                self._union(set().union(*(self.origins[a][0] for a in node.all_input_nodes)))
+        for name in self.produced:
+            self._walked(name)
+
+    def _produced(self, model: nn.Module) -> dict[str, list[fx.Node]]:
+        """Where each producer's output channels appear: a Conv2d/Linear at its calls, an attention module's
+        out-projection at the module's output, and a parameter read in forward (not one of a layer, a norm or an
+        attention module: e.g. a class token, a position embedding, a layer scale) at its ``get_attr`` nodes."""
+        produced = {name: list(calls) for name, calls in self.calls.items() if isinstance(self.modules[name], LAYERS)}
+        parameters = dict(model.named_parameters())
+        for node in self.nodes:
+            kind, detail = self.kinds[node]
+            if kind == "attention-output" and detail == 0 or kind == "attention" and not isinstance(
+                    self.modules[node.target], nn.MultiheadAttention):
+                attention = node.args[0].target if kind == "attention-output" else node.target
+                produced.setdefault(_projections(attention, self.modules[attention])[1], []).append(node)
+            elif node.op == "get_attr" and node.target in parameters:
+                owner = self.modules[node.target.rpartition(".")[0]]
+                if not isinstance(owner, _OWNERS) and head_parameters(owner) is None:
+                    produced.setdefault(node.target, []).append(node)
+        return produced
+
+    def _ranks(self) -> dict[fx.Node, int]:
+        """The number of dims of each tensor value whose rank follows from the graph (absent where unknown)."""
+        ranks: dict[fx.Node, int] = {}
+        for node in self.nodes:
+            kind, detail = self.kinds[node]
+            first = ranks.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+            if node.op == "get_attr" and node.target in self.produced:
+                rank = len(self._parameter(node.target).shape)
+            elif kind in ("layer", "grouped", "depthwise"):
+                rank = 4 if isinstance(detail, nn.Conv2d) else first
+            elif kind in ("spatial", "mean", "merge", "flatten"):
+                rank = {"spatial": 4, "mean": 4 if detail else 2, "merge": 3, "flatten": 2}[kind]
+            elif kind == "permute":
+                rank = len(detail[1]) if detail[0] == "dims" else first
+            elif kind == "expand":
+                rank = len(detail)
+            elif kind == "index":
+                rank = None if first is None else first - sum(isinstance(p, int) for p in detail)
+            elif kind == "attention-output":
+                rank = ranks.get(node.args[0].args[0]) if detail == 0 else None
+            elif kind in ("cat", "join"):
+                parts = node.args[0] if kind == "cat" and node.args else node.all_input_nodes
+                rank = max((ranks[a] for a in parts if isinstance(a, fx.Node) and a in ranks), default=None)
+            else:
+                rank = first if kind in ("carry", "bn", "layernorm", "attention", "softmax") else None
+            if rank is not None:
+                ranks[node] = rank
+        return ranks
+
+    def _parameter(self, name: str) -> Tensor:
+        owner, _, attr = name.rpartition(".")
+        return getattr(self.modules[owner], attr)
 
     def _origins(self) -> dict[fx.Node, tuple[frozenset[str], tuple[str, ...]]]:
         """For every node: the layers whose output channels it carries, and the non-layer values mixed in."""
+        producer = {node: name for name, nodes in self.produced.items() for node in nodes}
         origins = {}
         for node in self.nodes:
             kind = self.kinds[node][0]
-            if kind in ("layer", "grouped"):
-                origins[node] = (frozenset({node.target}), ())
-            elif kind in UNARY and node.args and isinstance(node.args[0], fx.Node):
+            if node in producer and kind != "depthwise":  # a depthwise conv carries its input's channels
+                origins[node] = (frozenset({producer[node]}), ())
+            elif kind in UNARY | MOVES and node.args and isinstance(node.args[0], fx.Node):
                 origins[node] = origins[node.args[0]]
-            elif kind == "join":
+            elif kind == "join" or node in self.internal:
                 parts = [origins[a] for a in node.all_input_nodes]
                 values = tuple(dict.fromkeys(v for p in parts for v in p[1]))  # deduplicated: diamonds repeat them
                 origins[node] = (frozenset().union(*(p[0] for p in parts)), values)
@@ -286,21 +369,36 @@ class _Analysis:
             name = self.parent[name]
         return name
 
+    def _union(self, names: Iterable[str]) -> None:
+        """Join the groups of ``names`` (producers), under the first in execution order."""
+        names = sorted(names, key=self.index.get)
+        for name in names[1:]:
+            self.parent[self._root(name)] = self._root(names[0])
+
     def model_graph(self) -> ModelGraph:
         layers = [self._layer(name) for name in self.order]  # fills self.blocking for every layer first
-        layers = {info.name: replace(info, group_coupling=self._group_coupling(info.group)) for info in layers}
+        for name in self.produced:
+            if name not in self.modules:
+                self._parameter_blocking(name)
+        layers = {info.name: replace(info, group_coupling=self._group_coupling(self._members(info.name)))
+                  for info in layers}
         units, refusals = {}, {}
         for info in layers.values():
+            parameters = tuple(p for p in self._members(info.name) if p not in self.modules)
+            inexact = self._inexact(info.group, layers)
             if info.independent:
                 units[info.name] = Unit(info.name, "layer", (info.name,), info.out_channels,
-                                        self._segments((info.name,), layers), info.index)
-            elif len(info.group) > 1 and info.group_coupling is None and info.name == info.group[0]:
-                sizes = {layers[m].out_channels for m in info.group}
+                                        self._segments((info.name,), layers), info.index, inexact=inexact)
+            elif len(info.group) + len(parameters) > 1 and info.group_coupling is None \
+                    and info.name == info.group[0]:
+                sizes = {self._source(m)[1] for m in info.group + parameters}
                 if len(sizes) == 1:
+                    dims = tuple((p, self._channel_dim(p)) for p in parameters)
                     units[info.name] = Unit(info.name, "group", info.group, info.out_channels,
-                                            self._segments(info.group, layers), info.index)
+                                            self._segments(info.group, layers), info.index, dims, inexact)
                 else:
-                    refusals[info.name] = f"group {listing(info.group)} joins different channel counts {sizes}"
+                    refusals[info.name] = f"group {listing(info.group + parameters)} joins different channel " \
+                                          f"counts {sizes}"
         heads = self._heads()
         for name, (unit, reason) in heads.items():
             if unit is not None:
@@ -357,13 +455,54 @@ class _Analysis:
             found[name] = (Unit(name, "heads", (name,), params.num_heads, 1, index), None)
         return found
 
+    def _members(self, name: str) -> tuple[str, ...]:
+        """The producers joined with ``name`` (incl. itself): layers, then parameters, each in execution order."""
+        root = self._root(name)
+        return tuple(n for n in self.index if self._root(n) == root)
+
     def _group_coupling(self, group: tuple[str, ...]) -> str | None:
         """The first member's reason the group cannot be pruned with one shared index set, None if it can."""
         for member in group:
             reason = self.blocking[member]
             if reason is not None:
                 return reason if len(group) == 1 else f"{member}: {reason}"
+        states: dict[fx.Node, tuple] = {}
+        for member in group:  # joined producers must meet with their channels in the same place
+            for node, state in self._walked(member)[4].items():
+                if state is not None and states.setdefault(node, state) != state:
+                    return f"{member}: its channels reach node {node.name} laid out as {state}, other members' as " \
+                           f"{states[node]}"
         return None
+
+    def _inexact(self, group: tuple[str, ...], layers: dict[str, LayerInfo]) -> str | None:
+        """Why removing the group's channels changes the output (LayerNorms over them, allow_inexact), or None."""
+        norms = list(dict.fromkeys(u.module for m in group for u in layers[m].uses if u.role == "ln"))
+        if not norms:
+            return None
+        return f"{NORMALIZED} {', '.join(norms)} together with kept channels: removal changes their mean and " \
+               "variance (tpp-method.md §12)"
+
+    def _parameter_blocking(self, name: str) -> None:
+        """``self.blocking`` of a parameter producer: the first reason its channels cannot follow the group."""
+        _, reasons, _, is_output, _ = self._walked(name)
+        _, inexact = self._carried(self._root(name))
+        blocking = [r for _, r, shared in sorted(reasons, key=lambda t: t[0]) if not shared]
+        blocking += [r for _, r in sorted(inexact)]
+        self.blocking[name] = "output is the model output" if is_output else (blocking or [None])[0]
+
+    def _source(self, name: str) -> tuple[str, int]:
+        """The layout and number of channels a producer emits: a Conv2d NCHW, a Linear (or out-projection) in the
+        last dim, a parameter per :meth:`_channel_dim`."""
+        m = self.modules.get(name)
+        if m is not None:
+            return (NCHW if isinstance(m, nn.Conv2d) else LAST), out_channels(m)
+        dim = self._channel_dim(name)
+        return (NCHW if dim == -3 else LAST), self._parameter(name).shape[dim]
+
+    def _channel_dim(self, name: str) -> int:
+        """A parameter's channel dim: -3 for ``[..., C, 1, 1]`` (added to or scaling NCHW values), else -1."""
+        shape = self._parameter(name).shape
+        return -3 if len(shape) >= 3 and shape[-2:] == (1, 1) else -1
 
     def _layer(self, name: str) -> LayerInfo:
         m = self.modules[name]
@@ -402,7 +541,7 @@ class _Analysis:
 
     def _structural(self, name: str, m: nn.Module) -> str | None:
         """A reason not to prune ``name`` that does not depend on its consumers."""
-        calls = self.calls.get(name, [])
+        calls = self.produced.get(name, [])
         for node in self.nodes:
             if node.op == "get_attr" and node.target.rpartition(".")[0] == name:
                 return f"its parameter {node.target} is read directly in forward (node {node.name})"
@@ -420,10 +559,10 @@ class _Analysis:
 
     def _walked(self, name: str) -> tuple:
         if name not in self.walks:
-            self.walks[name] = self._walk(name, out_channels(self.modules[name]))
+            self.walks[name] = self._walk(name, *self._source(name))
         return self.walks[name]
 
-    def _walk(self, name: str, channels: int):
+    def _walk(self, name: str, layout: str, channels: int):
         """Follow ``name``'s output channels forward.
 
         The walk's state is ``(layout, offset, total)``: the channels sit at ``[offset, offset + channels)`` of a
@@ -432,8 +571,7 @@ class _Analysis:
         layers' channels only)``, the BatchNorm applied directly to the layer's output, whether the channels reach
         the model output, and the state after each node reached (None where the walk stopped).
         """
-        starts = self.calls.get(name, [])
-        layout = NCHW if isinstance(self.modules[name], nn.Conv2d) else LAST
+        starts = self.produced.get(name, [])
         todo = [(node, (layout, 0, channels)) for node in starts]
         seen = {node: (layout, 0, channels) for node in starts}
         uses, reasons, bn, is_output = [], [], None, False
@@ -455,7 +593,8 @@ class _Analysis:
                     if use.role == "bn" and src in starts and bn is None:
                         bn = use.module
                 if reason is not None:
-                    shared = self.kinds[node][0] == "join" and not self.origins[node][1] and state[2] == channels
+                    shared = (self.kinds[node][0] == "join" or node in self.internal) and not self.origins[node][1] \
+                        and state[2] == channels
                     reasons.append((self.pos[node], reason, shared))
                 if nxt is not None:
                     todo.append((node, nxt))
@@ -465,8 +604,8 @@ class _Analysis:
         """What a removed channel of the layers joined under ``root`` is at each node it reaches
         (:func:`tpp.zeros.through`, from 0 at the layers), and every ``(position, reason)`` it cannot be exact."""
         if root not in self.carried:
-            members = [n for n in self.order if self._root(n) == root]
-            values = {node: ZERO for member in members for node in self.calls.get(member, [])}
+            members = self._members(root)
+            values = {node: ZERO for member in members for node in self.produced.get(member, [])}
             offsets: dict[fx.Node, int] = {}
             for member in members:
                 for node, state in self._walked(member)[4].items():
@@ -499,13 +638,17 @@ class _Analysis:
             return self._join(name, src, node, state, m)
         if kind == "cat":
             return self._cat(name, src, node, state)
-        if kind == "layernorm":
-            return None, None, (f"output is {NORMALIZED} {self._describe(node)} (node {node.name}) together "
-                                "with other channels: zeroing a channel changes their mean and variance, so removal "
-                                "cannot be exact (tpp-method.md §12)")
         cannot = f"output reaches {self._describe(node)} (node {node.name}), which tpp cannot follow"
+        if kind == "attention":
+            return self._attention(src, node, state, m) or (None, None, cannot)
+        if kind == "layernorm":
+            return self._layernorm(src, node, state, m)
         if kind == "unknown" or node.args[:1] != (src,) or src in node.args[1:] or src in node.kwargs.values():
             return None, None, cannot
+        if kind in MOVES:
+            moved = self._moved(src, node, state)
+            return (moved, None, None) if moved else (None, None, f"{cannot} with its channels laid out as "
+                                                                  f"'{layout}'")
         if node.op == "call_module" and kind in ("bn", "depthwise", "layer", "grouped") \
                 and len(self.calls[node.target]) > 1:
             return None, None, f"output reaches {node.target}, which is called {len(self.calls[node.target])} times"
@@ -526,7 +669,7 @@ class _Analysis:
             return ((NCHW if m else FLAT), offset, total), None, None
         if kind == "bn" and m.num_features == total:  # BatchNorm1d after a Linear: assumes [B, C], not [B, T, C]
             if (isinstance(m, nn.BatchNorm2d) and layout == NCHW) or (
-                isinstance(m, nn.BatchNorm1d) and layout in (FLAT, LAST)
+                isinstance(m, nn.BatchNorm1d) and layout in (FLAT, LAST, NCL)
             ):
                 return state, ChannelUse(node.target, "bn", offset=offset), None
         if kind == "depthwise" and layout == NCHW and m.in_channels == total:
@@ -539,6 +682,68 @@ class _Analysis:
             if layout == FLAT and m.in_features % total == 0:
                 return None, ChannelUse(node.target, "input", m.in_features // total, offset), None
         return None, None, f"{cannot} with its {channels} channels laid out as '{layout}'"
+
+    def _attention(self, src: fx.Node, node: fx.Node, state: tuple[str, int, int], m: nn.Module):
+        """``src`` is the query, key and value of a self-attention module (or the input of a packed-qkv one): its
+        in-projection consumes the channels, when they fill its input's last dim. None otherwise."""
+        layout, offset, total = state
+        inputs = node.args[:3] if isinstance(m, nn.MultiheadAttention) else node.args[:1]
+        if layout != LAST or offset or any(a is not src for a in inputs) or src in node.kwargs.values() \
+                or len(self.calls[node.target]) != 1 or head_parameters(m) is None:
+            return None
+        consumer = _projections(node.target, m)[0]
+        width = m.embed_dim if isinstance(m, nn.MultiheadAttention) else self.modules[consumer].in_features
+        return (None, ChannelUse(consumer, "input"), None) if width == total else None
+
+    def _layernorm(self, src: fx.Node, node: fx.Node, state: tuple[str, int, int], owner: str | None):
+        """A LayerNorm over the channels: a carrier (role ``"ln"``) with ``allow_inexact``, else a refusal."""
+        layout, offset, total = state
+        norm = self.modules.get(owner)
+        why = f"output is {NORMALIZED} {self._describe(node)} (node {node.name}) together with other channels: " \
+              "zeroing a channel changes their mean and variance, so removal cannot be exact (tpp-method.md §12)"
+        fits = node.args[:1] == (src,) and layout == LAST and isinstance(norm, nn.LayerNorm) \
+            and tuple(norm.normalized_shape) == (total,) and norm.weight is not None and len(self.calls.get(
+                owner, [node])) == 1
+        if fits and self.allow_inexact:
+            return state, ChannelUse(owner, "ln", offset=offset), None
+        return None, None, why + ("; pass allow_inexact=True to prune them anyway (the output then changes: the "
+                                  "deviation is measured)" if fits else "")
+
+    def _moved(self, src: fx.Node, node: fx.Node, state: tuple[str, int, int]) -> tuple[str, int, int] | None:
+        """The channels' layout after a permute/transpose, a merge of the spatial dims, an index or an expand; None
+        where they do not stay whole in one dim (or the walk cannot tell)."""
+        layout, offset, total = state
+        kind, detail = self.kinds[node]
+        rank = self.ranks.get(src)
+        if layout == FLAT or rank is None and layout == LAST and kind in ("permute", "index"):
+            return None
+        rank = rank if rank is not None else (4 if layout == NCHW else 3)
+        channel = rank - 1 if layout == LAST else 1
+        if kind == "merge":
+            return (NCL, offset, total) if layout == NCHW and detail in (None, total) else None
+        if kind == "expand":
+            size = detail[channel - rank] if len(detail) >= rank - channel else None
+            return state if size in (-1, total) else None
+        if kind == "index":
+            if layout != LAST and (len(detail) > 1 and detail[1] != slice(None) or any(
+                    isinstance(p, int) for p in detail)):
+                return None
+            return state if layout != LAST or len(detail) < rank or detail[-1] == slice(None) else None
+        how, dims = detail
+        if how == "swap":
+            if not all(isinstance(d, int) and -rank <= d < rank for d in dims):
+                return None
+            a, b = (d % rank for d in dims)
+            order = list(range(rank))
+            order[a], order[b] = b, a
+        elif len(dims) == rank and all(isinstance(d, int) for d in dims):
+            order = [d % rank for d in dims]
+        else:
+            return None
+        now = order.index(channel)
+        if now == rank - 1:
+            return LAST, offset, total
+        return ({4: NCHW, 3: NCL}.get(rank), offset, total) if now == 1 and rank in (3, 4) else None
 
     def _join(self, name: str, src: fx.Node, node: fx.Node, state: tuple[str, int, int], verb: str):
         """``src`` meets other values at an add/mul ``node``: coupled unless they only carry ``name``'s channels."""
@@ -561,6 +766,14 @@ class _Analysis:
         what = ", ".join(dict.fromkeys(
             n for a in others if isinstance(a, fx.Node) for n in (sorted(self.origins[a][0]) or [a.name])))
         reason = f"output is concatenated with {what or 'itself'} (node {node.name})"
+        dim, rank = arg(node, 1, "dim", 0), self.ranks.get(node)
+        channel = (rank - 1 if layout == LAST else 1) if rank is not None and layout != FLAT else None
+        if channel is not None and isinstance(dim, int) and dim % rank != channel and list(parts).count(src) == 1:
+            # along another dim (e.g. a class token before the patch tokens): the parts share their channels
+            layers = set().union(*(self.origins[a][0] for a in others if isinstance(a, fx.Node)))
+            self._union(layers | {name})
+            self.internal.add(node)
+            return state, None, reason if others else None
         if layout != NCHW or arg(node, 1, "dim", 0) not in (1, -3) or list(parts).count(src) != 1:
             return None, None, reason
         if node not in self.counts or src not in self.counts or self.counts[src] != total:

@@ -13,7 +13,8 @@ Mish, PReLU (one parameter)
 Sigmoid, Hardsigmoid (f(0) = 1/2), Softplus (log 2 / β),                ``f(c)``: a constant (constant-carrying;
 Hardtanh (clamp(0, min_val, max_val))                                   Hardtanh keeps 0 with its defaults)
 Identity, Dropout(1d/2d), AlphaDropout, stochastic depth, contiguous,   ``c`` (eval mode)
-clone; flatten/reshape, spatial mean, concatenation
+clone; flatten/reshape, permute/transpose, indexing, expand, spatial
+mean, concatenation
 max pool, adaptive avg/max pool, upsampling                             ``c`` (a constant plane stays constant)
 avg pool counting zero padding, or with ``divisor_override``            0 stays 0; a constant is refused
 ``h + k``, ``h − k``, ``k − h``, ``h·k``, ``h / k`` (a number ``k``)    ``c + k`` …: ``h + k`` and ``k − h`` carry
@@ -26,7 +27,8 @@ BatchNorm ``affine=False`` with running statistics                      ``(c −
                                                                         the running statistics at removal
 BatchNorm ``affine=False`` without running statistics                   0 stays 0; a constant is refused
 depthwise conv carrying the channels (rows and bias zeroed)             0, whatever comes in
-softmax, LayerNorm/GroupNorm, joins with other values, anything else    not followed: refused by :mod:`tpp.graph`
+LayerNorm with γ (zeroed with the unit; ``allow_inexact`` only)         0, but the kept channels' statistics change
+softmax, GroupNorm, joins with other values, anything else              not followed: refused by :mod:`tpp.graph`
 =====================================================================  ==========================================
 
 A consumer receiving 0 needs nothing. One receiving a constant ``c`` absorbs it into its bias at removal
@@ -157,9 +159,9 @@ def through(node: fx.Node, kind: str, inputs: Mapping[fx.Node, Carried], offset:
     module = modules.get(node.target) if node.op == "call_module" else None
     carried = list(inputs.values())
     first = carried[0] if carried else ZERO
-    if kind in ("flatten", "mean", "cat", "softmax"):  # softmax mixes channels: refused by the walk already
-        return first, None
-    if kind == "depthwise" or (kind == "bn" and module.affine):  # zeroed rows/bias, zeroed γ and β: 0
+    if kind in ("flatten", "mean", "cat", "softmax", "permute", "merge", "index", "expand"):
+        return first, None  # softmax mixes channels: refused by the walk already
+    if kind in ("depthwise", "layernorm") or (kind == "bn" and module.affine):  # zeroed rows/bias, zeroed γ and β
         return ZERO, None
     if kind == "bn":
         if module.running_mean is not None:
