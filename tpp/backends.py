@@ -13,7 +13,7 @@ the environment variable ``TPP_BACKEND`` overrides the requested name.
 ``Backend.plan(grams, squares, ...)`` builds what the regularizer calls every step: the Triton backend's fused
 :class:`tpp_kernels.plan.PenaltyPlan` (decorrelate variant), otherwise a :class:`LoopPlan` over the four ops above.
 A term is ``(tensor, pruned, segments, segment_length)``: ``tensor`` read as ``[segments, units, length]`` in memory
-order (``segment_length=0``: one segment, whole rows).
+order (``segment_length=0``: one segment, whole rows; a class token ``[1, 1, C]`` is one segment of length 1).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ Term = Tuple[Tensor, Tensor, int, int]
 def _unit_rows(term: Term, t: Tensor) -> Tensor:
     """``t`` (the term's tensor or its gradient) as ``[units, segments·length]`` (a copy if segments > 1)."""
     tensor, _, segments, length = term
-    if segments == 1:
+    if not length:
         return t
     return t.view(segments, -1, length).transpose(0, 1).reshape(t.numel() // (segments * length), -1)
 
@@ -46,7 +46,7 @@ def _unit_rows(term: Term, t: Tensor) -> Tensor:
 def _indexed(term: Term, t: Tensor) -> Tuple[Tensor, int]:
     """``t`` and the dim indexing units: ``(t, 0)``, or ``t`` viewed ``[segments, units, length]`` and 1."""
     _, _, segments, length = term
-    return (t, 0) if segments == 1 else (t.view(segments, -1, length), 1)
+    return (t, 0) if not length else (t.view(segments, -1, length), 1)
 
 
 def _grad_of(t: Tensor) -> Tensor:

@@ -62,8 +62,10 @@ __all__ = ["ChannelUse", "LayerInfo", "ModelGraph", "Unit", "analyze_model"]
 class ChannelUse:
     """Something whose channels follow a layer's output channels.
 
-    ``role``: ``"bn"`` (a BatchNorm normalizing them), ``"depthwise"`` (a depthwise conv carrying them on) or
-    ``"input"`` (a Conv2d/Linear consuming them). ``block``: for a Linear after flatten, each channel is ``block``
+    ``role``: ``"bn"`` (a BatchNorm normalizing them), ``"depthwise"`` (a depthwise conv carrying them on),
+    ``"input"`` (a Conv2d/Linear consuming them; an ``nn.MultiheadAttention``: its in-projection), ``"ln"`` (a
+    LayerNorm normalizing them with others: ``allow_inexact`` only) or ``"size"`` (``module`` is then
+    ``"path.attribute"``: an int attribute the forward reads as their count, e.g. a ViT's ``hidden_dim``). ``block``: for a Linear after flatten, each channel is ``block``
     consecutive in_features. ``offset``: the channels sit at ``[offset, offset + C)`` of the module's channels
     (after a concatenation). ``groups``: an ``"input"`` of a grouped conv with that many groups (the channels must
     then be pruned alike in every group). ``constant``: for an ``"input"``, the ops (:mod:`tpp.zeros`) that make a
@@ -336,7 +338,7 @@ class _Analysis:
             kind = self.kinds[node][0]
             if node in producer and kind != "depthwise":  # a depthwise conv carries its input's channels
                 origins[node] = (frozenset({producer[node]}), ())
-            elif kind in UNARY | MOVES and node.args and isinstance(node.args[0], fx.Node):
+            elif kind in UNARY | MOVES | {"layernorm"} and node.args and isinstance(node.args[0], fx.Node):
                 origins[node] = origins[node.args[0]]
             elif kind == "join" or node in self.internal:
                 parts = [origins[a] for a in node.all_input_nodes]
@@ -645,6 +647,12 @@ class _Analysis:
             return self._layernorm(src, node, state, m)
         if kind == "unknown" or node.args[:1] != (src,) or src in node.args[1:] or src in node.kwargs.values():
             return None, None, cannot
+        if kind == "merge" and m is not None and layout == NCHW and m == total:
+            attribute = self._size_attribute(node, total)
+            if attribute is None:
+                return None, None, f"{cannot}: it writes the channel count {total} as a constant that no int " \
+                                   "attribute of its module holds (removal could not update it)"
+            return (NCL, offset, total), ChannelUse(attribute, "size"), None
         if kind in MOVES:
             moved = self._moved(src, node, state)
             return (moved, None, None) if moved else (None, None, f"{cannot} with its channels laid out as "
@@ -708,6 +716,16 @@ class _Analysis:
             return state, ChannelUse(owner, "ln", offset=offset), None
         return None, None, why + ("; pass allow_inexact=True to prune them anyway (the output then changes: the "
                                   "deviation is measured)" if fits else "")
+
+    def _size_attribute(self, node: fx.Node, size: int) -> str | None:
+        """The one int attribute equal to ``size`` of the module whose forward wrote ``size`` in ``node`` (e.g. a
+        ViT's ``hidden_dim`` in ``x.reshape(n, self.hidden_dim, -1)``), as ``module.attribute``; None if there is no
+        such attribute or several."""
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next(reversed(stack.values()))[0] if stack else ""
+        found = [k for k, v in vars(self.modules[owner]).items()
+                 if type(v) is int and v == size and not k.startswith("_")]
+        return (f"{owner}.{found[0]}" if owner else found[0]) if len(found) == 1 else None
 
     def _moved(self, src: fx.Node, node: fx.Node, state: tuple[str, int, int]) -> tuple[str, int, int] | None:
         """The channels' layout after a permute/transpose, a merge of the spatial dims, an index or an expand; None

@@ -8,6 +8,8 @@
   ``B·L·I·E_out`` for the out-projection — what ``torch.utils.flop_counter.FlopCounterMode`` counts. A timm-style
   packed-qkv attention module (:func:`tpp.attention.head_parameters`) adds ``2·B·N²·I`` for its two attention
   matmuls to its ``qkv`` and ``proj`` Linears.
+* ``output_deviation``: how far a pruned model's outputs are from the model's — 0 for exact removal, the figure
+  reported for ``allow_inexact`` units (LayerNorm-coupled channels, tpp-method.md §12).
 * ``jacobian_singular_values``: per sample, ``J(x) = ∂f(x)/∂x ∈ R^{classes × inputs}`` and its singular values
   (tpp-method.md §7), measured in eval mode so that samples do not interact through BN batch statistics.
 
@@ -27,8 +29,8 @@ from torch import Tensor
 
 from .attention import head_parameters
 
-__all__ = ["count_flops", "flops_by_module", "count_params", "jacobian_singular_values", "jsv_summary",
-           "measure_latency"]
+__all__ = ["count_flops", "flops_by_module", "count_params", "output_deviation", "jacobian_singular_values",
+           "jsv_summary", "measure_latency"]
 
 Inputs = Union[Tensor, tuple]
 
@@ -123,6 +125,32 @@ def _attention_macs(m: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def output_deviation(model: nn.Module, pruned: nn.Module, example_input: Inputs) -> dict[str, float]:
+    """``{"max_abs": max |f(x) − g(x)|, "relative": max_abs / max |f(x)|}`` of ``model`` (f) and ``pruned`` (g) on
+    ``example_input``, in eval mode; the outputs (tensors, or tuples/lists/dicts of them) must have the same
+    structure and shapes."""
+    with _eval_mode(model), _eval_mode(pruned):
+        ours, theirs = model(*_as_args(example_input)), pruned(*_as_args(example_input))
+    a, b = _tensors(ours), _tensors(theirs)
+    if [t.shape for t in a] != [t.shape for t in b]:
+        raise ValueError(f"output_deviation: the outputs differ in shape: {[tuple(t.shape) for t in a]} vs "
+                         f"{[tuple(t.shape) for t in b]}")
+    worst = max((float((x.double() - y.double()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+    scale = max((float(x.double().abs().max()) for x in a if x.numel()), default=0.0)
+    return {"max_abs": worst, "relative": worst / scale if scale else (0.0 if worst == 0 else math.inf)}
+
+
+def _tensors(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for key in sorted(out) for t in _tensors(out[key])]
+    if isinstance(out, (tuple, list)):
+        return [t for part in out for t in _tensors(part)]
+    return []
 
 
 def jacobian_singular_values(model: nn.Module, inputs: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 import operator
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
@@ -27,6 +28,7 @@ from . import reference
 from .attention import head_parameters
 from .backends import resolve_backend
 from .graph import ModelGraph, analyze_model
+from .metrics import output_deviation
 from .schedule import GrowingSchedule
 from .selection import RatioSpec, SpeedupSearch, search_speedup, select_filters
 
@@ -58,7 +60,7 @@ class Slot:
 
     @property
     def units(self) -> int:
-        return self.param.shape[0] if self.segments == 1 else self.param.numel() // (self.segments * self.length)
+        return self.param.shape[0] if not self.segment_length else self.param.numel() // (self.segments * self.length)
 
     @property
     def length(self) -> int:
@@ -67,7 +69,7 @@ class Slot:
     def indexed(self, t: Tensor) -> tuple[Tensor, int]:
         """``t`` (the parameter or its gradient) as a tensor whose dim ``dim`` indexes units: ``(t, 0)`` for one
         segment, else the contiguous ``t`` viewed ``[segments, units, length]`` and 1."""
-        return (t, 0) if self.segments == 1 else (t.view(self.segments, -1, self.length), 1)
+        return (t, 0) if not self.segment_length else (t.view(self.segments, -1, self.length), 1)
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,10 @@ class TPPRegularizer:
             search_speedup` (``speedup_mode`` ``"uniform"`` or ``"global"``), logged at INFO and kept in
             ``self.speedup_search`` (``.ratios``, ``.speedup``, ``.describe()``).
         graph: an existing :func:`tpp.graph.analyze_model` of ``model`` (not traced again).
+        allow_inexact: also prune channels a LayerNorm normalizes with kept ones (a ViT's embedding dimension:
+            tpp-method.md §12), whose removal changes the output; needs ``example_input``: :meth:`prune` measures
+            the change on it (:func:`tpp.metrics.output_deviation`, against the zeroed model), logs it as a
+            warning and keeps it in ``self.removal_deviation``.
     """
 
     def __init__(self, model: nn.Module, pruning_ratio: RatioSpec | None = None, skip: str | Iterable[str] = (),
@@ -177,7 +183,7 @@ class TPPRegularizer:
                  bn: bool = True, weight_l2: bool = True, schedule: GrowingSchedule | None = None,
                  backend: str = "auto", *, bn_map: Mapping[str, str | None] | None = None,
                  graph: ModelGraph | None = None, target_speedup: float | None = None, example_input=None,
-                 speedup_mode: str = "uniform", leaf_modules: Iterable[str] = ()):
+                 speedup_mode: str = "uniform", leaf_modules: Iterable[str] = (), allow_inexact: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if (pruning_ratio is None) == (target_speedup is None):
@@ -201,8 +207,9 @@ class TPPRegularizer:
         self.model = unwrap_model(model)
         self.variant, self.gram_weight, self.reduction = variant, float(gram_weight), reduction
         self.bn, self.weight_l2, self.schedule = bn, weight_l2, schedule
-        self.graph = analyze_model(self.model, bn_map=bn_map, leaf_modules=leaf_modules) if graph is None \
-            else graph
+        self.graph = analyze_model(self.model, bn_map=bn_map, leaf_modules=leaf_modules,
+                                   allow_inexact=allow_inexact) if graph is None else graph
+        self.example_input, self.removal_deviation = example_input, None
         params = list(self.model.parameters())
         if not params:
             raise ValueError("model has no parameters to regularize")
@@ -220,6 +227,10 @@ class TPPRegularizer:
         else:
             pruned = select_filters(self.model, pruning_ratio, skip, graph=self.graph)
         self._bind(pruned)
+        if self.inexact and example_input is None:
+            raise ValueError(f"units {', '.join(self.inexact)} cannot be removed exactly ({self.inexact[0]}: "
+                             f"{self.graph.units[self.inexact[0]].inexact}); pass example_input so that prune() "
+                             "can measure how much the output changes")
 
     # ------------------------------------------------------------------- units
     def _bind(self, pruned: Mapping[str, Tensor]) -> None:
@@ -291,7 +302,7 @@ class TPPRegularizer:
 
         layers = [modules[m] for m in unit.members]
         uses = list(dict.fromkeys(u for m in unit.members for u in self.graph.layers[m].uses
-                                  if u.role in ("bn", "depthwise")))
+                                  if u.role in ("bn", "depthwise", "ln")))
         own = [u for u in uses if u.offset == 0 and (unit.segments == 1 or self._width(modules[u.module])
                                                       == unit.channels)]
         carried = [modules[u.module] for u in own]
@@ -301,6 +312,7 @@ class TPPRegularizer:
         slots += [slot(p, "l2") for m in layers if m.bias is not None for p in (m.bias,)]
         slots += [slot(p, "l2") for m in depthwise for p in (m.weight, m.bias) if p is not None]
         slots += [slot(p, "bn") for bn in bns for p in (bn.weight, bn.bias) if p is not None]
+        slots += [_channel_slot(self.model.get_parameter(name), dim) for name, dim in unit.parameters]
         device = layers[0].weight.device
         bound = [_Unit(unit.members, unit.index, indices.to(device), tuple(slots))]
         for use in uses:
@@ -315,7 +327,15 @@ class TPPRegularizer:
 
     @staticmethod
     def _width(module: nn.Module) -> int:
+        if isinstance(module, nn.LayerNorm):
+            return module.normalized_shape[0]
         return module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
+
+    @property
+    def inexact(self) -> list[str]:
+        """The pruned units whose removal changes the output (``allow_inexact``), by unit name."""
+        return [u.names[0] for u in self._units if u.names and self.graph.unit_of(u.names[0]) is not None
+                and self.graph.unit_of(u.names[0]).inexact]
 
     def slots(self, name: str) -> list[Slot]:
         """The parameter slots the pruned set of layer ``name`` indexes: what the penalty and the zero-out touch."""
@@ -533,7 +553,29 @@ class TPPRegularizer:
                 raise RuntimeError(f"module model.{name} was replaced or removed after the TPPRegularizer was "
                                    "built: its graph describes the old model; build a new TPPRegularizer for the "
                                    "changed model")
-        return prune_model(self.model, self.pruned, graph=self.graph)
+        small = prune_model(self.model, self.pruned, graph=self.graph)
+        if self.inexact:
+            with self._zeroed_now():
+                self.removal_deviation = output_deviation(self.model, small, self.example_input)
+            _log.warning("removing %s (%s) changes the model's output on example_input: max |Δ| %.4g, %.3g of "
+                         "max |output|", ", ".join(self.inexact), self.graph.unit_of(self.inexact[0]).inexact,
+                         self.removal_deviation["max_abs"], self.removal_deviation["relative"])
+        return small
+
+    @contextmanager
+    def _zeroed_now(self):
+        """The model with every pruned entry zeroed (as after the zero-out), restored afterwards."""
+        with torch.no_grad():
+            saved = [(view, dim, unit.pruned, view.index_select(dim, unit.pruned))
+                     for unit in self._units for view, dim in (s.indexed(s.param) for s in unit.slots)]
+            for view, dim, rows, _ in saved:
+                view.index_fill_(dim, rows, 0)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for view, dim, rows, values in saved:
+                    view.index_copy_(dim, rows, values)
 
     # ------------------------------------------------------------------- state
     def _config(self) -> dict:
@@ -578,6 +620,14 @@ class TPPRegularizer:
             vars(self).clear()
             vars(self).update(before)
             raise
+
+
+def _channel_slot(param: nn.Parameter, dim: int) -> Slot:
+    """A parameter producing channels in dim ``dim`` (``Unit.parameters``: a class token, a position embedding, a
+    layer scale) as an ``"l2"`` slot, like a bias."""
+    shape = param.shape
+    dim %= len(shape)
+    return Slot(param, "l2") if dim == 0 else Slot(param, "l2", math.prod(shape[:dim]), math.prod(shape[dim + 1:]))
 
 
 def _check_strength(value, what: str = "strength") -> None:

@@ -147,7 +147,8 @@ def num_pruned(ratio: float, n: int) -> int:
 def unit_scores(model: nn.Module, unit: Unit) -> Tensor:
     """Scores of a unit's ``size`` units (tpp-method.md §5, §12), float64 on the CPU.
 
-    A layer's filter: ``mean |w|``; a group's channel: the sum over its producers of each one's ``mean |w|``; with
+    A layer's filter: ``mean |w|``; a group's channel: the sum over its producers of each one's ``mean |w|`` (a
+    parameter producing channels counts as one: its ``mean |p|`` over its other dims); with
     grouped convs a unit's rows are one per group and their mean is taken; a head: ``mean |w|`` over its q, k and
     v rows of the packed in-projection."""
     modules = dict(model.named_modules())
@@ -157,6 +158,8 @@ def unit_scores(model: nn.Module, unit: Unit) -> Tensor:
     total = torch.zeros(unit.size, dtype=torch.float64)
     for member in unit.members:
         total += filter_scores(modules[member].weight).reshape(unit.segments, unit.size).mean(dim=0)
+    for name, dim in unit.parameters:  # a class token, position embedding or layer scale: mean |p| per channel
+        total += filter_scores(model.get_parameter(name).detach().movedim(dim, 0))
     return total
 
 

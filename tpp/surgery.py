@@ -63,16 +63,21 @@ PathLike = Union[str, os.PathLike]
 
 
 def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], *, inplace: bool = False,
-                graph: ModelGraph | None = None, bn_map: Mapping[str, str | None] | None = None) -> nn.Module:
+                graph: ModelGraph | None = None, bn_map: Mapping[str, str | None] | None = None,
+                allow_inexact: bool = False) -> nn.Module:
     """Remove the filters ``pruned[name]`` (1-D integer indices) of each named Conv2d/Linear from ``model``, and the
     heads ``pruned[name]`` of each named ``nn.MultiheadAttention``.
 
     Returns a new module (a deep copy; ``model`` is not modified) or, with ``inplace=True``, ``model`` itself with
     the affected modules' parameters and sizes replaced (an optimizer built before still holds the old parameters).
     Module objects, types, dtypes, devices and ``requires_grad`` are kept, except that an attention module losing
-    heads is replaced by a :class:`tpp.attention.PrunedMultiheadAttention` (same parameter names). ``graph`` reuses
-    an analysis of ``model`` (:func:`tpp.graph.analyze_model`); ``bn_map`` is passed to it, but a graph built from
-    a bn_map does not know the consumers, so it is refused.
+    heads or embedding channels is replaced by a :class:`tpp.attention.PrunedMultiheadAttention` (same parameter
+    names). ``graph`` reuses an analysis of ``model`` (:func:`tpp.graph.analyze_model`); ``bn_map`` and
+    ``allow_inexact`` are passed to it, but a graph built from a bn_map does not know the consumers, so it is
+    refused. Units the graph marks ``inexact`` (LayerNorm-coupled channels, only in a graph built with
+    ``allow_inexact=True``) are removed too, with their LayerNorms' γ, β and ``normalized_shape`` and the
+    parameters producing their channels (``Unit.parameters``); the result then differs from the model (measure it
+    with :func:`tpp.metrics.output_deviation`).
 
     Raises ``TypeError``/``ValueError`` naming the layer and the reason — unknown name, not a Conv2d/Linear, bad
     indices (not 1-D integer, out of range, duplicated), every filter of a layer, the model output layer, a layer
@@ -84,18 +89,30 @@ def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
         raise TypeError(f"prune_model expects an nn.Module, got {type(model).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
-    graph = analyze_model(model, bn_map=bn_map) if graph is None else graph
+    graph = analyze_model(model, bn_map=bn_map, allow_inexact=allow_inexact) if graph is None else graph
     plan, heads = _plan(model, graph, pruned)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     with torch.no_grad():  # build every replacement first: nothing below can fail half-way
-        updates = [(modules[name], _shrunk(modules[name], keep.get("out"), keep.get("in"), keep.get("fold")))
-                   for name, keep in plan.items()]
-        replaced = [(name, PrunedMultiheadAttention.keeping(modules[name], kept)) for name, kept in heads.items()
-                    if isinstance(modules[name], nn.MultiheadAttention)]
-        updates += [(modules[name], {"num_heads": kept.numel(), "attn_dim": kept.numel() * modules[name].head_dim})
-                    for name, kept in heads.items() if not isinstance(modules[name], nn.MultiheadAttention)]
-    for module, new in updates:
+        updates = {name: (modules[name], _shrunk(modules[name], keep.get("out"), keep.get("in"), keep.get("fold")))
+                   for name, keep in plan.items() if name in modules}
+        updates.update({name: _parameter_kept(target, name, keep["out"], keep["dim"])
+                        for name, keep in plan.items() if "dim" in keep})
+        updates.update({name: _attribute(target, name, keep["size"]) for name, keep in plan.items() if "size" in keep})
+        rebuilt = {name for name in plan if isinstance(modules.get(name), nn.MultiheadAttention)}
+        rebuilt |= {name for name in heads if isinstance(modules[name], nn.MultiheadAttention)}
+        replaced = []
+        for name in sorted(rebuilt):  # nn.MultiheadAttention cannot hold fewer heads or channels: rebuilt
+            work = copy.deepcopy(modules[name])
+            for part, module in (("", work), (".out_proj", work.out_proj)):
+                if name + part in updates:
+                    _assign(module, updates.pop(name + part)[1])
+            kept = heads.get(name, torch.arange(work.num_heads))
+            replaced.append((name, PrunedMultiheadAttention.keeping(work, kept)))
+        updates.update({name: (modules[name], {"num_heads": kept.numel(),
+                                               "attn_dim": kept.numel() * modules[name].head_dim})
+                        for name, kept in heads.items() if not isinstance(modules[name], nn.MultiheadAttention)})
+    for module, new in updates.values():
         _assign(module, new)
     for name, new in replaced:
         parent, _, child = name.rpartition(".")
@@ -105,7 +122,8 @@ def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
 
 def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """Validate ``pruned``; return ``{module: {"out": kept outputs, "in": kept input columns, "fold": what the
-    removed input columns add to its outputs (float64)}}`` and ``{attention module: kept heads}``."""
+    removed input columns add to its outputs (float64)}}`` (a parameter producing channels: ``{"out": kept,
+    "dim": its channel dim}``) and ``{attention module: kept heads}``."""
     if not isinstance(pruned, Mapping):
         raise TypeError(f"pruned must map layer names to filter indices, got {type(pruned).__name__}")
     if not isinstance(graph, ModelGraph):
@@ -135,6 +153,8 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
     removed: dict[tuple[str, str], dict[tuple[int, int], Tensor]] = {}  # (module, side) -> {(start, width): idx}
     folds: dict[str, dict[tuple[int, int], Tensor]] = {}  # consumer -> {(start, width): bias delta}
     heads: dict[str, Tensor] = {}
+    dims: dict[str, int] = {}  # parameters producing channels: their channel dim
+    sizes: dict[str, int] = {}  # int attributes holding a channel count: their new value
     done: set[str] = set()
     for name, idx in indices.items():
         if name in done:
@@ -152,10 +172,16 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
                 _remove(removed, f"{name}.proj", "in", 0, unit.channels * d, rows, name)
             continue
         channels = unit.channels
+        for parameter, dim in unit.parameters:
+            _remove(removed, parameter, "out", 0, channels, idx, name)
+            dims[parameter] = dim
         for member in unit.members:
             _expect(modules, member, "layer", channels)
             _remove(removed, member, "out", 0, channels, idx, name)
             for use in graph.layers[member].uses:
+                if use.role == "size":
+                    sizes[use.module] = channels - idx.numel()
+                    continue
                 _expect(modules, use.module, use.role, channels + use.offset, use.block, use.groups)
                 if use.role == "input":
                     block = use.block
@@ -170,9 +196,15 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
     edits: dict[str, dict[str, Tensor]] = {}
     for (module, side), parts in removed.items():
         drop = torch.cat(list(parts.values())).sort().values
+        if module in dims:
+            edits[module] = {"out": _complement(drop, _parameter(model, module).shape[dims[module]]),
+                             "dim": dims[module]}
+            continue
         edits.setdefault(module, {})[side] = _complement(drop, _width(modules[module], side))
     for module, parts in folds.items():
         edits[module]["fold"] = sum(parts.values())
+    for attribute, size in sizes.items():
+        edits[attribute] = {"size": size}
     return edits, heads
 
 
@@ -245,6 +277,10 @@ def _expect(modules: dict[str, nn.Module], name: str, role: str, channels: int, 
     conv = isinstance(m, nn.Conv2d)
     if role == "bn":
         ok = isinstance(m, _BNS) and m.num_features >= channels
+    elif role == "ln":
+        ok = isinstance(m, nn.LayerNorm) and m.normalized_shape[0] >= channels
+    elif isinstance(m, nn.MultiheadAttention):
+        ok = role == "input" and m.embed_dim >= channels
     elif role == "depthwise":
         ok = conv and m.groups == m.in_channels == m.out_channels >= channels
     elif role == "layer":
@@ -281,6 +317,10 @@ def _remove(removed: dict, name: str, side: str, start: int, width: int, idx: Te
 def _width(module: nn.Module, side: str) -> int:
     if isinstance(module, _BNS):
         return module.num_features
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[0]
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim
     if isinstance(module, nn.Linear):
         return module.out_features if side == "out" else module.in_features
     return module.out_channels if side == "out" else module.in_channels
@@ -296,6 +336,12 @@ def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None, fold: Ten
         new = {k: select(getattr(module, k), 0, out) for k in ("weight", "bias", "running_mean", "running_var")
                if getattr(module, k) is not None}
         return {**new, "num_features": out.numel()}
+    if isinstance(module, nn.LayerNorm):
+        new = {k: select(getattr(module, k), 0, out) for k in ("weight", "bias") if getattr(module, k) is not None}
+        return {**new, "normalized_shape": (out.numel(),)}
+    if isinstance(module, nn.MultiheadAttention):  # its embedding columns; rebuilt by prune_model afterwards
+        n = inp.numel()
+        return {"in_proj_weight": select(module.in_proj_weight, 1, inp), "embed_dim": n, "kdim": n, "vdim": n}
     new = {}
     weight, bias = module.weight, module.bias
     if fold is not None:
@@ -318,6 +364,25 @@ def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None, fold: Ten
         inp = inp[inp < per_group]
         weight = select(weight, 1, inp)
     return {**new, "weight": weight, "out_channels": weight.shape[0], "in_channels": weight.shape[1] * module.groups}
+
+
+def _parameter(model: nn.Module, name: str) -> Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def _parameter_kept(model: nn.Module, name: str, kept: Tensor, dim: int) -> tuple[nn.Module, dict[str, Tensor]]:
+    """The owner of parameter ``name`` and its new value keeping channels ``kept`` of dim ``dim``."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    value = getattr(module, attr)
+    return module, {attr: value.index_select(dim, kept.to(value.device))}
+
+
+def _attribute(model: nn.Module, name: str, size: int) -> tuple[nn.Module, dict[str, int]]:
+    """The owner of int attribute ``name`` (a channel count the forward reads) and its new value."""
+    owner, _, attr = name.rpartition(".")
+    return (model.get_submodule(owner) if owner else model), {attr: size}
 
 
 def _assign(module: nn.Module, new: dict[str, object]) -> None:
@@ -391,7 +456,7 @@ def load_pruned(model: nn.Module | PathLike | Mapping, path_or_obj: PathLike | M
     constructor arguments — tpp 0.1 files included); with two, ``model`` is an instance of the UNPRUNED
     architecture (not modified). A path is read with ``torch.load(weights_only=True)`` and checked against the
     checksum :func:`save_pruned` stored in it (files of tpp 0.1 have none); a loaded dict is accepted as it is
-    (:func:`tpp.files.verify` checks one). The structure is ``prune_model(model, checkpoint["pruned"])``, then the
+    (:func:`tpp.files.verify` checks one). The structure is ``prune_model(model, checkpoint["pruned"], allow_inexact=True)``, then the
     weights are loaded strictly. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is
     not a tpp-pruned checkpoint or is corrupted (truncated, or its content not matching its checksum), an ``arch``
     differing from the saved one (when both are given), a file naming no buildable architecture (one argument), or
@@ -406,7 +471,7 @@ def load_pruned(model: nn.Module | PathLike | Mapping, path_or_obj: PathLike | M
     if model is None:
         model = build_unpruned(checkpoint, source)
     try:
-        pruned_model = prune_model(model, checkpoint["pruned"])
+        pruned_model = prune_model(model, checkpoint["pruned"], allow_inexact=True)  # the file says what was removed
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source} does not fit this {type(model).__name__}: {err}") from err
     expected, saved = pruned_model.state_dict(), checkpoint["state_dict"]
