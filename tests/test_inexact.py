@@ -213,3 +213,23 @@ def test_a_channel_count_written_in_forward_needs_an_attribute():
     graph = analyze_model(Hardcoded(width=8), allow_inexact=True)
     uses = {(u.module, u.role) for u in graph.layers["conv"].uses}
     assert graph.units["conv"].inexact and uses >= {("width", "size"), ("ln", "ln")}
+
+
+def test_the_command_prunes_the_embedding_records_the_deviation_and_resumes_only_alike(tmp_path, capsys):
+    """`tpp prune --allow-inexact` on the embedded digits ViT: the deviation lands in metrics.json; a resume
+    without the flag is refused before anything is written."""
+    import json
+
+    from tpp.cli import main
+
+    out = tmp_path / "vit"
+    run = ["prune", "--model", "digits_vit", "--data", "digits", "--ratio", "0.5", "--method", "tpp", "--weights",
+           "none", "--delta", "0.05", "--interval", "1", "--stabilize-iters", "6", "--zero-out-interval", "1",
+           "--finetune-epochs", "1", "--jsv-samples", "4", "--quiet", "--out", str(out)]
+    assert main([*run, "--allow-inexact", "--stop-after-iters", "4"]) == 0
+    capsys.readouterr()
+    assert main([*run, "--resume", "auto"]) == 2
+    assert "--allow-inexact: checkpoint True, this run False" in capsys.readouterr().err
+    assert main([*run, "--allow-inexact", "--resume", "auto"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["allow_inexact"] is True and metrics["metrics"]["removal_deviation"]["max_abs"] > 0

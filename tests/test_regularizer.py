@@ -336,14 +336,18 @@ def test_constructor_errors():
 
 
 def test_zero_out_spacing_adapts_to_the_stabilize_phase():
-    """tpp-method §12: ⌊stabilize_iters / slots⌋, at most the configured interval; unchanged when it fits."""
+    """tpp-method §12: ⌊(stabilize_iters − 1) / slots⌋, at most the configured interval; unchanged when it fits.
+    Every slot is due at an iteration step() runs (t < total_iters), the last one included."""
     net = make_net(0)
     short = GrowingSchedule(delta=0.5, interval=1, stabilize_iters=12, zero_out_interval=5)
     reg = TPPRegularizer(net, 0.5, schedule=short)  # last pruned layer: conv3, execution index 2 -> 3 slots
-    assert reg.schedule.zero_out_interval == 4 and reg.schedule.stabilize_iters == 12
+    assert reg.schedule.zero_out_interval == 3 and reg.schedule.stabilize_iters == 12
     slots = [reg.graph.layers[name].index for name in reg.pruned]
     due = [min(t for t in range(40) if reg.schedule.zero_out_due(t, i)) for i in slots]
-    assert due == [2 + 4, 2 + 8, 2 + 12] and max(due) <= short.total_iters
+    assert due == [2 + 3, 2 + 6, 2 + 9] and max(due) < short.total_iters
+    for _ in range(short.total_iters):
+        reg.step()
+    assert reg.zero_pruned() == 0.0  # the schedule zeroed every unit, the last one included
     assert TPPRegularizer(net, 0.5, schedule=TINY).schedule is TINY
 
 

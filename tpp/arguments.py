@@ -199,6 +199,9 @@ def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
                    help="--speedup by one ratio for every unit, or by a global ranking of normalized scores (needs "
                         "--weights)")
     g.add_argument("--skip", help="comma-separated layer patterns never pruned")
+    g.add_argument("--allow-inexact", action="store_true", help="also prune channels a LayerNorm normalizes with "
+                   "kept ones (a ViT's embedding, tpp-method.md §12): removal then changes the output; the change "
+                   "is measured on a test batch and recorded (metrics.json: removal_deviation)")
     g.add_argument("--method", help="tpp, l1, greg, diagonal, no-bn, kernorth, orthconv, orthp, scratch, "
                                     "l1-kernorth, l1-orthconv (default: tpp)")
     g.add_argument("--weights", help="the model to prune: a state_dict file, 'torchvision[:ENUM]' for torchvision's "

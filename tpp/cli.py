@@ -125,11 +125,14 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", default="", help="patterns never pruned, comma-separated")
     p.add_argument("--input-shape", help="C,H,W (or F) of one example; default: the model's (tpp.models.input_shape)")
     p.add_argument("--num-classes", type=int, help="outputs of the classifier (default: the model's)")
+    p.add_argument("--allow-inexact", action="store_true", help="also prune channels a LayerNorm normalizes with "
+                   "kept ones (a ViT's embedding): removal then changes the output; with --ratio it is measured")
 
 
 def cmd_inspect(args, argv, prog: str = "tpp inspect") -> int:
     import torch
 
+    from .graph import analyze_model
     from .inspect import inspect_model
     from .models import build_model, input_shape
     from .selection import search_speedup
@@ -145,10 +148,12 @@ def cmd_inspect(args, argv, prog: str = "tpp inspect") -> int:
     example = torch.randn(1, *shape)
     try:
         if args.speedup is not None:
-            print(search_speedup(model, args.speedup, example, mode=args.speedup_mode, skip=skip).describe() + "\n")
-            print(inspect_model(model, example, skip=skip))
+            graph = analyze_model(model, allow_inexact=args.allow_inexact)
+            print(search_speedup(model, args.speedup, example, mode=args.speedup_mode, skip=skip,
+                                 graph=graph).describe() + "\n")
+            print(inspect_model(model, example, skip=skip, allow_inexact=args.allow_inexact))
         else:
-            print(inspect_model(model, example, args.ratio, skip))
+            print(inspect_model(model, example, args.ratio, skip, allow_inexact=args.allow_inexact))
     except (TypeError, ValueError) as err:
         raise UsageError(f"{args.model}: {err}") from None
     return 0

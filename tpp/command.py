@@ -165,7 +165,8 @@ def _run_config(args, recipe, num_classes: int, eval_batch: int, caller_settings
             log_every=args.log_every, seed=args.seed, backend=args.backend,
             checkpoint_every=args.checkpoint_every or max(1, min(1000, iters // 10 or 1)),
             finetune_checkpoint_every=args.finetune_checkpoint_every or None, num_classes=num_classes,
-            caller_settings=caller_settings, latency_batch=max(1, min(64, eval_batch)))
+            caller_settings=caller_settings, latency_batch=max(1, min(64, eval_batch)),
+            allow_inexact=args.allow_inexact)
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
 
@@ -263,7 +264,7 @@ def _run(args, layout: Layout, command_line: str, env, log) -> int:
     model, weights_from = load_weights(recipe.model, weights, num_classes, kwargs, sample, recipe.data, env)
     speedup = None
     try:
-        graph = analyze_model(model)                                 # the run's one torch.fx trace
+        graph = analyze_model(model, allow_inexact=args.allow_inexact)  # the run's one torch.fx trace
         if recipe.ratio is None:                                     # --speedup: the ratios are searched here
             if layout.pretrain and weights is None and args.speedup_mode == "global":
                 raise UsageError("--speedup-mode global ranks the scores of the weights to prune: pass --weights "

@@ -49,7 +49,7 @@ def skip_patterns(skip: Union[str, Iterable[str], None]) -> tuple[str, ...]:
 
 #: RunConfig fields that change a run's result (its schedule's fields besides, see :func:`run_settings`)
 CONFIG_SETTINGS = ("seed", "reg_iters", "reg_lr", "momentum", "weight_decay", "orth_weight", "finetune_epochs",
-                   "finetune_lr", "lr_schedule", "lr_milestones", "lr_gamma", "jsv_samples", "bn_map")
+                   "finetune_lr", "lr_schedule", "lr_milestones", "lr_gamma", "jsv_samples", "bn_map", "allow_inexact")
 
 
 def _plain(value: Any) -> Any:

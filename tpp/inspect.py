@@ -5,12 +5,14 @@ reads the model.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
 from .graph import analyze_model
-from .metrics import count_params, flops_by_module
+from .metrics import count_params, flops_by_module, output_deviation
+from .regularizer import TPPRegularizer
 from .selection import RatioSpec, layer_ratios, select_filters
 from .surgery import prune_model
 
@@ -19,7 +21,7 @@ __all__ = ["inspect_model"]
 
 def inspect_model(model: nn.Module, example_input=None, ratio: RatioSpec | None = None,
                   skip: str | Iterable[str] = (), *, bn_map: Mapping[str, str | None] | None = None,
-                  leaf_modules: Iterable[str] = ()) -> str:
+                  leaf_modules: Iterable[str] = (), allow_inexact: bool = False) -> str:
     """The report of ``tpp inspect``: every prunable unit (private layer, coupled group with its members,
     attention heads) with its kind, size (``size×segments`` with grouped convs) and the share of the model's FLOPs
     spent in the layers pruning it shrinks (its producers and consumers; shares overlap), then every refused layer
@@ -27,10 +29,11 @@ def inspect_model(model: nn.Module, example_input=None, ratio: RatioSpec | None 
 
     ``example_input`` (e.g. one image) enables the FLOPs columns; ``ratio`` (any spec :func:`tpp.select_filters`
     takes, with ``skip``) adds the units it prunes and the FLOPs and parameter reduction of removing them, without
-    training. ``bn_map``/``leaf_modules`` go to :func:`tpp.graph.analyze_model`. Raises what it and
-    :func:`tpp.select_filters` raise.
+    training. ``bn_map``/``leaf_modules``/``allow_inexact`` go to :func:`tpp.graph.analyze_model`; units whose
+    removal is inexact are marked, and with a ``ratio`` and an ``example_input`` the output deviation of removing
+    them (after the zero-out, random weights) is shown. Raises what it and :func:`tpp.select_filters` raise.
     """
-    graph = analyze_model(model, bn_map=bn_map, leaf_modules=leaf_modules)
+    graph = analyze_model(model, bn_map=bn_map, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
     flops = flops_by_module(model, example_input) if example_input is not None else None
     total = sum(flops.values()) if flops else 0
     chosen = layer_ratios(graph, ratio, skip) if ratio is not None else {}
@@ -45,7 +48,7 @@ def inspect_model(model: nn.Module, example_input=None, ratio: RatioSpec | None 
     lines += ["", header]
     for unit in graph.units.values():
         size = f"{unit.size}" + (f"×{unit.segments}" if unit.segments > 1 else "")
-        row = f"{_clip(unit.name, 48):<48} {unit.kind:<6} {size:>6}"
+        row = f"{_clip(unit.name + (' (inexact)' if unit.inexact else ''), 48):<48} {unit.kind:<6} {size:>6}"
         if flops:
             shrunk = set(unit.members) | {u.module for m in unit.members if m in graph.layers
                                           for u in graph.layers[m].uses if u.role == "input"}
@@ -54,12 +57,21 @@ def inspect_model(model: nn.Module, example_input=None, ratio: RatioSpec | None 
             row += f" {chosen.get(unit.members[0], 0):>6.3g}"
         lines.append(row)
         if unit.kind == "group":
-            lines.append(f"{'':<4}members: {', '.join(unit.members)}")
+            lines.append(f"{'':<4}members: {', '.join(unit.members + tuple(p for p, _ in unit.parameters))}")
+        if unit.inexact:
+            lines.append(f"{'':<4}inexact: {unit.inexact}")
     lines += ["", f"refused ({len(graph.refusals)}):"]
     lines += [f"  {name}: {reason}" for name, reason in graph.refusals.items()]
     if ratio is not None:
         pruned = select_filters(model, ratio, skip, graph=graph)
         small = prune_model(model, pruned, graph=graph)
+        inexact = [u.name for u in graph.units.values() if u.inexact and u.members[0] in pruned]
+        if inexact and example_input is not None:
+            zeroed = copy.deepcopy(model)
+            TPPRegularizer(zeroed, ratio, skip, graph=graph, example_input=example_input).zero_pruned()
+            deviation = output_deviation(zeroed, small, example_input)
+            lines.append(f"\ninexact removal of {', '.join(inexact)} (after the zero-out): output changes by "
+                         f"max |Δ| {deviation['max_abs']:.4g}, {deviation['relative']:.3g} of max |output|")
         params = f"params {_si(count_params(model))} -> {_si(count_params(small))}"
         if flops is not None:
             after = sum(flops_by_module(small, example_input).values())

@@ -44,6 +44,7 @@ checkpoints through the same loops.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -70,10 +71,13 @@ from .loop import (
     sgd,
     train,
 )
-from .metrics import count_flops, count_params, jacobian_singular_values, jsv_summary, measure_latency
+from .metrics import count_flops, count_params, jacobian_singular_values, jsv_summary, measure_latency, \
+    output_deviation
 from .recipes import RECIPES, Recipe, default_recipe
 from .schedule import GrowingSchedule
 from .selection import RatioSpec, layer_ratios, select_filters
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["RunConfig", "PruneResult", "run_pruning", "Recipe", "RECIPES", "default_recipe", "train", "evaluate",
            "model_signature", "RUN_CHECKPOINT_VERSION", "TrainHooks", "LR_SCHEDULES"]
@@ -112,6 +116,7 @@ class RunConfig:
     seed: Optional[int] = None
     backend: str = "auto"
     bn_map: Optional[Mapping[str, Optional[str]]] = None
+    allow_inexact: bool = False
     checkpoint_every: Optional[int] = None
     finetune_checkpoint_every: Optional[int] = None
     arch: Optional[str] = None
@@ -170,7 +175,7 @@ class RunConfig:
             "momentum": self.momentum, "weight_decay": self.weight_decay, "finetune_epochs": self.finetune_epochs,
             "finetune_lr": self.finetune_lr, "lr_milestones": list(self.lr_milestones), "lr_gamma": self.lr_gamma,
             "orth_weight": self.orth_weight, "jsv_samples": self.jsv_samples, "seed": self.seed,
-            "backend": self.backend, "lr_schedule": self.lr_schedule,
+            "backend": self.backend, "lr_schedule": self.lr_schedule, "allow_inexact": self.allow_inexact,
         }
 
 
@@ -219,7 +224,7 @@ def run_pruning(
     The settings are a :class:`RunConfig`: pass ``config=``, or ``method``, ``ratio`` and its other fields as
     keyword arguments (``skip``, ``schedule``, ``reg_iters``, ``reg_lr``, ``momentum``, ``weight_decay``,
     ``finetune_epochs``, ``finetune_lr``, ``lr_milestones``, ``lr_gamma``, ``lr_schedule``, ``orth_weight``,
-    ``jsv_samples``, ``log_every``, ``seed``, ``backend``, ``bn_map``, ``checkpoint_every``,
+    ``jsv_samples``, ``log_every``, ``seed``, ``backend``, ``bn_map``, ``allow_inexact``, ``checkpoint_every``,
     ``finetune_checkpoint_every``, ...); unknown keywords raise ``TypeError``.
 
     Args:
@@ -266,7 +271,8 @@ class _Run:
         self.checkpoint, self.resume = checkpoint, resume
         self.hooks: TrainHooks = hooks or DEFAULT_HOOKS
         # traced once per run: the regularizer, the selection and the removal all use this graph
-        self.graph = graph if graph is not None else analyze_model(model, bn_map=cfg.bn_map)
+        self.graph = graph if graph is not None else analyze_model(model, bn_map=cfg.bn_map,
+                                                                   allow_inexact=cfg.allow_inexact)
         self.ratios = layer_ratios(self.graph, cfg.ratio, cfg.skip)      # the spec, parsed once
         self.identity = RunIdentity.of_config(model, cfg)
         self.model = model if inplace else copy.deepcopy(model)
@@ -431,7 +437,8 @@ class _Run:
         if self.method.regularizer is None:
             self.reg, self.optimizer = None, None
             return
-        tpp_options = {"backend": cfg.backend, "graph": self.graph} if self.method.regularizer == "tpp" else {}
+        tpp_options = {"backend": cfg.backend, "graph": self.graph, "example_input": self.example} \
+            if self.method.regularizer == "tpp" else {}
         self.reg = make_regularizer(self.method, self.model, self.ratios, (), schedule=cfg.schedule,
                                     orth_weight=cfg.orth_weight, bn_map=cfg.bn_map, **tpp_options)
         self.hooks.agree("the filters selected for pruning", self.reg.pruned)
@@ -507,8 +514,16 @@ class _Run:
             for key in ("accuracy", "top5", "loss", "jsv", "jsv_mean"):
                 if "base" in self.metrics[key]:
                     self.metrics[key]["before_removal"] = self.metrics[key]["base"]
+        inexact = [u.name for u in self.graph.units.values() if u.inexact and u.members[0] in self.pruned]
+        before = copy.deepcopy(self.model) if inexact else None
         self.model = prune_model(self.model, self.pruned, inplace=True, graph=self.graph)
         self.model = self.hooks.place(self.model, self.device)
+        if before is not None:  # LayerNorm-coupled channels (allow_inexact): what removal changed, on test images
+            images = self._samples(8)
+            self.metrics["removal_deviation"] = output_deviation(before, self.model, images)
+            _log.warning("removal of %s (allow_inexact) changed the output on %d test images: max |Δ| %.4g, %.3g "
+                         "of max |output|", ", ".join(inexact), images.shape[0],
+                         self.metrics["removal_deviation"]["max_abs"], self.metrics["removal_deviation"]["relative"])
         if self.method.post_removal is not None:
             self._measure("removed_untransformed", self.model)
         if self.method.post_removal == "orthp":

@@ -77,11 +77,13 @@ class GrowingSchedule:
 
     def spaced_for(self, slots: int) -> "GrowingSchedule":
         """This schedule with the zero-out of ``slots`` execution-order slots fitted into the stabilize phase
-        (tpp-method.md §12): ``zero_out_interval = min(zero_out_interval, ⌊stabilize_iters / slots⌋)``. Unchanged
-        (the paper's exact timing) whenever the configured interval already fits."""
+        (tpp-method.md §12): ``zero_out_interval = min(zero_out_interval, ⌊(stabilize_iters − 1) / slots⌋)``, so
+        that the last slot is due at an iteration ``t < total_iters`` that ``step()`` runs (``⌊stabilize_iters /
+        slots⌋`` would leave it due exactly at ``total_iters``, after the last step). Unchanged (the paper's exact
+        timing) whenever the configured interval already fits."""
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
-        spacing = min(self.zero_out_interval, self.stabilize_iters // slots)
+        spacing = min(self.zero_out_interval, max(0, self.stabilize_iters - 1) // slots)
         return self if spacing == self.zero_out_interval else replace(self, zero_out_interval=spacing)
 
     def state_dict(self) -> dict:
