@@ -201,18 +201,23 @@ def test_a_channel_count_written_in_forward_needs_an_attribute():
         def __init__(self, width=None):
             super().__init__()
             self.conv, self.ln, self.fc = nn.Conv2d(3, 8, 2, 2), nn.LayerNorm(8), nn.Linear(8, 2)
+            self.patch = 8  # equal to the width, never read: not the one removal must update
             if width is not None:
                 self.width = width
 
         def forward(self, x):
-            x = self.conv(x).reshape(x.shape[0], 8, -1).transpose(1, 2)
+            x = self.conv(x).reshape(x.shape[0], getattr(self, "width", 8), -1).transpose(1, 2)
             return self.fc(self.ln(x)[:, 0])
 
     graph = analyze_model(Hardcoded(), allow_inexact=True)
-    assert "writes the channel count 8 as a constant" in graph.refusals["conv"]
-    graph = analyze_model(Hardcoded(width=8), allow_inexact=True)
+    assert "writes the channel count 8 as a constant that no single int attribute" in graph.refusals["conv"]
+    model = Hardcoded(width=8)
+    graph = analyze_model(model, allow_inexact=True)
     uses = {(u.module, u.role) for u in graph.layers["conv"].uses}
     assert graph.units["conv"].inexact and uses >= {("width", "size"), ("ln", "ln")}
+    assert (model.width, model.patch) == (8, 8)
+    small = prune_model(model, {"conv": [1, 6]}, graph=graph)
+    assert (small.width, small.patch) == (6, 8) and small(torch.randn(2, 3, 8, 8)).shape == (2, 2)
 
 
 def test_the_command_prunes_the_embedding_records_the_deviation_and_resumes_only_alike(tmp_path, capsys):

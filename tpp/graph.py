@@ -221,7 +221,7 @@ def analyze_model(model: nn.Module, bn_map: Mapping[str, str | None] | None = No
             "pass the layer -> BatchNorm mapping explicitly, e.g. analyze_model(model, bn_map={'conv1': 'bn1', "
             "'fc': None}); the layers listed there are then treated as independently prunable."
         ) from err
-    return _Analysis(model, graph, allow_inexact).model_graph()
+    return _Analysis(model, graph, allow_inexact, tracer.leaves).model_graph()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,8 +243,9 @@ def _projections(name: str, module: nn.Module) -> tuple[str, str]:
 class _Analysis:
     """Per-node classification, value origins and join groups of one traced graph."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, allow_inexact: bool = False) -> None:
-        self.allow_inexact = allow_inexact
+    def __init__(self, model: nn.Module, graph: fx.Graph, allow_inexact: bool = False,
+                 leaves: Iterable[str] = ()) -> None:
+        self.allow_inexact, self.leaves = allow_inexact, leaves
         self.modules = dict(model.named_modules())
         self.nodes = list(graph.nodes)
         self.pos = {node: i for i, node in enumerate(self.nodes)}
@@ -650,8 +651,8 @@ class _Analysis:
         if kind == "merge" and m is not None and layout == NCHW and m == total:
             attribute = self._size_attribute(node, total)
             if attribute is None:
-                return None, None, f"{cannot}: it writes the channel count {total} as a constant that no int " \
-                                   "attribute of its module holds (removal could not update it)"
+                return None, None, f"{cannot}: it writes the channel count {total} as a constant that no single " \
+                                   "int attribute of its module holds (removal could not update it)"
             return (NCL, offset, total), ChannelUse(attribute, "size"), None
         if kind in MOVES:
             moved = self._moved(src, node, state)
@@ -718,14 +719,28 @@ class _Analysis:
                                   "deviation is measured)" if fits else "")
 
     def _size_attribute(self, node: fx.Node, size: int) -> str | None:
-        """The one int attribute equal to ``size`` of the module whose forward wrote ``size`` in ``node`` (e.g. a
-        ViT's ``hidden_dim`` in ``x.reshape(n, self.hidden_dim, -1)``), as ``module.attribute``; None if there is no
-        such attribute or several."""
+        """The int attribute of the module whose forward wrote ``size`` in ``node`` that holds it (e.g. a ViT's
+        ``hidden_dim`` in ``x.reshape(n, self.hidden_dim, -1)``), as ``module.attribute``; None if none does (or
+        several). An attribute equal to ``size`` holds it if changing it changes ``node``: the model is traced
+        again with it set to ``size + 1``, then restored."""
         stack = node.meta.get("nn_module_stack") or {}
         owner = next(reversed(stack.values()))[0] if stack else ""
-        found = [k for k, v in vars(self.modules[owner]).items()
-                 if type(v) is int and v == size and not k.startswith("_")]
+        module = self.modules[owner]
+        found = [k for k, v in vars(module).items() if type(v) is int and v == size and not k.startswith("_")]
+        found = [k for k in found if self._writes(node, module, k, size)]
         return (f"{owner}.{found[0]}" if owner else found[0]) if len(found) == 1 else None
+
+    def _writes(self, node: fx.Node, module: nn.Module, attribute: str, size: int) -> bool:
+        """Whether ``node`` reads ``module.attribute`` (= ``size``): traced again with it changed."""
+        setattr(module, attribute, size + 1)
+        try:
+            graph = Tracer(self.leaves).trace(self.modules[""])
+        except Exception:
+            return False
+        finally:
+            setattr(module, attribute, size)
+        twin = next((n for n in graph.nodes if n.name == node.name), None)
+        return twin is not None and size + 1 in twin.args
 
     def _moved(self, src: fx.Node, node: fx.Node, state: tuple[str, int, int]) -> tuple[str, int, int] | None:
         """The channels' layout after a permute/transpose, a merge of the spatial dims, an index or an expand; None
