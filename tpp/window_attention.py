@@ -82,11 +82,10 @@ torch.fx.wrap("window_attention")  # opaque to torch.fx, as torchvision's shifte
 def _shift_mask(ph: int, pw: int, window_size: list[int], shift: list[int], like: Tensor) -> Tensor:
     """``[windows, tokens, tokens]``: −100 between two tokens of a window of the rolled map from different regions,
     else 0. Along each axis of length ``n`` the regions are ``[0, n − w)``, ``[n − w, n − s)``, ``[n − s, n)``
-    (window ``w``, shift ``s``)."""
+    (window ``w``, shift ``s``; with ``s = 0`` the first two hold whole windows and the last is empty)."""
     def regions(n: int, w: int, s: int) -> Tensor:
         i = torch.arange(n, device=like.device)
-        return (i >= n - w).long() + (i >= n - s).long() if s else torch.zeros(n, dtype=torch.long,
-                                                                              device=like.device)
+        return (i >= n - w).long() + (i >= n - s).long()
 
     (wh, ww), (sh, sw) = window_size, shift
     label = regions(ph, wh, sh)[:, None] * 3 + regions(pw, ww, sw)[None, :]
