@@ -53,7 +53,7 @@ def _as_args(example_input: Inputs) -> tuple:
 
 
 def count_flops(model: nn.Module, example_input: Inputs) -> int:
-    """FLOPs (2 × MACs of Conv2d, Linear and MultiheadAttention) of ``model(example_input)`` for the whole batch.
+    """FLOPs (2 × MACs of Conv2d, Linear and attention modules) of ``model(example_input)`` for the whole batch.
 
     Pass a batch of one for per-image FLOPs; a tuple is unpacked as positional arguments.
     """
@@ -61,7 +61,7 @@ def count_flops(model: nn.Module, example_input: Inputs) -> int:
 
 
 def flops_by_module(model: nn.Module, example_input: Inputs) -> dict[str, int]:
-    """``{qualified module name: FLOPs}`` of every Conv2d/Linear/MultiheadAttention called in
+    """``{qualified module name: FLOPs}`` of every Conv2d/Linear/attention module called in
     ``model(example_input)`` (a module called twice counts twice); :func:`count_flops` is their sum."""
     names = {m: name for name, m in model.named_modules()}
     macs: dict[str, int] = {}
