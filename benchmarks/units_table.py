@@ -19,7 +19,7 @@ from torch import nn
 from tpp import TPPRegularizer, count_flops, prune_model, select_filters
 
 MODELS = ("resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "densenet121",
-          "vit_b_16")
+          "vit_b_16", "swin_t")
 
 
 @torch.no_grad()

@@ -575,7 +575,7 @@ def test_save_load_round_trip_with_groups_and_heads(tmp_path, seed):
 
 UNIT_SPEEDUPS = {  # issue 12: FLOPs reduction by count_flops at a uniform ratio 0.5, 224×224
     "resnet50": 3.3, "mobilenet_v2": 3.0, "mobilenet_v3_small": 2.8, "efficientnet_b0": 2.8, "regnet_x_400mf": 2.8,
-    "densenet121": 2.8, "vit_b_16": 1.9,
+    "densenet121": 2.8, "vit_b_16": 1.9, "swin_t": 1.9,
 }
 
 

@@ -1,5 +1,7 @@
-"""Attention heads as pruning units (tpp-method.md §12): where their parameters live (:func:`head_parameters`) and
-``PrunedMultiheadAttention``, an ``nn.MultiheadAttention`` whose heads were removed.
+"""Attention heads as pruning units (tpp-method.md §12): where their parameters live (:func:`head_parameters`:
+``nn.MultiheadAttention``, torchvision's Swin window attention, timm-style packed-qkv modules), what removing some
+keeps of a module's state (:func:`kept_state`), and ``PrunedMultiheadAttention``, an ``nn.MultiheadAttention`` whose
+heads were removed (Swin's counterpart: :mod:`tpp.window_attention`).
 
 ``nn.MultiheadAttention`` ties its inner width (``num_heads · head_dim``) to ``embed_dim``, the width of its input
 and output; removing heads keeps ``embed_dim`` and ``head_dim`` (so the ``1/√head_dim`` scale) and shrinks the
@@ -11,13 +13,14 @@ the same call signature and results (``(output, weights or None)``). Only self-a
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PrunedMultiheadAttention", "HeadParameters", "head_parameters"]
+__all__ = ["PrunedMultiheadAttention", "HeadParameters", "head_parameters", "is_window_attention", "kept_state"]
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -117,29 +120,36 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
 @dataclass(frozen=True)
 class HeadParameters:
     """Where an attention module's heads live: ``packed_weight`` ``[3·H·d_h, E]`` (q, k, v rows of head ``h`` at
-    ``[h·d_h, (h+1)·d_h)`` of each third), its bias (or None), and ``out_weight`` ``[E_out, H·d_h]`` (head ``h``'s
-    input columns at the same range)."""
+    ``[h·d_h, (h+1)·d_h)`` of each third), its bias (or None), ``out_weight`` ``[E_out, H·d_h]`` (head ``h``'s
+    input columns at the same range), and ``per_head``: further parameters of the module holding one slice per head,
+    each with the dim that indexes the heads (e.g. a relative position bias table ``[(2W−1)², H]``, dim 1) — removal
+    slices them (:func:`kept_state`); the regularizer leaves them alone (a head whose v rows and out-projection
+    columns are zero contributes nothing, whatever they hold)."""
 
     packed_weight: Tensor
     packed_bias: Tensor | None
     out_weight: Tensor
     num_heads: int
     head_dim: int
+    per_head: tuple[tuple[Tensor, int], ...] = ()
 
 
 def head_parameters(module: nn.Module) -> HeadParameters | None:
     """The heads of ``module`` if tpp can prune them whole, else None.
 
-    Two layouts: ``nn.MultiheadAttention`` (and :class:`PrunedMultiheadAttention`) with a packed
-    ``in_proj_weight``; and a *packed-qkv* module in timm's ``Attention`` style: attributes ``qkv`` and ``proj``
-    (Linear), ``num_heads``, ``head_dim`` and ``attn_dim = num_heads · head_dim`` — the width its forward reshapes
-    to (timm ≥ 1.0), no ``gate`` and an ``nn.Identity`` ``norm`` if it has those."""
+    Three layouts: ``nn.MultiheadAttention`` (and :class:`PrunedMultiheadAttention`) with a packed
+    ``in_proj_weight``; torchvision's Swin window attention (:func:`is_window_attention`); and a *packed-qkv*
+    module in timm's ``Attention`` style: attributes ``qkv`` and ``proj`` (Linear), ``num_heads``, ``head_dim`` and
+    ``attn_dim = num_heads · head_dim`` — the width its forward reshapes to (timm ≥ 1.0), no ``gate`` and an
+    ``nn.Identity`` ``norm`` if it has those."""
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is None:  # separate q/k/v projections (kdim/vdim differ from embed_dim)
             return None
         inner = module.in_proj_weight.shape[0] // 3
         return HeadParameters(module.in_proj_weight, module.in_proj_bias, module.out_proj.weight,
                               module.num_heads, inner // module.num_heads)
+    if is_window_attention(module):
+        return _window_heads(module)
     qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
     heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)
@@ -152,3 +162,48 @@ def head_parameters(module: nn.Module) -> HeadParameters | None:
                                                                    nn.Identity):
         return None
     return HeadParameters(qkv.weight, qkv.bias, proj.weight, heads, head_dim)
+
+
+def is_window_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is torchvision's Swin window attention (``ShiftedWindowAttention``/``…V2``, or one of
+    :mod:`tpp.window_attention`'s pruned subclasses). Its forward applies ``qkv``/``proj`` functionally and derives
+    the head dim from its input width, so it is replaced (not shrunk in place) when it loses heads. A module of that
+    class exists only once torchvision's Swin module is loaded: the check does not import torchvision."""
+    swin = sys.modules.get("torchvision.models.swin_transformer")
+    return swin is not None and isinstance(module, swin.ShiftedWindowAttention)
+
+
+def _window_heads(module: nn.Module) -> HeadParameters | None:
+    """Swin: ``qkv: Linear(C → 3·H·d_h)``, ``proj: Linear(H·d_h → C)``, ``d_h = C // H`` (a pruned module's
+    ``head_dim``); per head a column of V1's ``relative_position_bias_table``, or V2's ``logit_scale`` row and the
+    output row of its ``cpb_mlp``'s last Linear."""
+    qkv, proj, heads = module.qkv, module.proj, module.num_heads
+    head_dim = getattr(module, "head_dim", qkv.in_features // heads)
+    inner = heads * head_dim
+    if qkv.out_features != 3 * inner or proj.in_features != inner or proj.out_features != qkv.in_features:
+        return None
+    if hasattr(module, "logit_scale"):  # V2: cosine attention, continuous position bias from cpb_mlp
+        last = module.cpb_mlp[-1]
+        per_head = ((module.logit_scale, 0), (last.weight, 0)) + (((last.bias, 0),) if last.bias is not None else ())
+    else:
+        per_head = ((module.relative_position_bias_table, 1),)
+    return HeadParameters(qkv.weight, qkv.bias, proj.weight, heads, head_dim, per_head)
+
+
+def kept_state(module: nn.Module, heads: Tensor) -> dict[str, Tensor]:
+    """``module.state_dict()`` keeping only the heads ``heads`` (sorted int64 indices) of
+    :func:`head_parameters`: the q, k and v rows of the packed weight and bias, the out-projection's input columns
+    and the ``per_head`` slices; every other entry copied as it is."""
+    p = head_parameters(module)
+    if p is None:
+        raise ValueError(f"{type(module).__name__}: no attention heads tpp can prune (tpp.attention.head_parameters)")
+    device = p.packed_weight.device
+    rows = (heads.to(device)[:, None] * p.head_dim + torch.arange(p.head_dim, device=device)).flatten()
+    packed = torch.cat([rows + s * p.num_heads * p.head_dim for s in range(3)])
+    slices = {id(p.packed_weight): (0, packed), id(p.out_weight): (1, rows)}
+    if p.packed_bias is not None:
+        slices[id(p.packed_bias)] = (0, packed)
+    slices.update({id(t): (dim, heads.to(t.device)) for t, dim in p.per_head})
+    state = module.state_dict(keep_vars=True)
+    return {k: t.detach().index_select(*slices[id(t)]) if id(t) in slices else t.detach().clone()
+            for k, t in state.items()}

@@ -409,9 +409,9 @@ class _Analysis:
             else:
                 refusals[name] = reason
         members = {m for unit in units.values() for m in unit.members}
+        inside_heads = tuple(f"{name}." for name, unit in units.items() if unit.kind == "heads")  # opaque to fx
         for info in layers.values():
-            parent = info.name.rpartition(".")[0]
-            if info.name in members or info.name in refusals or (parent in units and units[parent].kind == "heads"):
+            if info.name in members or info.name in refusals or info.name.startswith(inside_heads):
                 continue
             if len(info.group) > 1 and info.group_coupling is not None:
                 refusals[info.name] = f"group {listing(info.group)} cannot share one index set: " \

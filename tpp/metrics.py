@@ -7,7 +7,10 @@
   head dim) ``B·I·(L·E_q + S·E_k + S·E_v)`` for the projections, ``2·B·L·S·I`` for ``QKᵀ`` and ``AV``, and
   ``B·L·I·E_out`` for the out-projection — what ``torch.utils.flop_counter.FlopCounterMode`` counts. A timm-style
   packed-qkv attention module (:func:`tpp.attention.head_parameters`) adds ``2·B·N²·I`` for its two attention
-  matmuls to its ``qkv`` and ``proj`` Linears.
+  matmuls to its ``qkv`` and ``proj`` Linears. A Swin window attention (:func:`tpp.attention.is_window_attention`,
+  projections applied functionally) on ``T`` tokens (``B·H·W`` after padding to whole windows of ``N`` tokens)
+  costs ``T·E·3I`` (qkv), ``2·T·N·I`` (``QKᵀ`` and ``AV`` in every window) and ``T·I·E_out`` (proj); V2's
+  ``cpb_mlp`` Linears count as Linears.
 * ``output_deviation``: how far a pruned model's outputs are from the model's — 0 for exact removal, the figure
   reported for ``allow_inexact`` units (LayerNorm-coupled channels, tpp-method.md §12).
 * ``jacobian_singular_values``: per sample, ``J(x) = ∂f(x)/∂x ∈ R^{classes × inputs}`` and its singular values
@@ -27,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .attention import head_parameters
+from .attention import head_parameters, is_window_attention
 
 __all__ = ["count_flops", "flops_by_module", "count_params", "output_deviation", "jacobian_singular_values",
            "jsv_summary", "measure_latency"]
@@ -52,7 +55,7 @@ def _as_args(example_input: Inputs) -> tuple:
 
 
 def count_flops(model: nn.Module, example_input: Inputs) -> int:
-    """FLOPs (2 × MACs of Conv2d, Linear and MultiheadAttention) of ``model(example_input)`` for the whole batch.
+    """FLOPs (2 × MACs of Conv2d, Linear and attention modules) of ``model(example_input)`` for the whole batch.
 
     Pass a batch of one for per-image FLOPs; a tuple is unpacked as positional arguments.
     """
@@ -60,7 +63,7 @@ def count_flops(model: nn.Module, example_input: Inputs) -> int:
 
 
 def flops_by_module(model: nn.Module, example_input: Inputs) -> dict[str, int]:
-    """``{qualified module name: FLOPs}`` of every Conv2d/Linear/MultiheadAttention called in
+    """``{qualified module name: FLOPs}`` of every Conv2d/Linear/attention module called in
     ``model(example_input)`` (a module called twice counts twice); :func:`count_flops` is their sum."""
     names = {m: name for name, m in model.named_modules()}
     macs: dict[str, int] = {}
@@ -77,6 +80,9 @@ def flops_by_module(model: nn.Module, example_input: Inputs) -> dict[str, int]:
     def attention_hook(m: nn.MultiheadAttention, args: tuple, kwargs: dict, _out) -> None:
         add(m, _attention_macs(m, *_qkv(args, kwargs)))
 
+    def window_hook(m: nn.Module, args: tuple, kwargs: dict, _out) -> None:
+        add(m, _window_attention_macs(m, args[0] if args else next(iter(kwargs.values()))))
+
     def packed_hook(m: nn.Module, args: tuple, kwargs: dict, _out) -> None:
         x = args[0] if args else next(iter(kwargs.values()))  # [batch, tokens, features]
         params = head_parameters(m)
@@ -90,6 +96,8 @@ def flops_by_module(model: nn.Module, example_input: Inputs) -> dict[str, int]:
             handles.append(m.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
+        elif is_window_attention(m):
+            handles.append(m.register_forward_hook(window_hook, with_kwargs=True))
         elif head_parameters(m) is not None:  # timm-style: its qkv/proj Linears are counted as such
             handles.append(m.register_forward_hook(packed_hook, with_kwargs=True))
     try:
@@ -120,6 +128,15 @@ def _attention_macs(m: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
     projections = batch * inner * (length * query.shape[-1] + source * key.shape[-1] + source * value.shape[-1])
     attention = 2 * batch * length * source * inner
     return projections + attention + batch * length * inner * m.out_proj.out_features
+
+
+def _window_attention_macs(m: nn.Module, x: Tensor) -> int:
+    """MACs of one Swin window attention call on ``x [B, H, W, E]``: qkv, ``QKᵀ`` and ``AV`` per window, proj."""
+    (wh, ww), batch, height, width, embed = m.window_size, *x.shape
+    tokens = batch * (height + (-height) % wh) * (width + (-width) % ww)
+    params = head_parameters(m)
+    inner = params.num_heads * params.head_dim
+    return tokens * (3 * embed * inner + 2 * wh * ww * inner + inner * params.out_weight.shape[0])
 
 
 def count_params(model: nn.Module) -> int:

@@ -13,8 +13,10 @@ one index set per layer (or per coupled group):
 
 A coupled group (outputs joined by add/sub/mul/div, e.g. the convs feeding one residual stream) is pruned only as a
 whole, every member with the same index set; channels feeding grouped convs only alike in every group. Attention
-heads (``pruned[attention module] = head indices``) are removed whole: the module becomes a
-:class:`tpp.attention.PrunedMultiheadAttention` with the same ``embed_dim`` and ``head_dim``.
+heads (``pruned[attention module] = head indices``) are removed whole, ``head_dim`` kept: an
+``nn.MultiheadAttention`` becomes a :class:`tpp.attention.PrunedMultiheadAttention`, a torchvision Swin window
+attention a :class:`tpp.window_attention.PrunedShiftedWindowAttention` (or ``…V2``), a timm-style packed-qkv module
+is shrunk in place.
 
 Removal is exact: when the pruned W, b and the γ, β of the BatchNorms and the rows of the depthwise convs the
 channels pass through are zero (the regularizer's zero-out; without BN a channel carries its bias: zero b[P] too),
@@ -44,7 +46,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .attention import HeadParameters, PrunedMultiheadAttention, head_parameters
+from .attention import HeadParameters, PrunedMultiheadAttention, head_parameters, is_window_attention
 from .files import save_verified, verify
 from .graph import ModelGraph, Unit, analyze_model
 from .zeros import bias_delta, evaluate
@@ -66,15 +68,16 @@ def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
                 graph: ModelGraph | None = None, bn_map: Mapping[str, str | None] | None = None,
                 allow_inexact: bool = False) -> nn.Module:
     """Remove the filters ``pruned[name]`` (1-D integer indices) of each named Conv2d/Linear from ``model``, and the
-    heads ``pruned[name]`` of each named ``nn.MultiheadAttention``.
+    heads ``pruned[name]`` of each named attention module (:func:`tpp.attention.head_parameters`).
 
     Returns a new module (a deep copy; ``model`` is not modified) or, with ``inplace=True``, ``model`` itself with
     the affected modules' parameters and sizes replaced (an optimizer built before still holds the old parameters).
-    Module objects, types, dtypes, devices and ``requires_grad`` are kept, except that an attention module losing
-    heads or embedding channels is replaced by a :class:`tpp.attention.PrunedMultiheadAttention` (same parameter
-    names). ``graph`` reuses an analysis of ``model`` (:func:`tpp.graph.analyze_model`); ``bn_map`` and
-    ``allow_inexact`` are passed to it, but a graph built from a bn_map does not know the consumers, so it is
-    refused. Units the graph marks ``inexact`` (LayerNorm-coupled channels, only in a graph built with
+    Module objects, types, dtypes, devices and ``requires_grad`` are kept, except that an ``nn.MultiheadAttention``
+    or Swin window attention losing heads (or, an ``nn.MultiheadAttention``, embedding channels) is replaced by a
+    :class:`tpp.attention.PrunedMultiheadAttention` or :class:`tpp.window_attention.PrunedShiftedWindowAttention`
+    (``…V2``) (same parameter names). ``graph`` reuses an analysis of ``model`` (:func:`tpp.graph.analyze_model`);
+    ``bn_map`` and ``allow_inexact`` are passed to it, but a graph built from a bn_map does not know the consumers,
+    so it is refused. Units the graph marks ``inexact`` (LayerNorm-coupled channels, only in a graph built with
     ``allow_inexact=True``) are removed too, with their LayerNorms' γ, β and ``normalized_shape`` and the
     parameters producing their channels (``Unit.parameters``); the result then differs from the model (measure it
     with :func:`tpp.metrics.output_deviation`).
@@ -100,18 +103,18 @@ def prune_model(model: nn.Module, pruned: Mapping[str, Tensor | Sequence[int]], 
                         for name, keep in plan.items() if "dim" in keep})
         updates.update({name: _attribute(target, name, keep["size"]) for name, keep in plan.items() if "size" in keep})
         rebuilt = {name for name in plan if isinstance(modules.get(name), nn.MultiheadAttention)}
-        rebuilt |= {name for name in heads if isinstance(modules[name], nn.MultiheadAttention)}
+        rebuilt |= {name for name in heads if _replaced(modules[name])}
         replaced = []
-        for name in sorted(rebuilt):  # nn.MultiheadAttention cannot hold fewer heads or channels: rebuilt
+        for name in sorted(rebuilt):  # their forward fixes their widths: rebuilt from a copy holding the edits
             work = copy.deepcopy(modules[name])
-            for part, module in (("", work), (".out_proj", work.out_proj)):
-                if name + part in updates:
-                    _assign(module, updates.pop(name + part)[1])
-            kept = heads.get(name, torch.arange(work.num_heads))
-            replaced.append((name, PrunedMultiheadAttention.keeping(work, kept)))
+            for part, module in work.named_modules():
+                if (f"{name}.{part}" if part else name) in updates:
+                    _assign(module, updates.pop(f"{name}.{part}" if part else name)[1])
+            kept = heads.get(name, torch.arange(head_parameters(work).num_heads))
+            replaced.append((name, _keeping(work, kept)))
         updates.update({name: (modules[name], {"num_heads": kept.numel(),
                                                "attn_dim": kept.numel() * modules[name].head_dim})
-                        for name, kept in heads.items() if not isinstance(modules[name], nn.MultiheadAttention)})
+                        for name, kept in heads.items() if not _replaced(modules[name])})
     for module, new in updates.values():
         _assign(module, new)
     for name, new in replaced:
@@ -164,7 +167,7 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
         if unit.kind == "heads":
             params = _expect_heads(modules, name, unit.channels)
             heads[name] = _complement(idx, unit.channels)
-            if not isinstance(modules[name], nn.MultiheadAttention):  # packed qkv Linear: shrunk where it is
+            if not _replaced(modules[name]):  # packed qkv Linear: shrunk where it is
                 d = params.head_dim
                 rows = _blocks(idx, d)
                 _remove(removed, f"{name}.qkv", "out", 0, 3 * unit.channels * d,
@@ -206,6 +209,21 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
     for attribute, size in sizes.items():
         edits[attribute] = {"size": size}
     return edits, heads
+
+
+def _replaced(module: nn.Module) -> bool:
+    """Whether an attention module losing heads is replaced (its forward fixes its width: ``nn.MultiheadAttention``,
+    Swin window attention) rather than shrunk in place (a timm-style packed-qkv module)."""
+    return isinstance(module, nn.MultiheadAttention) or is_window_attention(module)
+
+
+def _keeping(module: nn.Module, heads: Tensor) -> nn.Module:
+    """The module replacing attention module ``module`` keeping heads ``heads``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return PrunedMultiheadAttention.keeping(module, heads)
+    from .window_attention import keeping  # imports torchvision, which a model holding Swin modules has loaded
+
+    return keeping(module, heads)
 
 
 def _as_indices(idx, n: int | None, where: str) -> Tensor:

@@ -435,11 +435,11 @@ def _check_rows(rows: Rows, device: torch.device, what: str) -> None:
         raise TypeError(f"{what}: float32, float16 or bfloat16 expected, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{what} is on {t.device}, expected {device}")
-    if rows.segments == 1 and not rows_dense(t):
+    if not rows.segment_length and not rows_dense(t):
         raise ValueError(f"{what}: rows must be dense (contiguous or channels-last)")
     if t.numel() >= 2**31:
         raise ValueError(f"{what} has {t.numel()} elements; the kernels index up to 2^31 - 1")
-    if rows.segments > 1 and (not t.is_contiguous() or t.numel() % (rows.segments * rows.length)):
+    if rows.segment_length and (not t.is_contiguous() or t.numel() % (rows.segments * rows.length)):
         raise ValueError(f"{what}: a tensor read in {rows.segments} segments must be contiguous and a multiple of "
                          f"segments × segment_length elements")
     check_pruned_indices(rows.pruned, rows.units, what)
