@@ -482,8 +482,9 @@ class _Analysis:
         norms = list(dict.fromkeys(u.module for m in group for u in layers[m].uses if u.role == "ln"))
         if not norms:
             return None
-        return f"{NORMALIZED} {', '.join(norms)} together with kept channels: removal changes their mean and " \
-               "variance (tpp-method.md §12)"
+        named = ", ".join(norms[:3]) + (f" and {len(norms) - 3} more LayerNorms" if len(norms) > 3 else "")
+        return f"{NORMALIZED} {named} together with kept channels: removal changes their mean and variance " \
+               "(tpp-method.md §12)"
 
     def _parameter_blocking(self, name: str) -> None:
         """``self.blocking`` of a parameter producer: the first reason its channels cannot follow the group."""
