@@ -117,14 +117,16 @@ FOLDED = {name for name in ACCEPTED if name != "conv-sigmoid-bn-conv-padded"}
 
 
 def randomized(model: nn.Module, gen: torch.Generator) -> nn.Module:
-    """float64, eval mode, random weights and biases, running statistics far from (0, 1)."""
+    """float64, eval mode, random weights and biases, running statistics far from (0, 1): means below −0.5, so that
+    a removed channel's constant −μ/σ after a BatchNorm without affine survives a ReLU (else the fold could not
+    matter and the check that it does would depend on the seed)."""
     model = model.double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen, dtype=torch.float64))
+                m.running_mean.copy_(-0.5 - torch.rand(m.num_features, generator=gen, dtype=torch.float64))
                 m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen, dtype=torch.float64))
     return model
 
