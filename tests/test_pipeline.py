@@ -222,9 +222,9 @@ def test_run_config_is_typed_and_a_run_traces_its_model_once(digits, cnn, monkey
     traced = []
     real = tpp.graph.analyze_model
 
-    def counting(model, bn_map=None):
+    def counting(model, **options):
         traced.append(type(model).__name__)
-        return real(model, bn_map=bn_map)
+        return real(model, **options)
 
     for module in ("tpp.graph", "tpp.pipeline", "tpp.regularizer", "tpp.selection", "tpp.surgery"):
         monkeypatch.setattr(f"{module}.analyze_model", counting)
