@@ -279,3 +279,31 @@ def test_resnet56_flops_at_ratio_half():
           f"stream unit at 0.5 {everything} ({base / everything:.3f}x); stream channels pruned per stage {stages}")
     assert graph.units["conv1"].from_members(pruned).numel() == num_pruned(0.5, 64)
     assert everything < blocks_only < base
+
+
+def test_triton_backend_matches_torch_backend_on_the_spanned_unit(seed):
+    """Each member's own rows (different index sets, different N) in the fused plan."""
+    pytest.importorskip("triton")
+    from tpp_kernels import config
+
+    device = "cuda" if torch.cuda.is_available() and not config.INTERPRET else "cpu"
+    nets, regs = [], []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(seed)
+        net = ResNetCifar(depth=8).to(device)
+        graph = analyze_model(net)
+        reg = TPPRegularizer(net, {"layer1.0.conv1": 0.5}, graph=graph, backend=backend, schedule=TINY)
+        channels = torch.tensor([3, 20, 30, 33, 47, 60])  # every stage's stream
+        reg.load_state_dict({**reg.state_dict(), "pruned": {**reg.pruned, **graph.units["conv1"].member_indices(
+            channels)}})
+        reg.strength = 0.8
+        nets.append(net)
+        regs.append(reg)
+    assert regs[1].backend.name == "triton"
+    assert_close_to_reference(regs[1].penalty(), regs[0].penalty(), torch.float32)
+    for reg in regs:
+        reg.apply_gradients()
+    for (n, p), q in zip(nets[1].named_parameters(), nets[0].parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if q.grad is not None:
+            assert_close_to_reference(p.grad, q.grad, torch.float32, msg=n)
