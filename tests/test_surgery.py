@@ -268,11 +268,11 @@ def test_graph_errors(seed):
         prune_model(before, {})
 
 
-def test_option_a_shortcut_group_is_refused():
+def test_option_a_shortcut_group_needs_one_index_set_over_its_spans():
     model = resnet20()
     graph = analyze_model(model)
-    group = graph.layers["layer1.0.conv2"].group
-    with pytest.raises(ValueError, match=r"cannot be pruned with one shared index set: conv1: .*pad"):
+    group = graph.layers["layer1.0.conv2"].group  # the three stages' streams: channel 0 is not the same channel
+    with pytest.raises(ValueError, match=r"joins streams of different widths .* must be one index set P of its 64"):
         prune_model(model, {name: [0] for name in group}, graph=graph)
 
 

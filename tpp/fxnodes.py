@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .attention import head_parameters
+from .models.resnet_cifar import PadShortcut
 from .zeros import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES
 
 __all__ = ["Tracer", "classify", "arg", "listing", "out_channels", "LAYERS", "BNS", "NORMALIZED", "NCHW", "NCL",
@@ -23,8 +24,8 @@ __all__ = ["Tracer", "classify", "arg", "listing", "out_channels", "LAYERS", "BN
 
 
 class Tracer(fx.Tracer):
-    """fx tracer keeping Conv2d/Linear/BatchNorm/MultiheadAttention (and subclasses) as leaves; records the innermost
-    module a failure came from."""
+    """fx tracer keeping Conv2d/Linear/BatchNorm/MultiheadAttention/PadShortcut (and subclasses) as leaves; records
+    the innermost module a failure came from."""
 
     def __init__(self, leaves: Iterable[str] = ()) -> None:
         super().__init__()
@@ -33,8 +34,8 @@ class Tracer(fx.Tracer):
         self.failed_in: tuple[BaseException, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, LAYERS + BNS + (nn.MultiheadAttention,)) or module_qualified_name in self.leaves \
-            or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, LAYERS + BNS + (nn.MultiheadAttention, PadShortcut)) \
+            or module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -115,7 +116,9 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
     attention-output (``attn(...)[i]``; detail: ``i``), and the steps that move dims: permute (detail:
     ``("dims", order)``, or ``("swap", (a, b))`` for a transpose), merge (``x.flatten(2)``, ``x.reshape(n, C,
     -1)``: NCHW's spatial dims into one; detail: C or None), index (``x[...]`` with ints and slices; detail: the
-    index tuple), expand (``x.expand(...)``; detail: the sizes); meta (shape queries), unknown.
+    index tuple), expand (``x.expand(...)``; detail: the sizes); meta (shape queries), unknown. Also pad (an
+    option-A shortcut, :class:`tpp.models.resnet_cifar.PadShortcut`; detail: the module) and channel_pad (``F.pad``
+    of dim 1 written inline).
     """
     op, target = node.op, node.target
     if op == "call_module":
@@ -128,6 +131,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
             return "layer", m
         if isinstance(m, BNS):
             return "bn", m
+        if isinstance(m, PadShortcut):
+            return "pad", m
         if isinstance(m, ELEMENTWISE_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
             return "carry", None
         if isinstance(m, _SPATIAL_MODULES):
@@ -165,6 +170,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
             return "join", _JOIN_FUNCTIONS[target]
         if target in _CAT_FUNCTIONS:
             return "cat", None
+        if target is F.pad and _pads_channels(node):
+            return "channel_pad", None
         if target is torch.flatten and arg(node, 1, "start_dim", 0) == 1 and arg(node, 2, "end_dim", -1) == -1:
             return "flatten", None
         if target is getattr and node.args[1] in _META_ATTRIBUTES:
@@ -204,7 +211,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
     return "unknown", None
 
 
-UNARY = frozenset({"layer", "depthwise", "grouped", "bn", "carry", "spatial", "flatten", "mean"})
+UNARY = frozenset({"layer", "depthwise", "grouped", "bn", "carry", "spatial", "flatten", "mean", "pad"})
 MOVES = frozenset({"permute", "merge", "index", "expand"})  # steps that move dims but keep the channels
 
 
@@ -216,6 +223,13 @@ def _is_index(index) -> bool:
         (isinstance(p, int) and not isinstance(p, bool))
         or (isinstance(p, slice) and all(v is None or isinstance(v, int) for v in (p.start, p.stop, p.step)))
         for p in parts)
+
+
+def _pads_channels(node: fx.Node) -> bool:
+    """``F.pad(x, pad)`` padding dim 1 of a 4-D tensor (``pad[4:6]``), or with a ``pad`` tpp cannot read."""
+    pad = arg(node, 1, "pad")
+    return not isinstance(pad, (tuple, list)) or any(not isinstance(p, int) or (4 <= i < 6 and p)
+                                                      for i, p in enumerate(pad))
 
 
 def listing(names: tuple[str, ...]) -> str:

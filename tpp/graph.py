@@ -10,7 +10,11 @@ they are) and, for every Conv2d/Linear, follows its output channels forward thro
   Linear, where each channel becomes ``in_features // C`` consecutive features;
 * concatenations along the channels (``torch.cat(..., 1)``), at an offset (``ChannelUse.offset``) when every
   part's channel count follows from the layers producing it (DenseNet);
-* stochastic depth (torchvision's ``stochastic_depth``), which drops whole samples.
+* stochastic depth (torchvision's ``stochastic_depth``), which drops whole samples;
+* option-A shortcuts (:class:`tpp.models.resnet_cifar.PadShortcut`: spatial subsampling, channels zero-padded),
+  after which the channels sit at offset ``pad[0]`` of ``out_channels``. A residual stream joined through one with
+  a wider stream forms one group whose members span parts of the widest stream's channels (``Unit.spans``); an
+  ``F.pad`` of the channels written inline is refused (its widths are constants that cannot follow the pruning).
 
 The walk stops at a Conv2d/Linear consuming the channels (role ``"input"``; a grouped conv with ``groups``). A
 layer is *independently prunable* (``LayerInfo.coupling is None``) only if every path ends that way. Anything else
@@ -111,11 +115,19 @@ class Unit:
     producers whose output channels are joined by add/sub/mul/div — residual streams, squeeze-excite scales — pruned
     with one shared index set) or ``"heads"`` (the attention heads of one ``nn.MultiheadAttention``). ``name``: the
     first member in execution order (heads: the attention module). Pruned dicts (``reg.pruned``, ``prune_model``)
-    list every member under its own name with the same channel indices; heads under the attention module's name.
+    list every member under its own name with the same channel indices (with ``spans``: its own share, see
+    :meth:`member_indices`); heads under the attention module's name.
     ``channels``: output channels of each member (heads: the number of heads). ``segments``: with grouped convs the
     channels form ``segments`` equal groups and unit ``j`` is channel ``j`` of every group (channels
     ``k·size + j``), so that every group keeps the same width; 1 otherwise. ``index``: the zero-out slot (execution
     index of the first member among all Conv2d/Linear; heads: of the next Conv2d/Linear called).
+
+    ``spans``: for a group joining streams of different widths through option-A shortcuts
+    (:class:`tpp.models.resnet_cifar.PadShortcut`), each member's ``(start, width)`` in the unit's ``channels``
+    (the widest stream's): unit channel ``start + j`` is the member's channel ``j``; a unit index set ``P`` prunes
+    ``P ∩ [start, start + width) − start`` of each member (:meth:`member_indices`). ``()``: every member spans all
+    ``channels``. ``pads``: every PadShortcut the unit's channels pass, with the unit channel its output channel 0
+    is (negative where its padding lies before the unit's channels); surgery resizes them.
     """
 
     name: str
@@ -126,6 +138,8 @@ class Unit:
     index: int
     parameters: tuple[tuple[str, int], ...] = ()  # (qualified name, channel dim) of parameters producing channels
     inexact: str | None = None  # why removal changes the output (allow_inexact), None: removal is exact
+    spans: tuple[tuple[int, int], ...] = ()
+    pads: tuple[tuple[str, int], ...] = ()
 
     @property
     def size(self) -> int:
@@ -144,6 +158,35 @@ class Unit:
         channels = channels.to("cpu", torch.int64).sort().values
         units = channels[channels < self.size]
         return units if torch.equal(self.channel_indices(units), channels) else None
+
+    def span(self, member: str) -> tuple[int, int]:
+        """``(start, width)`` of ``member``'s channels among the unit's ``channels``."""
+        return self.spans[self.members.index(member)] if self.spans else (0, self.channels)
+
+    def member_indices(self, units: Tensor) -> dict[str, Tensor]:
+        """``{member: sorted indices of its own pruned channels}`` for the given unit indices: what pruned dicts
+        list. A member of a spanned group whose span holds none of them is left out (it prunes nothing)."""
+        channels = self.channel_indices(units)
+        found = {}
+        for member in self.members:
+            start, width = self.span(member)
+            own = channels[(channels >= start) & (channels < start + width)] - start
+            if own.numel() or not self.spans:
+                found[member] = own
+        return found
+
+    def from_members(self, indices: Mapping[str, Tensor]) -> Tensor | None:
+        """The unit indices whose :meth:`member_indices` are exactly ``indices`` (a member missing from it counts
+        as pruning nothing); None if there are none."""
+        given = {m: indices[m].to("cpu", torch.int64).sort().values for m in self.members if m in indices}
+        channels = torch.cat([idx + self.span(m)[0] for m, idx in given.items()] + [torch.empty(0, dtype=torch.int64)])
+        units = self.unit_indices(channels.unique())
+        if units is None:
+            return None
+        expected = self.member_indices(units)
+        nothing = torch.empty(0, dtype=torch.int64)
+        same = all(torch.equal(given.get(m, nothing), expected.get(m, nothing)) for m in self.members)
+        return units if same else None
 
 
 @dataclass(frozen=True)
@@ -361,6 +404,8 @@ class _Analysis:
                 counts[node] = counts[node.args[0]]
             elif kind == "join" and args:
                 counts[node] = counts[args[0]]
+            elif kind == "pad":
+                counts[node] = m.out_channels
             elif kind == "cat" and arg(node, 1, "dim", 0) in (1, -3):
                 parts = node.args[0]
                 if all(isinstance(a, fx.Node) and a in counts for a in parts):
@@ -399,9 +444,19 @@ class _Analysis:
                     dims = tuple((p, self._channel_dim(p)) for p in parameters)
                     units[info.name] = Unit(info.name, "group", info.group, info.out_channels,
                                             self._segments(info.group, layers), info.index, dims, inexact)
-                else:
+                elif parameters or inexact is not None:
                     refusals[info.name] = f"group {listing(info.group + parameters)} joins different channel " \
                                           f"counts {sizes}"
+                else:  # streams of different widths: placed by _spanned below, or refused there
+                    units[info.name] = Unit(info.name, "group", info.group, max(sizes),
+                                            self._segments(info.group, layers), info.index)
+        for name, unit in list(units.items()):
+            unit, reason = self._spanned(unit, layers)
+            if unit is None:
+                refusals[name] = reason
+                del units[name]
+            else:
+                units[name] = unit
         heads = self._heads()
         for name, (unit, reason) in heads.items():
             if unit is not None:
@@ -470,8 +525,11 @@ class _Analysis:
             if reason is not None:
                 return reason if len(group) == 1 else f"{member}: {reason}"
         states: dict[fx.Node, tuple] = {}
+        widths = len({self._source(m)[1] for m in group})  # streams of different widths meet at offsets: _spanned
         for member in group:  # joined producers must meet with their channels in the same place
             for node, state in self._walked(member)[4].items():
+                if state is not None and widths > 1:
+                    state = state[0]
                 if state is not None and states.setdefault(node, state) != state:
                     return f"{member}: its channels reach node {node.name} laid out as {state}, other members' as " \
                            f"{states[node]}"
@@ -578,6 +636,7 @@ class _Analysis:
         starts = self.produced.get(name, [])
         todo = [(node, (layout, 0, channels)) for node in starts]
         seen = {node: (layout, 0, channels) for node in starts}
+        aligned = set(starts)  # nodes the channels reach through no concatenation (only PadShortcuts change widths)
         uses, reasons, bn, is_output = [], [], None, False
         while todo:
             src, state = todo.pop()
@@ -598,10 +657,12 @@ class _Analysis:
                         bn = use.module
                 if reason is not None:
                     shared = (self.kinds[node][0] == "join" or node in self.internal) and not self.origins[node][1] \
-                        and state[2] == channels
+                        and (state[2] == channels or src in aligned)
                     reasons.append((self.pos[node], reason, shared))
                 if nxt is not None:
                     todo.append((node, nxt))
+                    if src in aligned and self.kinds[node][0] != "cat":
+                        aligned.add(node)
         return uses, reasons, bn, is_output, seen
 
     def _carried(self, root: str) -> tuple[dict[fx.Node, Carried], list[tuple[int, str]]]:
@@ -669,6 +730,8 @@ class _Analysis:
                                "concatenation"
         if kind == "carry":
             return state, None, None
+        if kind in ("pad", "channel_pad"):
+            return self._pad(node, state, m)
         if kind == "softmax":  # e.g. a classifier's log_softmax: coupled, but followed to the model output
             return state, None, f"output reaches {self._describe(node)} (node {node.name}), which mixes channels"
         if kind == "spatial" and layout == NCHW:
@@ -814,6 +877,66 @@ class _Analysis:
             return None, None, f"{reason}, whose channel counts tpp cannot tell"
         before = sum(self.counts[a] for a in parts[: list(parts).index(src)])
         return (NCHW, before + offset, self.counts[node]), None, None
+
+    def _pad(self, node: fx.Node, state: tuple[str, int, int], m: nn.Module | None):
+        """Channels into an option-A shortcut (``m``, a PadShortcut) sit at ``pad[0]`` of its ``out_channels``; an
+        inline ``F.pad`` of the channels is refused."""
+        layout, offset, total = state
+        if m is None:
+            return None, None, (f"output is zero-padded in channels by F.pad inline (node {node.name}): the padded "
+                                "widths are constants of forward that cannot follow the pruned channel count; use "
+                                "tpp.models.resnet_cifar.PadShortcut (a module tpp resizes) for the shortcut")
+        if len(self.calls[node.target]) > 1:
+            return None, None, f"output reaches {node.target}, which is called {len(self.calls[node.target])} times"
+        if layout != NCHW or total != m.in_channels:
+            return None, None, f"output reaches {self._describe(node)} (node {node.name}) laid out as '{layout}' " \
+                               f"with {total} channels, not its in_channels={m.in_channels}"
+        return (NCHW, offset + m.pad[0], m.out_channels), None, None
+
+    def _spanned(self, unit: Unit, layers: dict[str, LayerInfo]) -> tuple[Unit | None, str | None]:
+        """``unit`` (a layer or a group, possibly of different widths) with its ``spans`` and ``pads`` set, or why
+        its members cannot share one channel space.
+
+        Member ``m`` starts at ``s_m`` of the unit's channels; a node reached by ``m`` with its channels at offset
+        ``o`` holds unit channels from ``s_m − o`` on, which must agree over every member reaching it."""
+        walks = {m: {n: st for n, st in self._walked(m)[4].items() if st is not None} for m in unit.members}
+        widths = {m: self._source(m)[1] for m in unit.members}
+        starts = {max(unit.members, key=widths.get): 0}
+        base: dict[fx.Node, int] = {}
+        todo = list(starts)
+        while todo:
+            member = todo.pop()
+            for node, state in walks[member].items():
+                at = starts[member] - state[1]
+                if base.setdefault(node, at) != at:
+                    return None, f"group {listing(unit.members)} reaches node {node.name} at two channel offsets"
+                for other in unit.members:
+                    if other not in starts and node in walks[other]:
+                        starts[other] = at + walks[other][node][1]
+                        todo.append(other)
+        if len(starts) < len(unit.members):
+            return None, f"group {listing(unit.members)} joins streams tpp cannot place in one channel space"
+        low = min(starts.values())
+        spans = tuple((starts[m] - low, widths[m]) for m in unit.members)
+        size = max(s + w for s, w in spans)
+        covered = torch.zeros(size, dtype=torch.bool)
+        for s, w in spans:
+            covered[s:s + w] = True
+        pads = tuple(sorted({(n.target, at - low) for n, at in base.items() if self.kinds[n][0] == "pad"},
+                            key=lambda p: self.pos[self.calls[p[0]][0]]))
+        if all(span == (0, size) for span in spans):
+            return replace(unit, pads=pads), None
+        if not covered.all():
+            return None, f"group {listing(unit.members)}: channels {int((~covered).nonzero()[0])}… of the joined " \
+                         "streams come from no layer"
+        if unit.segments > 1 or unit.parameters or unit.inexact is not None:
+            return None, f"group {listing(unit.members)} joins streams of different widths and feeds grouped convs, " \
+                         "has parameter producers or LayerNorms over its channels"
+        constant = [u.module for m in unit.members for u in layers[m].uses if u.constant]
+        if constant:
+            return None, f"group {listing(unit.members)} joins streams of different widths and a removed channel " \
+                         f"reaches {constant[0]} as a constant; tpp folds constants of one-width units only"
+        return replace(unit, channels=size, spans=spans, pads=pads), None
 
     def _value(self, node: fx.Node) -> str:
         if node.op == "placeholder":

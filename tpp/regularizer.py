@@ -260,6 +260,9 @@ class TPPRegularizer:
             given[name] = idx.to("cpu", torch.int64).sort().values
         units, pruned_sets = [], {}
         for unit in self.graph.units.values():
+            if unit.spans:
+                units += self._bound_spans(unit, given, pruned_sets, modules)
+                continue
             present = [m for m in unit.members if m in given]
             if not present:
                 continue
@@ -323,6 +326,49 @@ class TPPRegularizer:
             params = tuple(Slot(p, role) for p in (m.weight, m.bias) if p is not None)
             if params:
                 bound.append(_Unit((), unit.index, (channels + use.offset).to(device), params))
+        return bound
+
+    def _bound_spans(self, unit, given: Mapping[str, Tensor], pruned_sets: dict[str, Tensor],
+                     modules: dict[str, nn.Module]) -> list[_Unit]:
+        """The ``_Unit``s of a group with ``spans`` (streams of different widths, tpp-method.md §12): one per member
+        with pruned rows of its own (weight ``"gram"``, bias ``"l2"``, its own BatchNorm ``"bn"``), then one per other
+        carrier with the union of the members' channels there; all in the unit's one zero-out slot. Fills
+        ``pruned_sets`` with every member's own indices."""
+        if not any(m in given for m in unit.members):
+            return []
+        indices = unit.from_members(given)
+        if indices is None:
+            spans = ", ".join(f"{m}: [{s}, {s + w})" for m, (s, w) in zip(unit.members, unit.spans))
+            raise ValueError(f"coupled group [{', '.join(unit.members)}] joins streams of different widths through "
+                             f"option-A shortcuts: its members' pruned channels must be one index set P of its "
+                             f"{unit.channels} channels, each member pruning P ∩ its span − span start ({spans}); "
+                             "a member missing prunes nothing")
+        own = unit.member_indices(indices)
+        pruned_sets.update(own)
+        reached: dict[str, list[tuple[str, Tensor]]] = {}  # carrier -> (member, its channels there)
+        for member in own:
+            for use in self.graph.layers[member].uses:
+                if use.role in ("bn", "depthwise"):
+                    reached.setdefault(use.module, []).append((member, own[member] + use.offset))
+        bound, carriers = [], []
+        for member in own:
+            layer = modules[member]
+            slots = [Slot(layer.weight, "gram")] + ([Slot(layer.bias, "l2")] if layer.bias is not None else [])
+            for name, parts in reached.items():
+                m = modules[name]
+                if [p[0] for p in parts] == [member] and self._width(m) == layer.weight.shape[0] \
+                        and torch.equal(parts[0][1], own[member]):
+                    role = "l2" if isinstance(m, nn.Conv2d) else "bn"
+                    slots += [Slot(p, role) for p in (m.weight, m.bias) if p is not None]
+                    carriers.append(name)
+            bound.append(_Unit((member,), unit.index, own[member].to(layer.weight.device), tuple(slots)))
+        for name, parts in reached.items():
+            m = modules[name]
+            params = tuple(Slot(p, "l2" if isinstance(m, nn.Conv2d) else "bn") for p in (m.weight, m.bias)
+                           if p is not None)
+            if name not in carriers and params:
+                channels = torch.cat([p[1] for p in parts]).unique()
+                bound.append(_Unit((), unit.index, channels.to(params[0].param.device), params))
         return bound
 
     @staticmethod

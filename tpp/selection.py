@@ -9,7 +9,8 @@ Units are those of :mod:`tpp.graph` — private layers, coupled groups, attentio
   module's name), and when several patterns match a unit, the **last** one wins.
 
 ``skip`` patterns force ratio 0 (a group is skipped when any member matches). Scores are ``mean |w|`` per filter
-(float64; summed over a group's producers, see :func:`unit_scores`); the pruned units are the
+(float64; summed over a group's producers, averaged over those covering a channel where streams of different
+widths are joined, see :func:`unit_scores`); the pruned units are the
 ``n = min(⌈r·N⌉, ⌊0.995·N⌋)`` smallest, ties broken by the lower index. ``⌈r·N⌉`` and ``⌊0.995·N⌋`` are computed
 exactly on the decimal ratio (the reference code's float product gives ``⌈0.3·10⌉ = 4``; here it is 3).
 
@@ -36,7 +37,8 @@ RatioSpec = Union[float, str, Mapping[str, float]]
 MAX_PRUNED_FRACTION = Fraction(995, 1000)
 
 __all__ = ["RatioSpec", "parse_ratio_spec", "unit_ratios", "layer_ratios", "filter_scores", "unit_scores",
-           "num_pruned", "select_filters", "pruned_by_ratio", "SPEEDUP_MODES", "SpeedupSearch", "search_speedup"]
+           "spanned_scores", "num_pruned", "select_filters", "pruned_by_ratio", "SPEEDUP_MODES", "SpeedupSearch",
+           "search_speedup"]
 
 
 def _check_ratio(ratio, where: str) -> float:
@@ -150,17 +152,35 @@ def unit_scores(model: nn.Module, unit: Unit) -> Tensor:
     A layer's filter: ``mean |w|``; a group's channel: the sum over its producers of each one's ``mean |w|`` (a
     parameter producing channels counts as one: its ``mean |p|`` over its other dims); with
     grouped convs a unit's rows are one per group and their mean is taken; a head: ``mean |w|`` over its q, k and
-    v rows of the packed in-projection."""
+    v rows of the packed in-projection. A group with ``spans`` (streams of different widths joined through option-A
+    shortcuts): :func:`spanned_scores`."""
     modules = dict(model.named_modules())
     if unit.kind == "heads":
         w = head_parameters(modules[unit.name]).packed_weight.detach().to("cpu", torch.float64)
         return w.reshape(3, unit.channels, -1).abs().mean(dim=(0, 2))
+    if unit.spans:
+        return spanned_scores(modules, unit)
     total = torch.zeros(unit.size, dtype=torch.float64)
     for member in unit.members:
         total += filter_scores(modules[member].weight).reshape(unit.segments, unit.size).mean(dim=0)
     for name, dim in unit.parameters:  # a class token, position embedding or layer scale: mean |p| per channel
         total += filter_scores(model.get_parameter(name).detach().movedim(dim, 0))
     return total
+
+
+def spanned_scores(modules: Mapping[str, nn.Module], unit: Unit) -> Tensor:
+    """Scores of a spanned group's channels: the **mean** over the members covering a channel of their row scores.
+
+    tpp-method.md §12 sums over producers, which ranks alike when every producer covers every channel; here the
+    stage-1 channels of a CIFAR ResNet are covered by all three stages' producers and the outer channels of the
+    widest stream by its producers only, so a sum would rank a channel by how many layers cover it, not by its
+    weights."""
+    total = torch.zeros(unit.channels, dtype=torch.float64)
+    covered = torch.zeros(unit.channels, dtype=torch.float64)
+    for member, (start, width) in zip(unit.members, unit.spans):
+        total[start:start + width] += filter_scores(modules[member].weight)
+        covered[start:start + width] += 1
+    return total / covered
 
 
 def select_filters(model: nn.Module, pruning_ratio: RatioSpec, skip: Union[str, Iterable[str]] = (),
@@ -185,8 +205,7 @@ def pruned_by_ratio(model: nn.Module, graph: ModelGraph, ratios: Mapping[str, fl
         unit = graph.units[name]
         scores = unit_scores(model, unit)
         order = torch.sort(scores, stable=True).indices
-        idx = unit.channel_indices(order[: num_pruned(ratio, unit.size)])
-        pruned.update({m: idx.clone() for m in unit.members})
+        pruned.update(unit.member_indices(order[: num_pruned(ratio, unit.size)]))
     return pruned
 
 
@@ -262,8 +281,7 @@ def search_speedup(model: nn.Module, target: float, example_input, *, mode: str 
         for name, k in counts.items():
             unit = graph.units[name]
             if k:
-                idx = unit.channel_indices(torch.sort(scores[name], stable=True).indices[:k])
-                pruned.update({m: idx.clone() for m in unit.members})
+                pruned.update(unit.member_indices(torch.sort(scores[name], stable=True).indices[:k]))
                 ratios[name] = k / unit.size
         flops = count_flops(prune_model(model, pruned, graph=graph), example_input) if pruned else base
         return _Candidate(level, ratios, pruned, base / flops)

@@ -9,10 +9,14 @@ one index set per layer (or per coupled group):
 * depthwise convs carrying the channels on (filters and ``in_channels = out_channels = groups``);
 * every consumer's input channels: Conv2d ``weight[:, kept]`` (a grouped conv: the kept positions within each
   group, ``groups`` unchanged), a Linear after flatten whole blocks of ``block`` consecutive in_features, shifted
-  by the offset after a concatenation.
+  by the offset after a concatenation;
+* option-A shortcuts (:class:`tpp.models.resnet_cifar.PadShortcut`) the channels pass: ``in_channels``,
+  ``out_channels`` and ``pad`` = the kept channels before/after its input's span.
 
 A coupled group (outputs joined by add/sub/mul/div, e.g. the convs feeding one residual stream) is pruned only as a
-whole, every member with the same index set; channels feeding grouped convs only alike in every group. Attention
+whole, every member with the same index set; channels feeding grouped convs only alike in every group. A group
+joining streams of different widths through option-A shortcuts (``Unit.spans``) is pruned with one index set ``P``
+of the widest stream's channels: each member listed with its own share ``P ∩ span − start``. Attention
 heads (``pruned[attention module] = head indices``) are removed whole, ``head_dim`` kept: an
 ``nn.MultiheadAttention`` becomes a :class:`tpp.attention.PrunedMultiheadAttention`, a torchvision Swin window
 attention a :class:`tpp.window_attention.PrunedShiftedWindowAttention` (or ``…V2``), a timm-style packed-qkv module
@@ -49,6 +53,7 @@ from torch import Tensor, nn
 from .attention import HeadParameters, PrunedMultiheadAttention, head_parameters, is_window_attention
 from .files import save_verified, verify
 from .graph import ModelGraph, Unit, analyze_model
+from .models.resnet_cifar import PadShortcut
 from .zeros import bias_delta, evaluate
 
 __all__ = ["prune_model", "save_pruned", "load_pruned", "build_unpruned", "PRUNED_FORMAT", "PRUNED_FORMAT_VERSION"]
@@ -162,6 +167,11 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
     for name, idx in indices.items():
         if name in done:
             continue
+        spanned = graph.unit_of(name)
+        if spanned is not None and spanned.spans:
+            done.update(spanned.members)
+            _remove_spanned(removed, modules, graph, spanned, indices, name)
+            continue
         unit = _unit(graph, name, indices)
         done.update(unit.members)
         if unit.kind == "heads":
@@ -196,6 +206,7 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
                             modules[use.module], columns, constants)
                 else:
                     _remove(removed, use.module, "out", use.offset, channels, idx + use.offset, name)
+        _remove_pads(removed, modules, unit, idx, name)
     edits: dict[str, dict[str, Tensor]] = {}
     for (module, side), parts in removed.items():
         drop = torch.cat(list(parts.values())).sort().values
@@ -224,6 +235,52 @@ def _keeping(module: nn.Module, heads: Tensor) -> nn.Module:
     from .window_attention import keeping  # imports torchvision, which a model holding Swin modules has loaded
 
     return keeping(module, heads)
+
+
+def _remove_spanned(removed: dict, modules: dict[str, nn.Module], graph: ModelGraph, unit: Unit,
+                    indices: Mapping[str, Tensor], source: str) -> None:
+    """Record the removals of a group with ``spans`` (streams of different widths joined through option-A
+    shortcuts): each member its own filters, each BatchNorm/consumer the union of the members' channels reaching it,
+    each PadShortcut its share. The members' indices must be one index set ``P`` over the spans."""
+    pruned = unit.from_members(indices)
+    if pruned is None:
+        spans = ", ".join(f"{m}: [{s}, {s + w})" for m, (s, w) in zip(unit.members, unit.spans))
+        raise ValueError(f"coupled group [{', '.join(unit.members)}] joins streams of different widths through "
+                         f"option-A shortcuts: the pruned filters of its members must be one index set P of its "
+                         f"{unit.channels} channels, each member pruning P ∩ its span − span start ({spans}); a "
+                         f"member missing prunes nothing. {source!r} and the others are not: a kept channel of one "
+                         "stream would receive a removed channel of another through the shortcut")
+    own = unit.member_indices(pruned)
+    parts: dict[tuple[str, str], list[tuple[int, int, Tensor]]] = {}  # (module, side) -> [(start, width, drop)]
+    for member in unit.members:
+        width, drop = unit.span(member)[1], own.get(member, pruned[:0])
+        _expect(modules, member, "layer", width)
+        if drop.numel():
+            _remove(removed, member, "out", 0, width, drop, source)
+        for use in graph.layers[member].uses:
+            _expect(modules, use.module, use.role, width + use.offset, use.block, use.groups)
+            block = use.block if use.role == "input" else 1
+            parts.setdefault((use.module, "in" if use.role == "input" else "out"), []).append(
+                (use.offset * block, width * block, _blocks(drop + use.offset, block)))
+    for (module, side), found in parts.items():
+        low, high = min(p[0] for p in found), max(p[0] + p[1] for p in found)
+        _remove(removed, module, side, low, high - low, torch.cat([p[2] for p in found]).unique(), source)
+    _remove_pads(removed, modules, unit, pruned, source)
+
+
+def _remove_pads(removed: dict, modules: dict[str, nn.Module], unit: Unit, channels: Tensor, source: str) -> None:
+    """Record what each PadShortcut the unit's pruned ``channels`` pass drops: those among its outputs (unit
+    channels ``[start, start + out_channels)``) and, of them, those among its inputs (after the ``pad[0]`` zeros)."""
+    for name, start in unit.pads:
+        m = modules.get(name)
+        if not isinstance(m, PadShortcut):
+            found = "no such module" if m is None else repr(m)
+            raise ValueError(f"the graph does not describe this model: {name!r} should be a PadShortcut, found "
+                             f"{found}. Was the graph built for another model, or was it changed since?")
+        out = channels[(channels >= start) & (channels < start + m.out_channels)] - start
+        _remove(removed, name, "out", 0, m.out_channels, out, source)
+        _remove(removed, name, "in", 0, m.in_channels, out[(out >= m.pad[0]) & (out < m.pad[0] + m.in_channels)]
+                - m.pad[0], source)
 
 
 def _as_indices(idx, n: int | None, where: str) -> Tensor:
@@ -350,6 +407,10 @@ def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None, fold: Ten
     def select(t: Tensor, dim: int, idx: Tensor) -> Tensor:
         return t.index_select(dim, idx.to(t.device))
 
+    if isinstance(module, PadShortcut):  # kept outputs: zeros before, the kept inputs, zeros after
+        before = int((out < module.pad[0]).sum())
+        return {"in_channels": inp.numel(), "out_channels": out.numel(),
+                "pad": (before, out.numel() - inp.numel() - before)}
     if isinstance(module, _BNS):
         new = {k: select(getattr(module, k), 0, out) for k in ("weight", "bias", "running_mean", "running_var")
                if getattr(module, k) is not None}

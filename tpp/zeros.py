@@ -14,7 +14,8 @@ Sigmoid, Hardsigmoid (f(0) = 1/2), Softplus (log 2 / β),                ``f(c)`
 Hardtanh (clamp(0, min_val, max_val))                                   Hardtanh keeps 0 with its defaults)
 Identity, Dropout(1d/2d), AlphaDropout, stochastic depth, contiguous,   ``c`` (eval mode)
 clone; flatten/reshape, permute/transpose, indexing, expand, spatial
-mean, concatenation
+mean, concatenation, option-A shortcut (PadShortcut: subsampled, at
+offset ``pad[0]``)
 max pool, adaptive avg/max pool, upsampling                             ``c`` (a constant plane stays constant)
 avg pool counting zero padding, or with ``divisor_override``            0 stays 0; a constant is refused
 ``h + k``, ``h − k``, ``k − h``, ``h·k``, ``h / k`` (a number ``k``)    ``c + k`` …: ``h + k`` and ``k − h`` carry
@@ -159,7 +160,7 @@ def through(node: fx.Node, kind: str, inputs: Mapping[fx.Node, Carried], offset:
     module = modules.get(node.target) if node.op == "call_module" else None
     carried = list(inputs.values())
     first = carried[0] if carried else ZERO
-    if kind in ("flatten", "mean", "cat", "softmax", "permute", "merge", "index", "expand"):
+    if kind in ("flatten", "mean", "cat", "softmax", "permute", "merge", "index", "expand", "pad"):
         return first, None  # softmax mixes channels: refused by the walk already
     if kind in ("depthwise", "layernorm") or (kind == "bn" and module.affine):  # zeroed rows/bias, zeroed γ and β
         return ZERO, None

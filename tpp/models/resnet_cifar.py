@@ -19,7 +19,10 @@ __all__ = ["PadShortcut", "BasicBlock", "ResNetCifar", "resnet20", "resnet32", "
 class PadShortcut(nn.Module):
     """Option-A shortcut: ``x[:, :, ::s, ::s]`` zero-padded from ``in_channels`` to ``out_channels`` channels.
 
-    The padding is split evenly before and after the existing channels (as in the original CIFAR ResNet code).
+    ``pad = (before, after)`` zero channels around the input's; built split evenly (as in the original CIFAR ResNet
+    code). :mod:`tpp.graph` keeps it opaque and follows the channels through it (they land at offset ``before``), so
+    the residual streams it links are pruned as one unit; :func:`tpp.prune_model` then sets ``in_channels``,
+    ``out_channels`` and ``pad`` to the kept channels (the split need no longer be even).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
