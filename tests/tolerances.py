@@ -64,3 +64,15 @@ def assert_same_arithmetic(actual: torch.Tensor, expected: torch.Tensor, msg: st
     rtol, atol_rel = SAME_ARITHMETIC_TOLERANCE[expected.device.type]
     atol = atol_rel * float(expected.detach().abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
+
+
+def assert_backends_agree(regs, nets) -> None:
+    """Two regularizers (the torch backend's first) of two copies of a float32 model: the same penalty and the same
+    gradients from ``apply_gradients()``, every parameter, within the fp32 tolerance."""
+    assert_close_to_reference(regs[1].penalty(), regs[0].penalty(), torch.float32)
+    for reg in regs:
+        reg.apply_gradients()
+    for (n, p), q in zip(nets[1].named_parameters(), nets[0].parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if q.grad is not None:
+            assert_close_to_reference(p.grad, q.grad, torch.float32, msg=n)

@@ -71,8 +71,7 @@ from .loop import (
     sgd,
     train,
 )
-from .metrics import count_flops, count_params, jacobian_singular_values, jsv_summary, measure_latency, \
-    output_deviation
+from .metrics import count_flops, count_params, jacobian_singular_values, jsv_summary, measure_latency, output_deviation
 from .recipes import RECIPES, Recipe, default_recipe
 from .schedule import GrowingSchedule
 from .selection import RatioSpec, layer_ratios, select_filters

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 import operator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 

@@ -536,10 +536,11 @@ def load_pruned(model: nn.Module | PathLike | Mapping, path_or_obj: PathLike | M
     architecture (not modified). A path is read with ``torch.load(weights_only=True)`` and checked against the
     checksum :func:`save_pruned` stored in it (files of tpp 0.1 have none); a loaded dict is accepted as it is
     (:func:`tpp.files.verify` checks one). The structure is ``prune_model(model, checkpoint["pruned"],
-    allow_inexact=True)`` (the file says what was removed), then the weights are loaded strictly. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is
-    not a tpp-pruned checkpoint or is corrupted (truncated, or its content not matching its checksum), an ``arch``
-    differing from the saved one (when both are given), a file naming no buildable architecture (one argument), or
-    a checkpoint that does not fit ``model`` (naming the first mismatching layer, key or shape).
+    allow_inexact=True)`` (the file says what was removed), then the weights are loaded strictly. Raises
+    ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is not a tpp-pruned checkpoint or is
+    corrupted (truncated, or its content not matching its checksum), an ``arch`` differing from the saved one (when
+    both are given), a file naming no buildable architecture (one argument), or a checkpoint that does not fit
+    ``model`` (naming the first mismatching layer, key or shape).
     """
     if path_or_obj is None and not isinstance(model, nn.Module):
         model, path_or_obj = None, model
