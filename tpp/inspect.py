@@ -70,8 +70,10 @@ def inspect_model(model: nn.Module, example_input=None, ratio: RatioSpec | None 
             zeroed = copy.deepcopy(model)
             TPPRegularizer(zeroed, ratio, skip, graph=graph, example_input=example_input).zero_pruned()
             deviation = output_deviation(zeroed, small, example_input)
-            lines.append(f"\ninexact removal of {', '.join(inexact)} (after the zero-out): output changes by "
-                         f"max |Δ| {deviation['max_abs']:.4g}, {deviation['relative']:.3g} of max |output|")
+            what = f"output changes by max |Δ| {deviation['max_abs']:.4g}, {deviation['relative']:.3g} of max " \
+                   "|output|" if deviation["max_output"] else "not measured: the model's output is 0 on this input " \
+                   "(a zero-initialized classifier?)"
+            lines.append(f"\ninexact removal of {', '.join(inexact)} (after the zero-out): {what}")
         params = f"params {_si(count_params(model))} -> {_si(count_params(small))}"
         if flops is not None:
             after = sum(flops_by_module(small, example_input).values())

@@ -146,9 +146,10 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def output_deviation(model: nn.Module, pruned: nn.Module, example_input: Inputs) -> dict[str, float]:
-    """``{"max_abs": max |f(x) − g(x)|, "relative": max_abs / max |f(x)|}`` of ``model`` (f) and ``pruned`` (g) on
-    ``example_input``, in eval mode; the outputs (tensors, or tuples/lists/dicts of them) must have the same
-    structure and shapes."""
+    """``{"max_abs": max |f(x) − g(x)|, "max_output": max |f(x)|, "relative": max_abs / max_output}`` of ``model``
+    (f) and ``pruned`` (g) on ``example_input``, in eval mode; the outputs (tensors, or tuples/lists/dicts of them)
+    must have the same structure and shapes. ``relative`` is NaN when both are 0 (e.g. a zero-initialized
+    classifier: nothing to measure on)."""
     with _eval_mode(model), _eval_mode(pruned):
         ours, theirs = model(*_as_args(example_input)), pruned(*_as_args(example_input))
     a, b = _tensors(ours), _tensors(theirs)
@@ -157,7 +158,8 @@ def output_deviation(model: nn.Module, pruned: nn.Module, example_input: Inputs)
                          f"{[tuple(t.shape) for t in b]}")
     worst = max((float((x.double() - y.double()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
     scale = max((float(x.double().abs().max()) for x in a if x.numel()), default=0.0)
-    return {"max_abs": worst, "relative": worst / scale if scale else (0.0 if worst == 0 else math.inf)}
+    return {"max_abs": worst, "max_output": scale,
+            "relative": worst / scale if scale else (math.nan if worst == 0 else math.inf)}
 
 
 def _tensors(out) -> list[Tensor]:
