@@ -151,7 +151,7 @@ def test_a_wrong_pad_update_is_detected(seed):
             assert_close_to_reference(wrong(x), model(x), torch.float64)
 
 
-def test_scores_average_the_members_covering_a_channel(seed):
+def test_scores_average_the_members_covering_a_channel_relative_to_each_member(seed):
     torch.manual_seed(seed)
     model = ResNetCifar(depth=8)
     graph = analyze_model(model)
@@ -159,7 +159,7 @@ def test_scores_average_the_members_covering_a_channel(seed):
     rows = {m: model.get_submodule(m).weight.detach().double().abs().flatten(1).mean(1) for m in STREAM}
     want = torch.empty(64, dtype=torch.float64)
     for c in range(64):
-        covering = [rows[m][c - s] for m, (s, w) in zip(STREAM, stream.spans) if s <= c < s + w]
+        covering = [rows[m][c - s] / rows[m].mean() for m, (s, w) in zip(STREAM, stream.spans) if s <= c < s + w]
         want[c] = sum(covering) / len(covering)
     torch.testing.assert_close(unit_scores(model, stream), want, rtol=1e-15, atol=0)
     pruned = select_filters(model, 0.3, graph=graph)

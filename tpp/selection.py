@@ -169,16 +169,19 @@ def unit_scores(model: nn.Module, unit: Unit) -> Tensor:
 
 
 def spanned_scores(modules: Mapping[str, nn.Module], unit: Unit) -> Tensor:
-    """Scores of a spanned group's channels: the **mean** over the members covering a channel of their row scores.
+    """Scores of a spanned group's channels: the **mean**, over the members covering a channel, of each member's row
+    score relative to that member's mean row score.
 
     tpp-method.md §12 sums over producers, which ranks alike when every producer covers every channel; here the
     stage-1 channels of a CIFAR ResNet are covered by all three stages' producers and the outer channels of the
     widest stream by its producers only, so a sum would rank a channel by how many layers cover it, not by its
-    weights."""
+    weights. Relative scores, because the stages' weights have different scales (He initialization shrinks them
+    with the fan-in): raw means would prune the stage with the smallest weights first, whatever its channels."""
     total = torch.zeros(unit.channels, dtype=torch.float64)
     covered = torch.zeros(unit.channels, dtype=torch.float64)
     for member, (start, width) in zip(unit.members, unit.spans):
-        total[start:start + width] += filter_scores(modules[member].weight)
+        scores = filter_scores(modules[member].weight)
+        total[start:start + width] += scores / scores.mean()
         covered[start:start + width] += 1
     return total / covered
 
