@@ -1,4 +1,4 @@
-"""How the torch.fx walk of :mod:`tpp.graph` reads a model: the tracer and the classification of each node.
+"""How the torch.fx walk (:mod:`tpp.walk`) reads a model: the tracer and the classification of each node.
 
 :class:`Tracer` keeps Conv2d/Linear/BatchNorm/MultiheadAttention (and ``leaf_modules``) opaque and records the
 innermost module a tracing failure came from. :func:`classify` names what a node does to the channels it receives —

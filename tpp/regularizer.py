@@ -338,11 +338,7 @@ class TPPRegularizer:
             return []
         indices = unit.from_members(given)
         if indices is None:
-            spans = ", ".join(f"{m}: [{s}, {s + w})" for m, (s, w) in zip(unit.members, unit.spans))
-            raise ValueError(f"coupled group [{', '.join(unit.members)}] joins streams of different widths through "
-                             f"option-A shortcuts: its members' pruned channels must be one index set P of its "
-                             f"{unit.channels} channels, each member pruning P ∩ its span − span start ({spans}); "
-                             "a member missing prunes nothing")
+            raise ValueError(unit.spans_error("its members' pruned channels"))
         own = unit.member_indices(indices)
         pruned_sets.update(own)
         reached: dict[str, list[tuple[str, Tensor]]] = {}  # carrier -> (member, its channels there)

@@ -244,12 +244,9 @@ def _remove_spanned(removed: dict, modules: dict[str, nn.Module], graph: ModelGr
     each PadShortcut its share. The members' indices must be one index set ``P`` over the spans."""
     pruned = unit.from_members(indices)
     if pruned is None:
-        spans = ", ".join(f"{m}: [{s}, {s + w})" for m, (s, w) in zip(unit.members, unit.spans))
-        raise ValueError(f"coupled group [{', '.join(unit.members)}] joins streams of different widths through "
-                         f"option-A shortcuts: the pruned filters of its members must be one index set P of its "
-                         f"{unit.channels} channels, each member pruning P ∩ its span − span start ({spans}); a "
-                         f"member missing prunes nothing. {source!r} and the others are not: a kept channel of one "
-                         "stream would receive a removed channel of another through the shortcut")
+        raise ValueError(f"{unit.spans_error('the pruned filters of its members')}. {source!r} and the others are "
+                         "not: a kept channel of one stream would receive a removed channel of another through the "
+                         "shortcut")
     own = unit.member_indices(pruned)
     parts: dict[tuple[str, str], list[tuple[int, int, Tensor]]] = {}  # (module, side) -> [(start, width, drop)]
     for member in unit.members:

@@ -147,6 +147,13 @@ class Unit:
         same = all(torch.equal(given.get(m, nothing), expected.get(m, nothing)) for m in self.members)
         return units if same else None
 
+    def spans_error(self, what: str) -> str:
+        """Why the members' index sets (``what``: whose) fit no :meth:`from_members`: the rule, with the spans."""
+        spans = ", ".join(f"{m}: [{s}, {s + w})" for m, (s, w) in zip(self.members, self.spans))
+        return (f"coupled group [{', '.join(self.members)}] joins streams of different widths through option-A "
+                f"shortcuts: {what} must be one index set P of its {self.channels} channels, each member pruning "
+                f"P ∩ its span − span start ({spans}); a member missing prunes nothing")
+
 
 @dataclass(frozen=True)
 class ModelGraph:

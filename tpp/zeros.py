@@ -2,7 +2,7 @@
 
 After the zero-out a pruned channel leaves its producer as exact zeros (its weight rows and bias are 0). Removal
 (:func:`tpp.prune_model`) is exact in eval mode iff every consumer of the channel can do without it, i.e. it
-arrives there as 0, or as a constant the consumer's bias can absorb. The ops :mod:`tpp.graph` follows map the
+arrives there as 0, or as a constant the consumer's bias can absorb. The ops :mod:`tpp.walk` follows map the
 channel's value ``c`` (0 at the producer) as follows; ``evaluate`` computes it with the ops themselves, in float64:
 
 =====================================================================  ==========================================
