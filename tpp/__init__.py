@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "TPPRegularizer": "regularizer", "GrowingSchedule": "schedule", "select_filters": "selection",
-    "analyze_model": "graph", "ModelGraph": "graph", "prune_model": "surgery", "save_pruned": "surgery",
-    "load_pruned": "surgery", "count_flops": "metrics", "count_params": "metrics",
+    "analyze_model": "graph", "ModelGraph": "graph", "prune_model": "surgery", "save_pruned": "pruned_files",
+    "load_pruned": "pruned_files", "count_flops": "metrics", "count_params": "metrics",
     "jacobian_singular_values": "metrics", "jsv_summary": "metrics", "measure_latency": "metrics",
     "run_pruning": "pipeline", "RunConfig": "pipeline", "Recipe": "recipes", "RunIdentity": "identity",
     "inspect_model": "inspect", "search_speedup": "selection",

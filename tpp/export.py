@@ -96,7 +96,7 @@ def cmd_export(args, argv: Sequence[str], prog: str = "tpp export") -> int:
     import torch
 
     from .files import load_verified
-    from .surgery import load_pruned
+    from .pruned_files import load_pruned
 
     try:
         checkpoint = load_verified(path)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 __all__ = ["RunIdentity", "CheckpointMismatch", "RUN_CHECKPOINT_VERSION", "model_signature", "ratio_key",
            "skip_patterns", "run_settings", "CONFIG_SETTINGS"]
 
-#: format version of run checkpoints (a different thing from tpp.surgery.PRUNED_FORMAT_VERSION, the pruned model's)
+#: format version of run checkpoints (a different thing from tpp.pruned_files.PRUNED_FORMAT_VERSION, the pruned model's)
 RUN_CHECKPOINT_VERSION = 1
 
 

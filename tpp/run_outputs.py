@@ -56,8 +56,8 @@ def _comparison(metrics: dict, expected) -> dict:
 def write_results(out: Path, layout, result, recipe, settings: dict, images_per_epoch: int, env) -> None:
     """metrics.json, the tables, pruned.pt, report.md and plots (rank 0); ranks/ digests (every rank)."""
     from .files import write_json
+    from .pruned_files import save_pruned
     from .report import format_table, plot_run, summary_row, write_run_report
-    from .surgery import save_pruned
     from .train import distributed as D
 
     mine = {"rank": env.rank, "world_size": env.world_size, "pruned_sha256": D.digest(result.pruned),
