@@ -76,3 +76,17 @@ def assert_backends_agree(regs, nets) -> None:
         assert (p.grad is None) == (q.grad is None), n
         if q.grad is not None:
             assert_close_to_reference(p.grad, q.grad, torch.float32, msg=n)
+
+
+def assert_apply_gradients_is_autograd(reg, model) -> dict:
+    """``reg.apply_gradients()`` adds exactly ``∂reg.penalty()/∂θ`` (float64 model) to every parameter that has one;
+    returns those gradients by parameter name."""
+    reg.penalty().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    reg.apply_gradients()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(expected) and got
+    for n, g in expected.items():
+        assert_close_to_reference(got[n], g, torch.float64, n)
+    return got
