@@ -390,7 +390,7 @@ def test_load_errors_leave_the_model_untouched(saved, tmp_path):
     _, _, _, path = saved
     checkpoint = torch.load(path, weights_only=True)
     cases = [
-        (resnet20(), tmp_path / "missing.pt", FileNotFoundError, "not found"),
+        (resnet20(), tmp_path / "missing.pt", FileNotFoundError, "missing.pt: no such file"),
         (resnet20(), {"state_dict": {}}, ValueError, "not a tpp-pruned checkpoint"),
         (resnet20(), {**checkpoint, "version": 2}, ValueError, "unsupported tpp-pruned checkpoint version 2"),
         (resnet20(), {**checkpoint, "arch": "resnet56"}, ValueError, "holds a pruned 'resnet56', not a 'resnet20'"),
@@ -403,7 +403,7 @@ def test_load_errors_leave_the_model_untouched(saved, tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     plain = tmp_path / "plain.pt"
     torch.save(torch.zeros(3), plain)
-    cases += [(resnet20(), garbage, ValueError, "garbage.pt is not a tpp-pruned checkpoint: torch.load"),
+    cases += [(resnet20(), garbage, ValueError, r"garbage.pt cannot be read \(truncated, corrupted or not a torch "),
               (resnet20(), plain, ValueError, r"plain.pt is not a tpp-pruned checkpoint \(Tensor")]
     for model, source, error, match in cases:
         before = state(model)

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Union
 
-import torch
 from torch import Tensor, nn
 
 from .attention import head_parameters
-from .files import save_verified, verify
+from .files import load_verified, save_verified
 from .surgery import as_indices, prune_model
 
 __all__ = ["save_pruned", "load_pruned", "build_unpruned", "PRUNED_FORMAT", "PRUNED_FORMAT_VERSION"]
@@ -126,16 +124,7 @@ def _read(path_or_obj) -> tuple[Mapping, str]:
         return path_or_obj, "checkpoint"
     if not isinstance(path_or_obj, (str, os.PathLike)):
         raise TypeError(f"path_or_obj must be a path or a loaded checkpoint dict, got {type(path_or_obj).__name__}")
-    source = str(path_or_obj)
-    if not Path(path_or_obj).is_file():
-        raise FileNotFoundError(f"pruned model checkpoint not found: {source}")
-    try:
-        checkpoint = torch.load(path_or_obj, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types; the first line says which
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"{source} is not a tpp-pruned checkpoint: torch.load(weights_only=True) failed: "
-                         f"{type(err).__name__}: {first}") from err
-    return verify(checkpoint, source), source
+    return load_verified(path_or_obj), str(path_or_obj)
 
 
 def build_unpruned(checkpoint: Mapping, source: str = "checkpoint") -> nn.Module:
