@@ -25,3 +25,18 @@ def test_report_on_a_vit_names_heads_and_the_layernorm_refusal():
     assert "encoder.layers.encoder_layer_0.self_attention    heads       4" in text
     assert "normalized by encoder.layers.encoder_layer_0.ln_1 (LayerNorm)" in text and "FLOPs" not in text
     assert "pass allow_inexact=True" in text
+
+
+def test_a_packed_attention_share_counts_its_projections_and_a_stream_shows_its_spans():
+    from test_surgery import PackedNet
+
+    from tpp.metrics import flops_by_module
+    from tpp.models import resnet20
+
+    model, x = PackedNet(), torch.zeros(1, 5, 6)
+    flops = flops_by_module(model, x)
+    share = sum(flops[m] for m in ("attn", "attn.qkv", "attn.proj")) / sum(flops.values())
+    row = next(line for line in inspect_model(model, x).splitlines() if line.startswith("attn "))
+    assert row.split()[1:] == ["heads", "4", f"{100 * share:.1f}%"] and flops["attn.qkv"] > 0
+    text = inspect_model(resnet20(), torch.zeros(1, 3, 32, 32))
+    assert "members: conv1 [24, 40), layer1.0.conv2 [24, 40)" in text and "layer3.2.conv2 [0, 64)" in text

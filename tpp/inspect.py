@@ -52,12 +52,16 @@ def inspect_model(model: nn.Module, example_input=None, ratio: RatioSpec | None 
         if flops:
             shrunk = set(unit.members) | {u.module for m in unit.members if m in graph.layers
                                           for u in graph.layers[m].uses if u.role == "input"}
+            if unit.kind == "heads":  # a packed-qkv module's projections are called as Linears of their own
+                shrunk |= {f"{unit.name}.qkv", f"{unit.name}.proj"}
             row += f" {100 * sum(flops.get(m, 0) for m in shrunk) / total:>6.1f}%"
         if ratio is not None:
             row += f" {chosen.get(unit.members[0], 0):>6.3g}"
         lines.append(row)
         if unit.kind == "group":
-            lines.append(f"{'':<4}members: {', '.join(unit.members + tuple(p for p, _ in unit.parameters))}")
+            members = [f"{m} [{s}, {s + w})" for m, (s, w) in zip(unit.members, unit.spans)] if unit.spans \
+                else list(unit.members)
+            lines.append(f"{'':<4}members: {', '.join(members + [p for p, _ in unit.parameters])}")
         if unit.inexact:
             lines.append(f"{'':<4}inexact: {unit.inexact}")
     lines += ["", f"refused ({len(graph.refusals)}):"]
