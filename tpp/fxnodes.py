@@ -202,7 +202,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]
         if target == "transpose":
             return "permute", ("swap", (arg(node, 1, "dim0"), arg(node, 2, "dim1")))
         if target == "expand":
-            return "expand", tuple(node.args[1:])
+            sizes = node.args[1:]
+            return "expand", tuple(sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes)
         if target == "mean":
             dims = arg(node, 1, "dim")
             spatial = isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims)
