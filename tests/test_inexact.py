@@ -231,3 +231,28 @@ def test_the_command_prunes_the_embedding_records_the_deviation_and_resumes_only
     assert main([*run, "--allow-inexact", "--resume", "auto"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["allow_inexact"] is True and metrics["metrics"]["removal_deviation"]["max_abs"] > 0
+
+
+def test_a_token_expanded_with_a_size_tuple_joins_the_stream(seed):
+    """``token.expand((n, -1, -1))`` (sizes as one tuple) before a concatenation along tokens: a producer."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.ln, self.head = nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+            self.token = nn.Parameter(torch.randn(1, 1, 8))
+
+        def forward(self, x):
+            y = torch.cat([self.token.expand((x.shape[0], -1, -1)), self.proj(x)], dim=1)
+            return self.head(self.ln(y)[:, 0])
+
+    torch.manual_seed(seed)
+    model = Tokens().double()
+    nn.init.normal_(model.ln.weight)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    reg = TPPRegularizer(model, 0.5, allow_inexact=True, example_input=x)
+    assert reg.graph.units["proj"].parameters == (("token", -1),)
+    reg.zero_pruned()
+    small = reg.prune()
+    assert small.token.shape == (1, 1, 4)
+    assert_close_to_reference(small(x), with_kept_statistics(model, reg.graph, reg.pruned)(x), torch.float64)
