@@ -238,10 +238,10 @@ class Engine(TrainHooks):
             set_rng_state(states[self.env.rank], self.device)
         else:
             warnings.warn(f"the checkpoint was written by {len(states)} processes and this run has "
-                          f"{self.env.world_size}: RNG streams (augmentation, dropout) are reseeded; the interrupted "
-                          "data pass resumes after the same samples (the global batches are unchanged, only the "
-                          "padding that evens out the last shards differs); resume on the same number of processes "
-                          "for an exact continuation", RuntimeWarning, stacklevel=2)
+                          f"{self.env.world_size}: RNG streams (dropout and other in-model randomness) are reseeded; "
+                          "the interrupted data pass resumes after the same samples (the global batches are "
+                          "unchanged, only the padding that evens out the last shards differs); resume on the same "
+                          "number of processes for an exact continuation", RuntimeWarning, stacklevel=2)
             torch.manual_seed(self.seed + self.env.rank)
 
     def checkpoint_due(self) -> bool:
