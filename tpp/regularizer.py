@@ -597,8 +597,11 @@ class TPPRegularizer:
                                    "changed model")
         small = prune_model(self.model, self.pruned, graph=self.graph)
         if self.inexact:
+            device = self._params[0].device  # the input given at construction may live elsewhere
+            x = tuple(a.to(device) if isinstance(a, Tensor) else a for a in self.example_input) \
+                if isinstance(self.example_input, tuple) else self.example_input.to(device)
             with self._zeroed_now():
-                self.removal_deviation = output_deviation(self.model, small, self.example_input)
+                self.removal_deviation = output_deviation(self.model, small, x)
             _log.warning("removing %s (%s) changes the model's output on example_input: max |Δ| %.4g, %.3g of "
                          "max |output|", ", ".join(self.inexact), self.graph.unit_of(self.inexact[0]).inexact,
                          self.removal_deviation["max_abs"], self.removal_deviation["relative"])
