@@ -102,9 +102,9 @@ def orthconv_loss(weight: Tensor, stride: int | tuple[int, int] = 1, squared: bo
     kh, kw = weight.shape[-2:]
     ph, pw = (kh - 1) // sh * sh, (kw - 1) // sw * sw
     out = F.conv2d(weight, weight, stride=(sh, sw), padding=(ph, pw))   # [N, N, 2ph/sh + 1, 2pw/sw + 1]
-    eye = torch.eye(weight.shape[0], dtype=out.dtype, device=out.device)
-    centre = out[:, :, ph // sh, pw // sw]
-    sq = out.square().sum() - centre.square().sum() + (centre - eye).square().sum()
+    target = torch.zeros_like(out)  # I_δ: the identity at the centre tap (no cancellation: Σ(out − I_δ)² directly)
+    target[:, :, ph // sh, pw // sw] = torch.eye(weight.shape[0], dtype=out.dtype, device=out.device)
+    sq = (out - target).square().sum()
     return sq if squared else sq.sqrt()
 
 
