@@ -376,8 +376,8 @@ class TPPRegularizer:
     @property
     def inexact(self) -> list[str]:
         """The pruned units whose removal changes the output (``allow_inexact``), by unit name."""
-        return [u.names[0] for u in self._units if u.names and self.graph.unit_of(u.names[0]) is not None
-                and self.graph.unit_of(u.names[0]).inexact]
+        return [u.names[0] for u in self._units
+                if u.names and getattr(self.graph.unit_of(u.names[0]), "inexact", None)]
 
     def slots(self, name: str) -> list[Slot]:
         """The parameter slots the pruned set of layer ``name`` indexes: what the penalty and the zero-out touch."""
@@ -596,14 +596,15 @@ class TPPRegularizer:
                                    "built: its graph describes the old model; build a new TPPRegularizer for the "
                                    "changed model")
         small = prune_model(self.model, self.pruned, graph=self.graph)
-        if self.inexact:
+        inexact = self.inexact
+        if inexact:
             device = self._params[0].device  # the input given at construction may live elsewhere
             x = tuple(a.to(device) if isinstance(a, Tensor) else a for a in self.example_input) \
                 if isinstance(self.example_input, tuple) else self.example_input.to(device)
             with self._zeroed_now():
                 self.removal_deviation = output_deviation(self.model, small, x)
             _log.warning("removing %s (%s) changes the model's output on example_input: max |Δ| %.4g, %.3g of "
-                         "max |output|", ", ".join(self.inexact), self.graph.unit_of(self.inexact[0]).inexact,
+                         "max |output|", ", ".join(inexact), self.graph.unit_of(inexact[0]).inexact,
                          self.removal_deviation["max_abs"], self.removal_deviation["relative"])
         return small
 
@@ -613,8 +614,8 @@ class TPPRegularizer:
         with torch.no_grad():
             saved = [(view, dim, unit.pruned, view.index_select(dim, unit.pruned))
                      for unit in self._units for view, dim in (s.indexed(s.param) for s in unit.slots)]
-            for view, dim, rows, _ in saved:
-                view.index_fill_(dim, rows, 0)
+            for unit in self._units:
+                self._zero(unit)
         try:
             yield
         finally:

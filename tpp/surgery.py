@@ -200,7 +200,7 @@ def _plan(model: nn.Module, graph: ModelGraph, pruned) -> tuple[dict[str, dict[s
     for (module, side), parts in removed.items():
         drop = torch.cat(list(parts.values())).sort().values
         if module in dims:
-            edits[module] = {"out": _complement(drop, _parameter(model, module).shape[dims[module]]),
+            edits[module] = {"out": _complement(drop, model.get_parameter(module).shape[dims[module]]),
                              "dim": dims[module]}
             continue
         edits.setdefault(module, {})[side] = _complement(drop, _width(modules[module], side))
@@ -431,23 +431,23 @@ def _shrunk(module: nn.Module, out: Tensor | None, inp: Tensor | None, fold: Ten
     return {**new, "weight": weight, "out_channels": weight.shape[0], "in_channels": weight.shape[1] * module.groups}
 
 
-def _parameter(model: nn.Module, name: str) -> Tensor:
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding attribute ``name`` (a qualified name) and the attribute's own name."""
     owner, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, attr)
+    return (model.get_submodule(owner) if owner else model), attr
 
 
 def _parameter_kept(model: nn.Module, name: str, kept: Tensor, dim: int) -> tuple[nn.Module, dict[str, Tensor]]:
     """The owner of parameter ``name`` and its new value keeping channels ``kept`` of dim ``dim``."""
-    owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
+    module, attr = _owner(model, name)
     value = getattr(module, attr)
     return module, {attr: value.index_select(dim, kept.to(value.device))}
 
 
 def _attribute(model: nn.Module, name: str, size: int) -> tuple[nn.Module, dict[str, int]]:
     """The owner of int attribute ``name`` (a channel count the forward reads) and its new value."""
-    owner, _, attr = name.rpartition(".")
-    return (model.get_submodule(owner) if owner else model), {attr: size}
+    module, attr = _owner(model, name)
+    return module, {attr: size}
 
 
 def _assign(module: nn.Module, new: dict[str, object]) -> None:

@@ -104,8 +104,7 @@ class ChannelWalk:
         return produced
 
     def _parameter(self, name: str) -> Tensor:
-        owner, _, attr = name.rpartition(".")
-        return getattr(self.modules[owner], attr)
+        return self.modules[""].get_parameter(name)
 
     def _origins(self) -> dict[fx.Node, tuple[frozenset[str], tuple[str, ...]]]:
         """For every node: the layers whose output channels it carries, and the non-layer values mixed in."""
