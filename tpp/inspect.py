@@ -69,7 +69,7 @@ def inspect_model(model: nn.Module, example_input=None, ratio: RatioSpec | None 
     if ratio is not None:
         pruned = select_filters(model, ratio, skip, graph=graph)
         small = prune_model(model, pruned, graph=graph)
-        inexact = [u.name for u in graph.units.values() if u.inexact and u.members[0] in pruned]
+        inexact = graph.inexact_in(pruned)
         if inexact and example_input is not None:
             zeroed = copy.deepcopy(model)
             TPPRegularizer(zeroed, ratio, skip, graph=graph, example_input=example_input).zero_pruned()

@@ -513,7 +513,7 @@ class _Run:
             for key in ("accuracy", "top5", "loss", "jsv", "jsv_mean"):
                 if "base" in self.metrics[key]:
                     self.metrics[key]["before_removal"] = self.metrics[key]["base"]
-        inexact = [u.name for u in self.graph.units.values() if u.inexact and u.members[0] in self.pruned]
+        inexact = self.graph.inexact_in(self.pruned)
         before = copy.deepcopy(self.model) if inexact else None
         self.model = prune_model(self.model, self.pruned, inplace=True, graph=self.graph)
         self.model = self.hooks.place(self.model, self.device)

@@ -376,8 +376,7 @@ class TPPRegularizer:
     @property
     def inexact(self) -> list[str]:
         """The pruned units whose removal changes the output (``allow_inexact``), by unit name."""
-        return [u.names[0] for u in self._units
-                if u.names and getattr(self.graph.unit_of(u.names[0]), "inexact", None)]
+        return self.graph.inexact_in(self._pruned)
 
     def slots(self, name: str) -> list[Slot]:
         """The parameter slots the pruned set of layer ``name`` indexes: what the penalty and the zero-out touch."""

@@ -179,6 +179,10 @@ class ModelGraph:
         """Names of the independently prunable layers, in execution order."""
         return [name for name, info in self.layers.items() if info.independent]
 
+    def inexact_in(self, pruned: Mapping[str, object]) -> list[str]:
+        """The units with an ``inexact`` reason that ``pruned`` (``{layer or attention module: indices}``) prunes."""
+        return [name for name, unit in self.units.items() if unit.inexact and any(m in pruned for m in unit.members)]
+
     def classifier(self) -> str | None:
         """The (last, in execution order) layer whose output is the model output, None if none."""
         outputs = [name for name, info in self.layers.items() if info.is_output]
